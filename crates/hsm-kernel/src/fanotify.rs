@@ -1,0 +1,552 @@
+//! fanotify pre-content groups: init, marks, event parsing and responses.
+//!
+//! The kernel matches a response to its event by the event's fd number only, so the fd of
+//! every event is owned by an [`Event`] until a response has been written for it
+//! ([`Group::respond`]). Dropping an [`Event`] without answering it is a bug the agent guards
+//! against one level up; here we only make it impossible to answer with an errno the kernel
+//! would refuse (which would leave the reader hanging).
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::{KernelError, Result};
+
+/// `FAN_PRE_ACCESS` (include/uapi/linux/fanotify.h, Linux 6.14): a read, write, truncate,
+/// fallocate or mmap is about to touch the file's data.
+pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// Info record carrying the byte range of a pre-content event (`FAN_EVENT_INFO_TYPE_RANGE`).
+pub const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
+/// `FANOTIFY_METADATA_VERSION`; the only layout this parser understands.
+pub const FANOTIFY_METADATA_VERSION: u8 = 3;
+/// Size of `struct fanotify_event_metadata`.
+pub const METADATA_LEN: usize = 24;
+/// Size of `struct fanotify_event_info_range`.
+const RANGE_INFO_LEN: usize = 24;
+/// Size of `struct fanotify_event_info_header`.
+const INFO_HEADER_LEN: usize = 4;
+/// `FAN_Q_OVERFLOW`: the queue overflowed (never expected with an unlimited queue).
+pub const FAN_Q_OVERFLOW: u64 = libc::FAN_Q_OVERFLOW;
+
+/// The only errnos the kernel accepts in a deny response (fs/notify/fanotify/fanotify_user.c,
+/// `fanotify_is_valid_errno`). Any other value makes the response write fail with EINVAL and
+/// leaves the reader blocked, so the type makes it unrepresentable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyErrno {
+    Eio,
+    Eperm,
+    Ebusy,
+    Etxtbsy,
+    Eagain,
+    Enospc,
+    Edquot,
+}
+
+impl DenyErrno {
+    /// The errno value.
+    pub fn errno(self) -> i32 {
+        match self {
+            DenyErrno::Eio => libc::EIO,
+            DenyErrno::Eperm => libc::EPERM,
+            DenyErrno::Ebusy => libc::EBUSY,
+            DenyErrno::Etxtbsy => libc::ETXTBSY,
+            DenyErrno::Eagain => libc::EAGAIN,
+            DenyErrno::Enospc => libc::ENOSPC,
+            DenyErrno::Edquot => libc::EDQUOT,
+        }
+    }
+
+    /// Its conventional name, for logs and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyErrno::Eio => "EIO",
+            DenyErrno::Eperm => "EPERM",
+            DenyErrno::Ebusy => "EBUSY",
+            DenyErrno::Etxtbsy => "ETXTBSY",
+            DenyErrno::Eagain => "EAGAIN",
+            DenyErrno::Enospc => "ENOSPC",
+            DenyErrno::Edquot => "EDQUOT",
+        }
+    }
+
+    /// Parse a name such as "EIO" (configuration files use names).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            DenyErrno::Eio,
+            DenyErrno::Eperm,
+            DenyErrno::Ebusy,
+            DenyErrno::Etxtbsy,
+            DenyErrno::Eagain,
+            DenyErrno::Enospc,
+            DenyErrno::Edquot,
+        ]
+        .into_iter()
+        .find(|e| e.name().eq_ignore_ascii_case(name))
+    }
+}
+
+/// The answer to a permission event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response {
+    Allow,
+    Deny(DenyErrno),
+}
+
+impl Response {
+    /// The `response` field of `struct fanotify_response`: `FAN_DENY | errno << 24` for an
+    /// errno deny (`FAN_DENY_ERRNO`).
+    pub fn encode(self) -> u32 {
+        match self {
+            Response::Allow => libc::FAN_ALLOW,
+            Response::Deny(e) => libc::FAN_DENY | (((e.errno() as u32) & 0xff) << 24),
+        }
+    }
+}
+
+/// Which object a mark is placed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkTarget {
+    /// The whole filesystem containing the path (`FAN_MARK_FILESYSTEM`).
+    Filesystem,
+    /// The mount containing the path (`FAN_MARK_MOUNT`).
+    Mount,
+}
+
+impl MarkTarget {
+    fn flag(self) -> libc::c_uint {
+        match self {
+            MarkTarget::Filesystem => libc::FAN_MARK_FILESYSTEM,
+            MarkTarget::Mount => libc::FAN_MARK_MOUNT,
+        }
+    }
+}
+
+/// Options for [`Group::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct GroupOptions {
+    /// Report the thread id of the accessing task instead of its process id
+    /// (`FAN_REPORT_TID`), so `/proc/TID/syscall` names the blocked syscall.
+    pub report_tid: bool,
+    /// Open the group non-blocking (for use with an async reactor).
+    pub nonblock: bool,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        GroupOptions {
+            report_tid: true,
+            nonblock: true,
+        }
+    }
+}
+
+/// A fanotify group of class `FAN_CLASS_PRE_CONTENT` with an unlimited queue.
+///
+/// With a bounded queue an event that does not fit is silently allowed, which would hand a
+/// reader zeros; the queue is therefore always unlimited.
+#[derive(Debug)]
+pub struct Group {
+    fd: OwnedFd,
+}
+
+impl Group {
+    /// `fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_UNLIMITED_QUEUE | FAN_CLOEXEC ...,
+    /// O_RDWR | O_LARGEFILE)`. Event fds are opened read-write so fills can be written
+    /// through them (writes through an event fd raise no events).
+    pub fn new(opts: GroupOptions) -> Result<Self> {
+        let mut flags = libc::FAN_CLASS_PRE_CONTENT | libc::FAN_UNLIMITED_QUEUE | libc::FAN_CLOEXEC;
+        if opts.report_tid {
+            flags |= libc::FAN_REPORT_TID;
+        }
+        if opts.nonblock {
+            flags |= libc::FAN_NONBLOCK;
+        }
+        let event_flags = (libc::O_RDWR | libc::O_LARGEFILE) as libc::c_uint;
+        // SAFETY: fanotify_init takes two integer arguments and returns a new fd or -1.
+        let fd = unsafe { libc::fanotify_init(flags, event_flags) };
+        if fd < 0 {
+            return Err(KernelError::last("fanotify_init(FAN_CLASS_PRE_CONTENT)"));
+        }
+        // SAFETY: fanotify_init returned a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Group { fd })
+    }
+
+    /// Wrap an existing group descriptor (for example one handed back by a keeper process).
+    pub fn from_owned_fd(fd: OwnedFd) -> Self {
+        Group { fd }
+    }
+
+    /// Add `mask` to a filesystem or mount mark on the object containing `path`.
+    pub fn add_mark(&self, target: MarkTarget, mask: u64, path: &Path) -> Result<()> {
+        self.mark(libc::FAN_MARK_ADD | target.flag(), mask, path, "add")
+    }
+
+    /// Remove `mask` from a filesystem or mount mark.
+    pub fn remove_mark(&self, target: MarkTarget, mask: u64, path: &Path) -> Result<()> {
+        self.mark(libc::FAN_MARK_REMOVE | target.flag(), mask, path, "remove")
+    }
+
+    fn mark(&self, flags: libc::c_uint, mask: u64, path: &Path, verb: &str) -> Result<()> {
+        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| KernelError::Sys {
+            op: format!("fanotify_mark {verb} {}", path.display()),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        // SAFETY: the group fd is valid for the life of self; cpath is a NUL-terminated
+        // string that outlives the call.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags,
+                mask,
+                libc::AT_FDCWD,
+                cpath.as_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(KernelError::last(format!(
+                "fanotify_mark {verb} {}",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Place an evictable ignore mark for `mask` on the inode behind `file`: the kernel stops
+    /// sending those events for it until the inode is evicted. `FAN_MARK_IGNORE_SURV` keeps
+    /// the mark across writes (and lets it be added while the file is open for write).
+    pub fn add_ignore_mark(&self, file: BorrowedFd<'_>, mask: u64) -> Result<()> {
+        let flags = libc::FAN_MARK_ADD
+            | libc::FAN_MARK_INODE
+            | libc::FAN_MARK_IGNORE_SURV
+            | libc::FAN_MARK_EVICTABLE;
+        // SAFETY: both fds are valid; a NULL pathname makes the kernel mark the object
+        // referred to by the dirfd argument itself.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags,
+                mask,
+                file.as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(KernelError::last("fanotify_mark ignore"));
+        }
+        Ok(())
+    }
+
+    /// Read whatever events are queued into `buf` and hand out each event with its fd owned.
+    ///
+    /// Returns `Ok(0)` events as an empty vector only when the read returned nothing; with a
+    /// non-blocking group an empty queue is `Err` with `EAGAIN` (see [`KernelError::errno`]).
+    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<Event>) -> Result<()> {
+        // SAFETY: buf is a valid writable region of buf.len() bytes for the whole call.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(KernelError::last("read fanotify events"));
+        }
+        let filled = &buf[..n as usize];
+        let mut parse_error = None;
+        for parsed in EventParser::new(filled) {
+            match parsed {
+                Ok(raw) => {
+                    let fd = if raw.fd >= 0 {
+                        // SAFETY: the kernel installed this fd in our table for this event
+                        // and the buffer was just read, so nothing else owns it; each event
+                        // in the buffer is visited exactly once by the parser.
+                        Some(unsafe { OwnedFd::from_raw_fd(raw.fd) })
+                    } else {
+                        None
+                    };
+                    out.push(Event {
+                        mask: raw.mask,
+                        fd,
+                        pid: raw.pid,
+                        range: raw.range,
+                    });
+                }
+                Err(e) => {
+                    parse_error = Some(e);
+                    break;
+                }
+            }
+        }
+        match parse_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Write the response for the event whose fd number is `event_fd`.
+    ///
+    /// The caller must keep the event's fd open until this returns `Ok`, and must answer
+    /// each event once: the kernel matches responses by fd number alone.
+    pub fn respond(&self, event_fd: BorrowedFd<'_>, response: Response) -> Result<()> {
+        let msg = libc::fanotify_response {
+            fd: event_fd.as_raw_fd(),
+            response: response.encode(),
+        };
+        let len = std::mem::size_of::<libc::fanotify_response>();
+        // SAFETY: msg is a plain repr(C) struct that lives across the call; len is its size.
+        let n = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&raw const msg).cast::<libc::c_void>(),
+                len,
+            )
+        };
+        if n < 0 {
+            return Err(KernelError::last(format!(
+                "fanotify response for fd {}",
+                event_fd.as_raw_fd()
+            )));
+        }
+        if n as usize != len {
+            return Err(KernelError::Malformed("short fanotify response write"));
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Group {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Group {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// The byte range of a pre-content event, exactly as the kernel reported it (page aligned
+/// and not clamped to the file size; callers clamp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRange {
+    pub offset: u64,
+    pub count: u64,
+}
+
+impl FileRange {
+    /// The end of the range, saturating.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.count)
+    }
+}
+
+/// An event read from a group, owning its fd.
+#[derive(Debug)]
+pub struct Event {
+    pub mask: u64,
+    /// The event's fd; `None` only for events that carry none (queue overflow).
+    pub fd: Option<OwnedFd>,
+    /// Thread id (with `report_tid`) or process id of the accessing task.
+    pub pid: i32,
+    pub range: Option<FileRange>,
+}
+
+/// One event as laid out in the buffer, fd not yet owned. Public for tests and tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEvent {
+    pub mask: u64,
+    pub fd: RawFd,
+    pub pid: i32,
+    pub range: Option<FileRange>,
+}
+
+/// Walks a buffer of events; each event's info records are walked by their header length.
+#[derive(Debug)]
+pub struct EventParser<'a> {
+    buf: &'a [u8],
+    done: bool,
+}
+
+impl<'a> EventParser<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        EventParser { buf, done: false }
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+fn i32_at(b: &[u8], at: usize) -> Option<i32> {
+    Some(i32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+impl Iterator for EventParser<'_> {
+    type Item = Result<RawEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.buf.is_empty() {
+            return None;
+        }
+        let b = self.buf;
+        let parsed = (|| {
+            let event_len = u32_at(b, 0).ok_or(KernelError::Malformed("short metadata"))? as usize;
+            let vers = *b.get(4).ok_or(KernelError::Malformed("short metadata"))?;
+            let metadata_len =
+                u16_at(b, 6).ok_or(KernelError::Malformed("short metadata"))? as usize;
+            if vers != FANOTIFY_METADATA_VERSION {
+                return Err(KernelError::Malformed("unknown fanotify metadata version"));
+            }
+            if metadata_len < METADATA_LEN || event_len < metadata_len || event_len > b.len() {
+                return Err(KernelError::Malformed("inconsistent event lengths"));
+            }
+            let mask = u64_at(b, 8).ok_or(KernelError::Malformed("short metadata"))?;
+            let fd = i32_at(b, 16).ok_or(KernelError::Malformed("short metadata"))?;
+            let pid = i32_at(b, 20).ok_or(KernelError::Malformed("short metadata"))?;
+            let mut range = None;
+            let mut at = metadata_len;
+            while at + INFO_HEADER_LEN <= event_len {
+                let info_type = b[at];
+                let len =
+                    u16_at(b, at + 2).ok_or(KernelError::Malformed("short info header"))? as usize;
+                if len < INFO_HEADER_LEN || at + len > event_len {
+                    return Err(KernelError::Malformed("bad info record length"));
+                }
+                if info_type == FAN_EVENT_INFO_TYPE_RANGE {
+                    if len < RANGE_INFO_LEN {
+                        return Err(KernelError::Malformed("short range record"));
+                    }
+                    let offset =
+                        u64_at(b, at + 8).ok_or(KernelError::Malformed("short range record"))?;
+                    let count =
+                        u64_at(b, at + 16).ok_or(KernelError::Malformed("short range record"))?;
+                    range = Some(FileRange { offset, count });
+                }
+                at += len;
+            }
+            Ok((
+                event_len,
+                RawEvent {
+                    mask,
+                    fd,
+                    pid,
+                    range,
+                },
+            ))
+        })();
+        match parsed {
+            Ok((len, ev)) => {
+                self.buf = &self.buf[len..];
+                Some(Ok(ev))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(event_len: u32, mask: u64, fd: i32, pid: i32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&event_len.to_ne_bytes());
+        v.push(FANOTIFY_METADATA_VERSION);
+        v.push(0);
+        v.extend_from_slice(&(METADATA_LEN as u16).to_ne_bytes());
+        v.extend_from_slice(&mask.to_ne_bytes());
+        v.extend_from_slice(&fd.to_ne_bytes());
+        v.extend_from_slice(&pid.to_ne_bytes());
+        v
+    }
+
+    fn info(info_type: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![info_type, 0];
+        v.extend_from_slice(&((INFO_HEADER_LEN + body.len()) as u16).to_ne_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn range_record(offset: u64, count: u64) -> Vec<u8> {
+        let mut body = vec![0u8; 4];
+        body.extend_from_slice(&offset.to_ne_bytes());
+        body.extend_from_slice(&count.to_ne_bytes());
+        info(FAN_EVENT_INFO_TYPE_RANGE, &body)
+    }
+
+    #[test]
+    fn parses_range_after_other_records() {
+        // A pidfd record (type 4, 8 bytes) first, as with FAN_REPORT_PIDFD.
+        let pidfd = info(libc::FAN_EVENT_INFO_TYPE_PIDFD, &7i32.to_ne_bytes());
+        let range = range_record(1 << 33, 8192);
+        let len = (METADATA_LEN + pidfd.len() + range.len()) as u32;
+        let mut buf = metadata(len, FAN_PRE_ACCESS, 9, 1234);
+        buf.extend(pidfd);
+        buf.extend(range);
+        // A second event without records.
+        buf.extend(metadata(METADATA_LEN as u32, FAN_PRE_ACCESS, 10, 5));
+        let evs: Vec<_> = EventParser::new(&buf)
+            .collect::<Result<_>>()
+            .expect("parse");
+        assert_eq!(evs.len(), 2);
+        assert_eq!(evs[0].fd, 9);
+        assert_eq!(evs[0].pid, 1234);
+        assert_eq!(
+            evs[0].range,
+            Some(FileRange {
+                offset: 1 << 33,
+                count: 8192
+            })
+        );
+        assert_eq!(evs[1].fd, 10);
+        assert_eq!(evs[1].range, None);
+    }
+
+    #[test]
+    fn rejects_inconsistent_lengths() {
+        let buf = metadata(1000, FAN_PRE_ACCESS, 3, 1);
+        let r: Vec<_> = EventParser::new(&buf).collect();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].is_err());
+        let mut bad_info = metadata((METADATA_LEN + 4) as u32, FAN_PRE_ACCESS, 3, 1);
+        bad_info.extend([6, 0, 0, 0]); // info record claiming length 0
+        assert!(
+            EventParser::new(&bad_info)
+                .next()
+                .is_some_and(|r| r.is_err())
+        );
+    }
+
+    #[test]
+    fn never_panics_on_truncated_input() {
+        let range = range_record(4096, 4096);
+        let mut buf = metadata((METADATA_LEN + range.len()) as u32, FAN_PRE_ACCESS, 3, 1);
+        buf.extend(range);
+        for cut in 0..buf.len() {
+            for r in EventParser::new(&buf[..cut]) {
+                let _ = r;
+            }
+        }
+    }
+
+    #[test]
+    fn deny_encoding_carries_errno() {
+        assert_eq!(Response::Allow.encode(), 1);
+        assert_eq!(Response::Deny(DenyErrno::Eio).encode(), 2 | (5 << 24));
+        assert_eq!(Response::Deny(DenyErrno::Enospc).encode(), 2 | (28 << 24));
+        assert_eq!(DenyErrno::from_name("enospc"), Some(DenyErrno::Enospc));
+        assert_eq!(DenyErrno::from_name("ENOENT"), None);
+    }
+}
