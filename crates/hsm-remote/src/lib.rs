@@ -1,0 +1,111 @@
+//! Remote access for hsm.
+//!
+//! The agent and populate talk to a narrow trait the project owns, [`Remote`], not to a
+//! vendor type: ranged reads with a precondition, and metadata. [`ObjectStoreRemote`] puts
+//! `object_store` behind it; the `mock` feature adds an in-memory remote and a
+//! fault-injecting wrapper that every other crate's tests can use.
+
+use std::fmt::Debug;
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+mod location;
+mod store;
+
+#[cfg(feature = "mock")]
+pub mod mock;
+
+pub use location::{RemoteUrl, key_from_relative_path};
+pub use store::{ObjectStoreRemote, local_etag};
+
+/// What a ranged read expects of the object: it must still be the object populate saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expect {
+    /// The ETag recorded at populate time; sent as `If-Match`.
+    pub etag: Option<String>,
+    /// The object version recorded at populate time, where the store has versions.
+    pub version: Option<String>,
+    /// The object size recorded at populate time; a different size means the object changed.
+    pub size: u64,
+}
+
+/// Metadata of a remote object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
+/// Why a remote operation failed. Each cause that needs its own handling has its own
+/// variant: the agent maps these to errnos in exactly one place.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{url}: object {key:?} not found")]
+    NotFound { url: String, key: String },
+    #[error(
+        "{url}: object {key:?} changed since populate ({detail}); run `hsm populate` again to refresh the stub"
+    )]
+    Changed {
+        url: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{url}: permission denied reading {key:?}: {detail}")]
+    PermissionDenied {
+        url: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{url}: short read of {key:?} at {offset}: expected {expected} bytes, got {got}")]
+    Truncated {
+        url: String,
+        key: String,
+        offset: u64,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{url}: key {key:?} is not valid for this store: {detail}")]
+    InvalidKey {
+        url: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{url}: reading {key:?} failed: {detail}")]
+    Failed {
+        url: String,
+        key: String,
+        detail: String,
+    },
+    #[error("remote {url:?}: {detail}")]
+    Config { url: String, detail: String },
+}
+
+/// A remote object store, as the agent and populate need it.
+#[async_trait]
+pub trait Remote: Send + Sync + Debug {
+    /// The remote's base URL, without credentials (safe to log).
+    fn url(&self) -> &str;
+
+    /// Read `range` of `key`. The object must match `expect`, else [`RemoteError::Changed`].
+    /// Returns exactly `range.end - range.start` bytes or an error.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Bytes, RemoteError>;
+
+    /// Metadata of `key`.
+    async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError>;
+}
+
+/// Opens remotes from their URLs. The agent keeps one per base URL.
+pub fn open_remote(url: &str) -> Result<Arc<dyn Remote>, RemoteError> {
+    let parsed = RemoteUrl::parse(url)?;
+    Ok(Arc::new(ObjectStoreRemote::open(&parsed)?))
+}
