@@ -1,0 +1,355 @@
+//! hsm's configuration: one serde tree with defaults for every key.
+//!
+//! `hsm agent DST...` needs no file at all; `--config FILE` reads TOML into [`Config`].
+//! Unknown keys are errors (a typo must not silently fall back to a default), and
+//! `config/hsm.toml` in the repository lists every key with its default; a test parses it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub populate: PopulateConfig,
+    pub log: LogConfig,
+}
+
+/// Where the agent places its fanotify mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MarkKind {
+    /// One mark on the whole filesystem holding each tree (sees every access on it).
+    #[default]
+    Filesystem,
+    /// One mark on the mount holding each tree (bind mounts elsewhere are not covered).
+    Mount,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Stub trees to serve, in addition to those given on the command line.
+    pub trees: Vec<PathBuf>,
+    pub mark: MarkKind,
+    /// Ranged reads in flight at once, over all files.
+    pub max_concurrent_fetches: usize,
+    /// The largest single ranged read; bigger granules are fetched in parallel parts.
+    pub max_request_size: ByteSize,
+    /// After a sequential pattern, fetch this far ahead of the reader (0 disables).
+    pub readahead: ByteSize,
+    /// How long a filled range may wait before its resident map is persisted (batched
+    /// fdatasync + xattr write). Writes never wait for this: they flush first.
+    pub persist_interval: HumanDuration,
+    /// Stub states kept in memory (each holds one open descriptor).
+    pub cache_entries: usize,
+    /// Fetch bandwidth cap in bytes per second (0 = unlimited).
+    pub max_bandwidth: ByteSize,
+    /// On SIGTERM, how long to wait for fills in flight before denying them.
+    pub shutdown_timeout: HumanDuration,
+    /// A file created once the marks are in place (for scripts; systemd gets READY=1).
+    pub ready_file: Option<PathBuf>,
+    /// Metrics as JSON, rewritten every `stats_interval` and at exit.
+    pub stats_file: Option<PathBuf>,
+    pub stats_interval: HumanDuration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            trees: Vec::new(),
+            mark: MarkKind::Filesystem,
+            max_concurrent_fetches: 16,
+            max_request_size: ByteSize(8 << 20),
+            readahead: ByteSize(32 << 20),
+            persist_interval: HumanDuration(Duration::from_millis(10)),
+            cache_entries: 8192,
+            max_bandwidth: ByteSize(0),
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+            ready_file: None,
+            stats_file: None,
+            stats_interval: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// `[populate]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PopulateConfig {
+    /// Smallest granule (unit of fetch and of the resident map); grows for files over
+    /// 16384 granules. A power of two between 4 KiB and 1 TiB.
+    pub min_granule: ByteSize,
+    /// Worker threads creating stubs (0 = one per CPU).
+    pub jobs: usize,
+}
+
+impl Default for PopulateConfig {
+    fn default() -> Self {
+        PopulateConfig {
+            min_granule: ByteSize(1 << 20),
+            jobs: 0,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as "info" or "hsm_core=debug"; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and validate a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Check values serde cannot check.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let bad = |key, message: String| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            key,
+            message,
+        };
+        let a = &self.agent;
+        if a.max_concurrent_fetches == 0 {
+            return Err(bad(
+                "agent.max_concurrent_fetches",
+                "must be at least 1".into(),
+            ));
+        }
+        if a.max_request_size.0 < 4096 {
+            return Err(bad(
+                "agent.max_request_size",
+                "must be at least 4 KiB".into(),
+            ));
+        }
+        if a.cache_entries < 16 {
+            return Err(bad("agent.cache_entries", "must be at least 16".into()));
+        }
+        let g = self.populate.min_granule.0;
+        if !g.is_power_of_two() || !(4096..=1 << 40).contains(&g) {
+            return Err(bad(
+                "populate.min_granule",
+                format!(
+                    "{} is not a power of two between 4 KiB and 1 TiB",
+                    self.populate.min_granule
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A byte count written as an integer or as "8 MiB", "512K", "1G" (powers of 1024).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4096, \"8 MiB\", \"512K\")"))?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            other => return Err(format!("{s:?}: unknown unit {other:?}")),
+        };
+        n.checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if v >= 1 << shift && v % (1 << shift) == 0 {
+                return write!(f, "{} {unit}", v >> shift);
+            }
+        }
+        write!(f, "{v}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as "10ms", "30s", "2m".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("{s:?}: {e} (examples: \"10ms\", \"30s\")"))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("4096".parse::<ByteSize>(), Ok(ByteSize(4096)));
+        assert_eq!("8 MiB".parse::<ByteSize>(), Ok(ByteSize(8 << 20)));
+        assert_eq!("512K".parse::<ByteSize>(), Ok(ByteSize(512 << 10)));
+        assert!("8 parsecs".parse::<ByteSize>().is_err());
+        assert!("99999999999T".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(8 << 20).to_string(), "8 MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::parse("", Path::new("empty.toml")).expect("parse");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e =
+            Config::parse("[agent]\nreadahed = \"1M\"\n", Path::new("x.toml")).expect_err("typo");
+        let msg = e.to_string();
+        assert!(msg.contains("x.toml") && msg.contains("readahed"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = Config::parse("[populate]\nmin_granule = \"3 MiB\"\n", Path::new("x.toml"))
+            .expect_err("not a power of two");
+        assert!(e.to_string().contains("populate.min_granule"), "{e}");
+        let e = Config::parse(
+            "[agent]\npersist_interval = \"soon\"\n",
+            Path::new("x.toml"),
+        )
+        .expect_err("bad duration");
+        assert!(e.to_string().contains("soon"), "{e}");
+    }
+
+    /// The example in config/ lists every key with its default: parsing it gives the defaults,
+    /// and every key of the serialised defaults appears in it.
+    #[test]
+    fn example_config_is_complete_and_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/hsm.toml");
+        let text = std::fs::read_to_string(&path).expect("config/hsm.toml");
+        let parsed = Config::parse(&text, &path).expect("example parses");
+        let mut expected = Config::default();
+        // The example shows optional paths commented out; they stay unset.
+        expected.agent.ready_file = None;
+        assert_eq!(parsed, expected, "config/hsm.toml must show the defaults");
+        let defaults = toml::to_string(&Config::default()).expect("serialise");
+        for line in defaults.lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                assert!(
+                    text.contains(&format!("{key} = ")) || text.contains(&format!("# {key} = ")),
+                    "config/hsm.toml does not mention {key}"
+                );
+            }
+        }
+        for optional in ["ready_file", "stats_file"] {
+            assert!(
+                text.contains(&format!("# {optional} = ")),
+                "mention {optional}"
+            );
+        }
+    }
+}
