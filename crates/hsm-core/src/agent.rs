@@ -1,0 +1,1024 @@
+//! The agent core: what to do about one access to one file.
+//!
+//! The fanotify adapter turns each event into an [`AccessEvent`] and calls
+//! [`AgentCore::handle`], which returns a [`Verdict`]. Everything in between is here and is
+//! testable on plain files, without fanotify: stub state per inode, the fill plan, one
+//! in-flight fetch per granule shared by every waiter, writes through the event descriptor,
+//! the truncate barrier, batched persistence of the resident map, and finalisation.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use hsm_kernel::fanotify::{DenyErrno, FileRange};
+use hsm_kernel::intent::{self, Access};
+use hsm_kernel::stat::{self, FileStat, Timestamp};
+use hsm_remote::{Expect, Remote, RemoteError};
+use hsm_stub::{Meta, ResidentMap};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::error::{LocalError, ServeError, deny_errno};
+use crate::metrics::Metrics;
+use crate::stubio::{self, Loaded};
+
+/// Tunables of the core (the `[agent]` section of the configuration).
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    pub max_concurrent_fetches: usize,
+    pub max_request_size: u64,
+    pub readahead: u64,
+    pub persist_interval: Duration,
+    pub cache_entries: usize,
+    /// Bytes per second; 0 = unlimited.
+    pub max_bandwidth: u64,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions {
+            max_concurrent_fetches: 16,
+            max_request_size: 8 << 20,
+            readahead: 32 << 20,
+            persist_interval: Duration::from_millis(10),
+            cache_entries: 8192,
+            max_bandwidth: 0,
+        }
+    }
+}
+
+/// Opens the remote a stub names. The agent's implementation caches one per URL.
+pub trait RemoteOpener: Send + Sync + std::fmt::Debug {
+    fn open(&self, url: &str) -> Result<Arc<dyn Remote>, RemoteError>;
+}
+
+/// Opens remotes with [`hsm_remote::open_remote`], one per base URL.
+#[derive(Debug, Default)]
+pub struct UrlRemotes {
+    cache: Mutex<HashMap<String, Arc<dyn Remote>>>,
+}
+
+impl RemoteOpener for UrlRemotes {
+    fn open(&self, url: &str) -> Result<Arc<dyn Remote>, RemoteError> {
+        let mut cache = lock(&self.cache);
+        if let Some(r) = cache.get(url) {
+            return Ok(r.clone());
+        }
+        let r = hsm_remote::open_remote(url)?;
+        cache.insert(url.to_string(), r.clone());
+        Ok(r)
+    }
+}
+
+/// Places ignore marks (the fanotify group lives in the adapter).
+pub trait MarkSink: Send + Sync + std::fmt::Debug {
+    /// Stop events for the inode behind `fd`. Best effort: failures are logged.
+    fn ignore(&self, fd: BorrowedFd<'_>);
+}
+
+/// How to learn what the accessing thread is doing.
+#[derive(Debug, Clone, Copy)]
+pub enum IntentSource {
+    /// Read `/proc/TID/syscall` of the blocked thread, only if the answer matters.
+    Tid(i32),
+    /// Already known (tests, tools).
+    Known(Access),
+}
+
+impl IntentSource {
+    fn classify(&self) -> Access {
+        match *self {
+            IntentSource::Tid(tid) => intent::classify(tid).access,
+            IntentSource::Known(a) => a,
+        }
+    }
+
+    fn tid(&self) -> Option<i32> {
+        match *self {
+            IntentSource::Tid(t) => Some(t),
+            IntentSource::Known(_) => None,
+        }
+    }
+}
+
+/// One access to serve.
+#[derive(Debug)]
+pub struct AccessEvent<'a> {
+    /// The event's descriptor (read-write, raises no events).
+    pub fd: BorrowedFd<'a>,
+    /// The range as reported (unclamped); `None` means the whole file.
+    pub range: Option<FileRange>,
+    pub intent: IntentSource,
+}
+
+/// What to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Allow, and place an ignore mark: nothing will ever need fetching for this inode.
+    AllowAndIgnore,
+    Deny(DenyErrno),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct InodeKey {
+    dev: u64,
+    ino: u64,
+    // With dev and ino, tells a reused inode number from the one we cached.
+    btime: Option<Timestamp>,
+}
+
+impl InodeKey {
+    fn of(st: &FileStat) -> Self {
+        InodeKey {
+            dev: st.dev,
+            ino: st.ino,
+            btime: st.btime,
+        }
+    }
+}
+
+type FillResult = Result<(), Arc<ServeError>>;
+type SharedFill = Shared<BoxFuture<'static, FillResult>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a stub lock is a bug; keep serving rather than poison everything.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-stub mutable state.
+#[derive(Debug)]
+struct StubState {
+    /// Granules readable now (written through an event fd), with the floor and flags.
+    resident: ResidentMap,
+    /// What the map xattr says (or will, once the running persist finishes).
+    durable: ResidentMap,
+    /// `resident` differs from `durable`.
+    dirty: bool,
+    /// The durable xattr has been fsynced since it last changed.
+    meta_synced: bool,
+    /// Already waiting in the persister's queue.
+    queued: bool,
+    inflight: HashMap<u64, SharedFill>,
+    /// The mtime to put back after fills; `None` once the file was written locally.
+    restore_mtime: Option<Timestamp>,
+    /// End of the last read, to detect sequential access.
+    seq_next: u64,
+    /// Readahead has been started up to here.
+    readahead_until: u64,
+    finalized: bool,
+}
+
+/// A stub the agent is serving.
+#[derive(Debug)]
+struct Stub {
+    key: InodeKey,
+    /// A dup of the first event's descriptor: read-write and raising no events. Holding it
+    /// does not count as a writer, so exec of the stub still works.
+    fd: OwnedFd,
+    meta: Meta,
+    expect: Expect,
+    remote: Arc<dyn Remote>,
+    path: String,
+    state: Mutex<StubState>,
+    /// Fills hold it shared while they check the size and write; installing a truncate
+    /// barrier takes it exclusively, so no write is half-way when a truncate is allowed.
+    gate: tokio::sync::RwLock<()>,
+    /// A truncate to this length has been allowed and not yet seen done: no fill may write
+    /// at or beyond it until then, or it could extend the file back.
+    barrier: watch::Sender<Option<u64>>,
+    persist_lock: tokio::sync::Mutex<()>,
+    last_used: AtomicU64,
+}
+
+/// The agent core. Create with [`AgentCore::new`] inside a tokio runtime.
+#[derive(Debug)]
+pub struct AgentCore {
+    opts: CoreOptions,
+    remotes: Arc<dyn RemoteOpener>,
+    marks: Arc<dyn MarkSink>,
+    stubs: Mutex<HashMap<InodeKey, Arc<Stub>>>,
+    fetch_slots: Semaphore,
+    bandwidth: Option<RateLimiter>,
+    persist_tx: mpsc::UnboundedSender<Arc<Stub>>,
+    metrics: Arc<Metrics>,
+    shutting_down: AtomicBool,
+    fills_running: AtomicU64,
+    fills_done: tokio::sync::Notify,
+    epoch: Instant,
+}
+
+impl AgentCore {
+    /// Create the core and start its persister task.
+    pub fn new(
+        opts: CoreOptions,
+        remotes: Arc<dyn RemoteOpener>,
+        marks: Arc<dyn MarkSink>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bandwidth = (opts.max_bandwidth > 0).then(|| RateLimiter::new(opts.max_bandwidth));
+        let core = Arc::new(AgentCore {
+            fetch_slots: Semaphore::new(opts.max_concurrent_fetches.max(1)),
+            opts,
+            remotes,
+            marks,
+            stubs: Mutex::new(HashMap::new()),
+            bandwidth,
+            persist_tx: tx,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            fills_running: AtomicU64::new(0),
+            fills_done: tokio::sync::Notify::new(),
+            epoch: Instant::now(),
+        });
+        tokio::spawn(persister(Arc::downgrade(&core), rx));
+        tokio::spawn(sweeper(Arc::downgrade(&core)));
+        core
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Serve one access. Never panics; every failure becomes a deny with a logged cause.
+    pub async fn handle(self: &Arc<Self>, ev: AccessEvent<'_>) -> Verdict {
+        Metrics::inc(&self.metrics.events);
+        let st = match stat::fstatx(ev.fd) {
+            Ok(st) => st,
+            Err(e) => {
+                warn!(error = %e, "cannot stat event file; denying");
+                Metrics::inc(&self.metrics.denies);
+                return Verdict::Deny(DenyErrno::Eio);
+            }
+        };
+        if !st.is_file() {
+            return Verdict::Allow;
+        }
+        let stub = match self.lookup_or_load(ev.fd, &st).await {
+            Ok(Lookup::Stub(s)) => s,
+            Ok(Lookup::NotStub) => {
+                Metrics::inc(&self.metrics.events_not_stub);
+                return Verdict::AllowAndIgnore;
+            }
+            Ok(Lookup::Building) => {
+                Metrics::inc(&self.metrics.events_building);
+                return Verdict::Allow;
+            }
+            Ok(Lookup::Hydrated) => return Verdict::AllowAndIgnore,
+            Err(e) => {
+                Metrics::inc(&self.metrics.bad_stubs);
+                Metrics::inc(&self.metrics.denies);
+                let errno = deny_errno(&e);
+                warn!(path = %stubio::path_of(ev.fd), errno = errno.name(), error = %e,
+                      "cannot serve stub");
+                return Verdict::Deny(errno);
+            }
+        };
+        Metrics::inc(&self.metrics.events_stub);
+        match stub.serve(self, &ev, &st).await {
+            Ok(v) => v,
+            Err(e) => {
+                Metrics::inc(&self.metrics.denies);
+                let errno = deny_errno(&e);
+                let range = ev.range.map(|r| r.offset..r.end());
+                warn!(path = %stub.path, ?range, errno = errno.name(), error = %e,
+                      "read failed");
+                Verdict::Deny(errno)
+            }
+        }
+    }
+
+    async fn lookup_or_load(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        st: &FileStat,
+    ) -> Result<Lookup, ServeError> {
+        let key = InodeKey::of(st);
+        if let Some(s) = lock(&self.stubs).get(&key).cloned() {
+            return Ok(Lookup::Stub(s));
+        }
+        let dup = fd
+            .try_clone_to_owned()
+            .map_err(|e| LocalError::from_io("dup event fd", &e))?;
+        let (loaded, dup) = tokio::task::spawn_blocking(move || (stubio::load(dup.as_fd()), dup))
+            .await
+            .map_err(|e| ServeError::TaskFailed(e.to_string()))?;
+        let (meta, map) = match loaded? {
+            Loaded::NotStub => return Ok(Lookup::NotStub),
+            Loaded::Building => return Ok(Lookup::Building),
+            Loaded::Stub { meta, map } => (meta, map),
+        };
+        let path = stubio::path_of(&dup);
+        if map.is_complete() {
+            // A crash between the last persist and finalisation; finish the job.
+            let dup =
+                tokio::task::spawn_blocking(move || stubio::finalize(dup.as_fd()).map(|()| dup))
+                    .await
+                    .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
+            self.marks.ignore(dup.as_fd());
+            Metrics::inc(&self.metrics.hydrated);
+            info!(%path, "stub fully resident; now an ordinary file");
+            return Ok(Lookup::Hydrated);
+        }
+        let remote = self.remotes.open(&meta.remote_url)?;
+        let stub = Arc::new(Stub::new(key, dup, meta, map, remote, st.mtime, path));
+        let (stub, inserted, over) = {
+            let mut stubs = lock(&self.stubs);
+            let mut inserted = false;
+            let s = stubs
+                .entry(key)
+                .or_insert_with(|| {
+                    inserted = true;
+                    stub
+                })
+                .clone();
+            (s, inserted, stubs.len() > self.opts.cache_entries)
+        };
+        if inserted {
+            Metrics::inc(&self.metrics.stub_loads);
+            debug!(path = %stub.path, key = %stub.meta.key, "stub loaded");
+        }
+        if over {
+            self.evict(self.opts.cache_entries * 9 / 10, Duration::ZERO);
+        }
+        Ok(Lookup::Stub(stub))
+    }
+
+    /// Drop clean, idle stub states until at most `target` remain (or none idle longer than
+    /// `min_idle` is left). Their durable state is on disk, so reloading is always correct.
+    fn evict(&self, target: usize, min_idle: Duration) {
+        let now = self.now_ms();
+        let mut stubs = lock(&self.stubs);
+        if stubs.len() <= target && min_idle.is_zero() {
+            return;
+        }
+        let mut idle: Vec<(u64, InodeKey)> = stubs
+            .values()
+            .filter(|s| {
+                let st = lock(&s.state);
+                !st.dirty && !st.queued && st.inflight.is_empty() && s.barrier.borrow().is_none()
+            })
+            .map(|s| (s.last_used.load(Ordering::Relaxed), s.key))
+            .filter(|(used, _)| now.saturating_sub(*used) >= min_idle.as_millis() as u64)
+            .collect();
+        idle.sort_unstable_by_key(|(used, _)| *used);
+        let excess = if min_idle.is_zero() {
+            stubs.len().saturating_sub(target)
+        } else {
+            idle.len()
+        };
+        for (_, key) in idle.into_iter().take(excess) {
+            stubs.remove(&key);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn queue_persist(&self, stub: &Arc<Stub>, state: &mut StubState) {
+        if !state.queued {
+            state.queued = true;
+            // The receiver lives as long as the core; a send error means we are dropping.
+            let _ = self.persist_tx.send(stub.clone());
+        }
+    }
+
+    /// Stop starting fetches: accesses that need one are denied with EIO from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait until no fill is running (or the timeout passes); returns whether it drained.
+    pub async fn wait_fills(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let done = self.fills_done.notified();
+            if self.fills_running.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return self.fills_running.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// Persist every dirty resident map now (at shutdown). Returns how many failed.
+    pub async fn flush_all(self: &Arc<Self>) -> usize {
+        let stubs: Vec<Arc<Stub>> = lock(&self.stubs).values().cloned().collect();
+        let mut failed = 0;
+        for s in stubs {
+            if let Err(e) = s.persist(self, false).await {
+                warn!(path = %s.path, error = %e, "could not persist resident map at shutdown");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// Stub states held in memory.
+    pub fn cached_stubs(&self) -> usize {
+        lock(&self.stubs).len()
+    }
+}
+
+enum Lookup {
+    Stub(Arc<Stub>),
+    NotStub,
+    Building,
+    Hydrated,
+}
+
+impl Stub {
+    fn new(
+        key: InodeKey,
+        fd: OwnedFd,
+        meta: Meta,
+        map: ResidentMap,
+        remote: Arc<dyn Remote>,
+        mtime: Timestamp,
+        path: String,
+    ) -> Self {
+        let expect = Expect {
+            etag: meta.etag.clone(),
+            version: meta.version.clone(),
+            size: meta.remote_size,
+        };
+        let restore_mtime = (!map.locally_modified()).then_some(mtime);
+        Stub {
+            key,
+            fd,
+            expect,
+            remote,
+            path,
+            state: Mutex::new(StubState {
+                durable: map.clone(),
+                resident: map,
+                dirty: false,
+                meta_synced: false,
+                queued: false,
+                inflight: HashMap::new(),
+                restore_mtime,
+                seq_next: 0,
+                readahead_until: 0,
+                finalized: false,
+            }),
+            meta,
+            gate: tokio::sync::RwLock::new(()),
+            barrier: watch::channel(None).0,
+            persist_lock: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        ev: &AccessEvent<'_>,
+        st: &FileStat,
+    ) -> Result<Verdict, ServeError> {
+        self.last_used.store(core.now_ms(), Ordering::Relaxed);
+        let range = ev.range.map(|r| r.offset..r.end()).unwrap_or(0..u64::MAX);
+        let (missing, needs_intent) = {
+            let mut s = lock(&self.state);
+            if s.finalized {
+                return Ok(Verdict::AllowAndIgnore);
+            }
+            // The file is smaller than any size we knew: it was truncated (open(O_TRUNC)
+            // raises no event). Bytes at or beyond its size are local from now on.
+            if st.size < s.resident.floor() {
+                s.resident.lower_floor(st.size);
+                s.dirty = true;
+                Metrics::inc(&core.metrics.truncates);
+                core.queue_persist(self, &mut s);
+            }
+            // Nothing beyond the current size can be read, so nothing there is fetched.
+            let end = range.end.min(st.size);
+            let granules = s.resident.granules_for(range.start.min(end)..end);
+            let missing: Vec<u64> = s.resident.missing(granules.clone()).collect();
+            let not_durable = granules
+                .clone()
+                .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
+            let needs_intent = !missing.is_empty()
+                || not_durable
+                || s.dirty
+                || !s.inflight.is_empty()
+                || self.barrier.borrow().is_some();
+            (missing, needs_intent)
+        };
+        // Reading /proc costs a few microseconds; skip it when no answer could change what
+        // we do (everything in range durable, nothing in flight).
+        let access = if needs_intent {
+            ev.intent.classify()
+        } else {
+            Access::Read
+        };
+        if !missing.is_empty() {
+            if core.shutting_down.load(Ordering::SeqCst) {
+                return Err(ServeError::ShuttingDown);
+            }
+            self.fill(core, &missing, false).await?;
+        }
+        match access {
+            Access::Read => {
+                if missing.is_empty() {
+                    Metrics::inc(&core.metrics.events_resident);
+                }
+                self.readahead(core, range);
+            }
+            Access::Write | Access::Truncate { .. } => {
+                {
+                    let mut s = lock(&self.state);
+                    if !s.resident.locally_modified() {
+                        s.resident.set_locally_modified();
+                        s.dirty = true;
+                    }
+                    s.restore_mtime = None;
+                }
+                if let Access::Truncate { length } = access {
+                    self.install_barrier(core, length, ev.intent.tid()).await;
+                }
+                // Before the write lands, everything it may overwrite must be durable in
+                // the map: otherwise a crash could let a later fill overwrite it.
+                let needs_flush = {
+                    let s = lock(&self.state);
+                    s.dirty || !s.meta_synced
+                };
+                if needs_flush {
+                    Metrics::inc(&core.metrics.write_flushes);
+                    self.persist(core, true).await?;
+                }
+            }
+        }
+        Ok(Verdict::Allow)
+    }
+
+    /// A truncate to `length` is about to be allowed. Wait for writes in progress, then keep
+    /// fills away from `length..` until the truncate is seen done.
+    async fn install_barrier(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        length: u64,
+        tid: Option<i32>,
+    ) {
+        if length >= lock(&self.state).resident.floor() {
+            return; // growing, or within bytes that are already local
+        }
+        Metrics::inc(&core.metrics.truncates);
+        {
+            let _quiet = self.gate.write().await;
+            self.barrier.send_modify(|b| {
+                *b = Some(b.map_or(length, |old| old.min(length)));
+            });
+        }
+        let stub = self.clone();
+        let core = core.clone();
+        tokio::spawn(async move {
+            stub.resolve_truncate(&core, length, tid).await;
+        });
+    }
+
+    /// Watch for the allowed truncate to happen (or to fail), then lift the barrier.
+    async fn resolve_truncate(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        length: u64,
+        tid: Option<i32>,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut confirmed = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let size = stat::fstatx(self.fd.as_fd()).map(|s| s.size).ok();
+            if let Some(size) = size.filter(|&s| s <= length) {
+                confirmed = Some(size);
+                break;
+            }
+            let still_truncating = tid.is_some_and(|t| {
+                matches!(intent::classify(t).access, Access::Truncate { length: l } if l == length)
+            });
+            if !still_truncating {
+                // The syscall is over: one last look decides.
+                confirmed = stat::fstatx(self.fd.as_fd())
+                    .ok()
+                    .map(|s| s.size)
+                    .filter(|&s| s <= length);
+                break;
+            }
+            if Instant::now() > deadline {
+                warn!(path = %self.path, length, "truncate not seen completing after 10 s; lifting the fill barrier");
+                break;
+            }
+        }
+        {
+            let mut s = lock(&self.state);
+            if let Some(size) = confirmed {
+                if size < s.resident.floor() {
+                    s.resident.lower_floor(size);
+                    s.dirty = true;
+                    core.queue_persist(self, &mut s);
+                }
+            }
+        }
+        self.barrier.send_modify(|b| {
+            if *b == Some(length) {
+                *b = None;
+            }
+        });
+    }
+
+    /// Fetch the given missing granules (sorted), sharing fills already in flight. With
+    /// `background`, start the fills and return at once (readahead).
+    async fn fill(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        granules: &[u64],
+        background: bool,
+    ) -> Result<(), ServeError> {
+        let waits: Vec<SharedFill> = {
+            let mut s = lock(&self.state);
+            let per_request = (core.opts.max_request_size >> s.resident.granule_shift()).max(1);
+            let mut waits: Vec<SharedFill> = Vec::new();
+            let mut run: Option<Range<u64>> = None;
+            for &g in granules {
+                if s.resident.is_resident(g) {
+                    continue;
+                }
+                if let Some(f) = s.inflight.get(&g) {
+                    if !background {
+                        Metrics::inc(&core.metrics.fill_joins);
+                    }
+                    if !waits.iter().any(|w| w.ptr_eq(f)) {
+                        waits.push(f.clone());
+                    }
+                    continue;
+                }
+                match &mut run {
+                    Some(r) if r.end == g && r.end - r.start < per_request => r.end += 1,
+                    _ => {
+                        if let Some(r) = run.take() {
+                            waits.push(self.start_fill(core, &mut s, r, background));
+                        }
+                        run = Some(g..g + 1);
+                    }
+                }
+            }
+            if let Some(r) = run {
+                waits.push(self.start_fill(core, &mut s, r, background));
+            }
+            waits
+        };
+        if background {
+            return Ok(());
+        }
+        for r in futures::future::join_all(waits).await {
+            r.map_err(|e| (*e).clone())?;
+        }
+        Ok(())
+    }
+
+    fn start_fill(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        s: &mut StubState,
+        run: Range<u64>,
+        background: bool,
+    ) -> SharedFill {
+        Metrics::inc(&core.metrics.fills);
+        if background {
+            Metrics::inc(&core.metrics.readahead_fills);
+        }
+        core.fills_running.fetch_add(1, Ordering::SeqCst);
+        let stub = self.clone();
+        let core2 = core.clone();
+        let r = run.clone();
+        let handle = tokio::spawn(async move {
+            let result = stub.run_fill(&core2, r.clone()).await;
+            {
+                let mut s = lock(&stub.state);
+                for g in r.clone() {
+                    s.inflight.remove(&g);
+                }
+                match &result {
+                    Ok(()) => {
+                        s.resident.set_range_resident(r);
+                        s.dirty = true;
+                        core2.queue_persist(&stub, &mut s);
+                    }
+                    Err(e) => {
+                        Metrics::inc(&core2.metrics.fill_errors);
+                        if background {
+                            debug!(path = %stub.path, error = %e, "readahead failed");
+                        }
+                    }
+                }
+            }
+            if core2.fills_running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                core2.fills_done.notify_waiters();
+            }
+            result
+        });
+        let fut: SharedFill = async move {
+            match handle.await {
+                Ok(r) => r.map_err(Arc::new),
+                Err(e) => Err(Arc::new(ServeError::TaskFailed(e.to_string()))),
+            }
+        }
+        .boxed()
+        .shared();
+        for g in run {
+            s.inflight.insert(g, fut.clone());
+        }
+        fut
+    }
+
+    /// Fetch granules `run` in parts of at most `max_request_size`, in parallel, and write
+    /// them. All or nothing: the caller marks the run resident only on success.
+    async fn run_fill(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        run: Range<u64>,
+    ) -> Result<(), ServeError> {
+        let bytes = {
+            let s = lock(&self.state);
+            let start = s.resident.granule_range(run.start).start;
+            let end = s.resident.fetch_range(run.end - 1).end;
+            start..end.max(start)
+        };
+        let step = core.opts.max_request_size.max(4096);
+        let parts: Vec<Range<u64>> = (bytes.start..bytes.end)
+            .step_by(step as usize)
+            .map(|p| p..(p + step).min(bytes.end))
+            .collect();
+        let results =
+            futures::future::join_all(parts.into_iter().map(|p| self.fetch_and_write(core, p)))
+                .await;
+        results.into_iter().collect()
+    }
+
+    async fn fetch_and_write(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        part: Range<u64>,
+    ) -> Result<(), ServeError> {
+        let data = {
+            let _slot = core
+                .fetch_slots
+                .acquire()
+                .await
+                .map_err(|_| ServeError::ShuttingDown)?;
+            if let Some(bw) = &core.bandwidth {
+                bw.acquire(part.end - part.start).await;
+            }
+            Metrics::inc(&core.metrics.remote_requests);
+            let data = self
+                .remote
+                .get_range(&self.meta.key, part.clone(), &self.expect)
+                .await?;
+            Metrics::add(&core.metrics.bytes_fetched, data.len() as u64);
+            // Whatever the remote promises, a short or long body never becomes resident.
+            let want = part.end - part.start;
+            if data.len() as u64 != want {
+                return Err(RemoteError::Truncated {
+                    url: self.remote.url().to_string(),
+                    key: self.meta.key.clone(),
+                    offset: part.start,
+                    expected: want,
+                    got: data.len() as u64,
+                }
+                .into());
+            }
+            data
+        };
+        self.write_part(core, part.start, data).await
+    }
+
+    /// Write fetched bytes, never beyond the floor or the file's current size, and never
+    /// across a pending truncate.
+    async fn write_part(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), ServeError> {
+        let end = offset + data.len() as u64;
+        let mut barrier = self.barrier.subscribe();
+        loop {
+            let guard = self.gate.read().await;
+            if barrier.borrow_and_update().is_some_and(|b| b < end) {
+                drop(guard);
+                // Resolves when the truncate is seen done (bounded by resolve_truncate).
+                let _ = barrier.wait_for(|b| b.is_none_or(|b| b >= end)).await;
+                continue;
+            }
+            let stub = self.clone();
+            let data = data.clone();
+            let written = tokio::task::spawn_blocking(move || stub.write_blocking(offset, &data))
+                .await
+                .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
+            drop(guard);
+            Metrics::add(&core.metrics.bytes_written, written);
+            return Ok(());
+        }
+    }
+
+    fn write_blocking(&self, offset: u64, data: &[u8]) -> Result<u64, ServeError> {
+        let fd = self.fd.as_fd();
+        let size = stat::fstatx(fd)
+            .map_err(|e| LocalError::from_kernel("statx", &e))?
+            .size;
+        let limit = {
+            let mut s = lock(&self.state);
+            if size < s.resident.floor() {
+                s.resident.lower_floor(size);
+                s.dirty = true;
+            }
+            s.resident.floor()
+        };
+        let end = (offset + data.len() as u64).min(limit);
+        if end <= offset {
+            return Ok(0);
+        }
+        let n = (end - offset) as usize;
+        let written = stubio::write_data(fd, offset, &data[..n])?;
+        // Start writeback now so the later fdatasync has little left and the disk works
+        // while the next part is fetched. Only an optimisation: errors surface at fdatasync.
+        let _ = hsm_kernel::sys::start_writeback(fd, offset, n as u64);
+        let restore = lock(&self.state).restore_mtime;
+        if let Some(mtime) = restore {
+            if written > 0 {
+                stubio::restore_mtime(fd, mtime)?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// After a read, fetch ahead of a sequential reader.
+    fn readahead(self: &Arc<Self>, core: &Arc<AgentCore>, range: Range<u64>) {
+        let window = core.opts.readahead;
+        if window == 0 || core.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        let todo: Vec<u64> = {
+            let mut s = lock(&self.state);
+            let sequential = range.start <= s.seq_next && range.end > s.seq_next;
+            s.seq_next = range.end;
+            if !sequential || range.end.saturating_add(window / 2) < s.readahead_until {
+                return;
+            }
+            let start = range.end.max(s.readahead_until);
+            let end = range.end.saturating_add(window).min(s.resident.floor());
+            if end <= start {
+                return;
+            }
+            s.readahead_until = end;
+            let granules = s.resident.granules_for(start..end);
+            s.resident
+                .missing(granules)
+                .filter(|g| !s.inflight.contains_key(g))
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let stub = self.clone();
+        let core = core.clone();
+        tokio::spawn(async move {
+            // Background: errors surface to whoever reads those bytes.
+            let _ = stub.fill(&core, &todo, true).await;
+        });
+    }
+
+    /// Make the resident map durable: fdatasync the data, then write the xattr (and fsync it
+    /// when a local write is about to happen). Finalises the stub when complete.
+    async fn persist(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        sync_meta: bool,
+    ) -> Result<(), ServeError> {
+        let _serial = self.persist_lock.lock().await;
+        let snapshot = {
+            let mut s = lock(&self.state);
+            if s.finalized || (!s.dirty && (!sync_meta || s.meta_synced)) {
+                return Ok(());
+            }
+            s.dirty = false;
+            s.resident.clone()
+        };
+        let stub = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            stubio::persist_map(stub.fd.as_fd(), &snapshot, sync_meta).map(|()| snapshot)
+        })
+        .await
+        .map_err(|e| ServeError::TaskFailed(e.to_string()))?;
+        let complete = {
+            let mut s = lock(&self.state);
+            match result {
+                Ok(snapshot) => {
+                    Metrics::inc(&core.metrics.persists);
+                    let complete = snapshot.is_complete();
+                    s.durable = snapshot;
+                    s.meta_synced = sync_meta;
+                    complete
+                }
+                Err(e) => {
+                    s.dirty = true;
+                    return Err(e.into());
+                }
+            }
+        };
+        if complete {
+            self.finalize(core).await?;
+        }
+        Ok(())
+    }
+
+    async fn finalize(self: &Arc<Self>, core: &Arc<AgentCore>) -> Result<(), ServeError> {
+        let stub = self.clone();
+        tokio::task::spawn_blocking(move || stubio::finalize(stub.fd.as_fd()))
+            .await
+            .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
+        lock(&self.state).finalized = true;
+        core.marks.ignore(self.fd.as_fd());
+        {
+            let mut stubs = lock(&core.stubs);
+            if stubs.get(&self.key).is_some_and(|s| Arc::ptr_eq(s, self)) {
+                stubs.remove(&self.key);
+            }
+        }
+        Metrics::inc(&core.metrics.hydrated);
+        info!(path = %self.path, "stub fully resident; now an ordinary file");
+        Ok(())
+    }
+}
+
+/// Persists dirty maps in batches: one wake-up per `persist_interval`, however many fills.
+async fn persister(core: Weak<AgentCore>, mut rx: mpsc::UnboundedReceiver<Arc<Stub>>) {
+    while let Some(first) = rx.recv().await {
+        let Some(interval) = core.upgrade().map(|c| c.opts.persist_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let mut batch = vec![first];
+        while let Ok(s) = rx.try_recv() {
+            batch.push(s);
+        }
+        let Some(core) = core.upgrade() else { return };
+        for s in &batch {
+            lock(&s.state).queued = false;
+        }
+        let jobs = batch.iter().map(|s| {
+            let core = core.clone();
+            async move {
+                if let Err(e) = s.persist(&core, false).await {
+                    warn!(path = %s.path, error = %e, "could not persist resident map; will retry");
+                    let mut st = lock(&s.state);
+                    core.queue_persist(s, &mut st);
+                }
+            }
+        });
+        futures::future::join_all(jobs).await;
+    }
+}
+
+/// Closes descriptors of stubs nobody has touched for a while, so deleted stubs free space.
+async fn sweeper(core: Weak<AgentCore>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let Some(core) = core.upgrade() else { return };
+        core.evict(0, Duration::from_secs(60));
+    }
+}
+
+/// Paces fetches to a byte rate: each request is held until its bytes "have arrived".
+#[derive(Debug)]
+struct RateLimiter {
+    bytes_per_sec: u64,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimiter {
+    fn new(bytes_per_sec: u64) -> Self {
+        RateLimiter {
+            bytes_per_sec,
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    async fn acquire(&self, bytes: u64) {
+        let until = {
+            let mut next = self.next.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+            *next
+        };
+        tokio::time::sleep_until(until).await;
+    }
+}

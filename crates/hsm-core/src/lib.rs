@@ -1,0 +1,15 @@
+//! The agent core of hsm: given an access to a file, decide what to fetch, fetch it once
+//! however many readers wait, write it through the event's descriptor, keep the resident
+//! map durable, and answer. The fanotify adapter (`hsm-agent`) is a thin translation layer
+//! over [`AgentCore::handle`]; this crate is where the policy lives and where the tests aim.
+
+pub mod agent;
+pub mod error;
+pub mod metrics;
+pub mod stubio;
+
+pub use agent::{
+    AccessEvent, AgentCore, CoreOptions, IntentSource, MarkSink, RemoteOpener, UrlRemotes, Verdict,
+};
+pub use error::{LocalError, ServeError, deny_errno};
+pub use metrics::Metrics;
