@@ -31,6 +31,18 @@ pub enum MarkKind {
     Mount,
 }
 
+impl FromStr for MarkKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "filesystem" => Ok(MarkKind::Filesystem),
+            "mount" => Ok(MarkKind::Mount),
+            other => Err(format!("{other:?}: expected \"filesystem\" or \"mount\"")),
+        }
+    }
+}
+
 /// `[agent]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

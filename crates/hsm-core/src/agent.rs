@@ -265,6 +265,11 @@ impl AgentCore {
             Ok(Lookup::Stub(s)) => s,
             Ok(Lookup::NotStub) => {
                 Metrics::inc(&self.metrics.events_not_stub);
+                // An unlinked file may be a stub populate is still building (it sets the
+                // size before the marker): never cache "not a stub" for it.
+                if st.nlink == 0 {
+                    return Verdict::Allow;
+                }
                 return Verdict::AllowAndIgnore;
             }
             Ok(Lookup::Building) => {

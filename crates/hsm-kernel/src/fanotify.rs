@@ -329,6 +329,18 @@ impl AsRawFd for Group {
     }
 }
 
+/// Register a shared group with the tokio reactor.
+#[cfg(feature = "tokio")]
+pub fn register_async(
+    group: std::sync::Arc<Group>,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<Group>>> {
+    // SAFETY: a Group owns its OwnedFd and never replaces or closes it before drop; the Arc
+    // keeps the Group alive for as long as the AsyncFd holds it, so as_raw_fd() returns the
+    // same open descriptor for the AsyncFd's whole lifetime.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(group) };
+    registered.map_err(std::io::Error::from)
+}
+
 /// The byte range of a pre-content event, exactly as the kernel reported it (page aligned
 /// and not clamped to the file size; callers clamp).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,132 @@
+//! Every event answered exactly once.
+//!
+//! The kernel matches a response to its event by fd number only, and an event whose group
+//! goes away is answered ALLOW (the reader then sees zeros). So each event lives in an
+//! [`EventSlot`] registered until answered: the normal path answers it once, a panicking
+//! task answers it EIO from `Drop`, and shutdown can deny whatever is still pending. The fd
+//! is closed only after its response is written.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hsm_kernel::fanotify::{DenyErrno, Group, Response};
+use tracing::error;
+
+/// One event awaiting its answer.
+#[derive(Debug)]
+pub struct EventSlot {
+    fd: OwnedFd,
+    answered: AtomicBool,
+}
+
+impl EventSlot {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The events in flight.
+#[derive(Debug)]
+pub struct Pending {
+    group: Arc<Group>,
+    slots: Mutex<HashMap<RawFd, Arc<EventSlot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pending {
+    pub fn new(group: Arc<Group>) -> Self {
+        Pending {
+            group,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Register an event; the returned guard answers it EIO if dropped unanswered.
+    pub fn register(self: &Arc<Self>, fd: OwnedFd) -> EventGuard {
+        let slot = Arc::new(EventSlot {
+            fd,
+            answered: AtomicBool::new(false),
+        });
+        lock(&self.slots).insert(slot.fd.as_raw_fd(), slot.clone());
+        EventGuard {
+            pending: self.clone(),
+            slot: Some(slot),
+        }
+    }
+
+    /// Answer `slot` unless someone already did. Returns whether this call answered it.
+    fn answer(&self, slot: &EventSlot, response: Response) -> bool {
+        if slot.answered.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if let Err(e) = self.group.respond(slot.fd.as_fd(), response) {
+            error!(fd = slot.fd.as_raw_fd(), error = %e, "could not answer a fanotify event");
+        }
+        true
+    }
+
+    /// Deny every event still waiting (shutdown after the timeout). Returns how many.
+    pub fn deny_all(&self, errno: DenyErrno) -> usize {
+        let slots: Vec<Arc<EventSlot>> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .filter(|s| self.answer(s, Response::Deny(errno)))
+            .count()
+    }
+
+    /// Events registered and not yet finished.
+    pub fn len(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Owns one event until it is answered.
+#[derive(Debug)]
+pub struct EventGuard {
+    pending: Arc<Pending>,
+    slot: Option<Arc<EventSlot>>,
+}
+
+impl EventGuard {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.slot {
+            Some(s) => s.fd(),
+            // The slot is only taken by `respond`, which consumes the guard.
+            None => unreachable!("event guard used after respond"),
+        }
+    }
+
+    /// Answer and release the event.
+    pub fn respond(mut self, response: Response) {
+        if let Some(slot) = self.slot.take() {
+            self.finish(slot, response);
+        }
+    }
+
+    fn finish(&self, slot: Arc<EventSlot>, response: Response) {
+        self.pending.answer(&slot, response);
+        lock(&self.pending.slots).remove(&slot.fd.as_raw_fd());
+        // The fd closes when the last Arc goes, always after the response was written.
+    }
+}
+
+impl Drop for EventGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            error!(
+                fd = slot.fd.as_raw_fd(),
+                "event dropped unanswered (task failed); denying with EIO"
+            );
+            self.finish(slot, Response::Deny(DenyErrno::Eio));
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! `hsm agent`: the fanotify adapter.
+//!
+//! It places `FAN_PRE_ACCESS` marks, reads events, turns each into an
+//! [`hsm_core::AccessEvent`] for the core, writes the answer, and places ignore marks for
+//! files with nothing to fetch. Policy lives in `hsm-core`; this crate only translates.
+
+pub mod events;
+
+use std::collections::HashSet;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hsm_config::{AgentConfig, MarkKind};
+use hsm_core::metrics::Metrics;
+use hsm_core::{AccessEvent, AgentCore, CoreOptions, IntentSource, MarkSink, UrlRemotes, Verdict};
+use hsm_kernel::fanotify::{
+    DenyErrno, Event, FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget, Response,
+};
+use hsm_kernel::stat;
+use tracing::{debug, error, info, warn};
+
+use crate::events::Pending;
+
+/// Why the agent could not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Startup(String),
+    #[error("fanotify: {0}")]
+    Kernel(#[from] hsm_kernel::KernelError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What to serve and how.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub trees: Vec<PathBuf>,
+    pub config: AgentConfig,
+}
+
+/// Thread ids of the agent's own threads: their events are allowed at once (the agent's
+/// reads of a local remote on the same filesystem would otherwise wait on itself).
+#[derive(Debug, Default)]
+struct OwnThreads(RwLock<HashSet<i32>>);
+
+impl OwnThreads {
+    fn add(&self, tid: i32) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tid);
+    }
+    fn remove(&self, tid: i32) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tid);
+    }
+    fn contains(&self, tid: i32) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&tid)
+    }
+}
+
+#[derive(Debug)]
+struct GroupMarks {
+    group: Arc<Group>,
+    metrics: Arc<Metrics>,
+}
+
+impl MarkSink for GroupMarks {
+    fn ignore(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        match self.group.add_ignore_mark(fd, FAN_PRE_ACCESS) {
+            Ok(()) => Metrics::inc(&self.metrics.ignore_marks),
+            Err(e) => debug!(error = %e, "could not place ignore mark"),
+        }
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT. Builds its own runtime so that every thread it
+/// creates is known as the agent's own.
+pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let own = Arc::new(OwnThreads::default());
+    own.add(hsm_kernel::sys::gettid());
+    let (on_start, on_stop) = (own.clone(), own.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hsm-agent")
+        .on_thread_start(move || on_start.add(hsm_kernel::sys::gettid()))
+        .on_thread_stop(move || on_stop.remove(hsm_kernel::sys::gettid()))
+        .build()?;
+    runtime.block_on(serve(opts, own))
+}
+
+/// Check the kernel before touching fanotify, so the error says what to do.
+fn preflight() -> Result<(), AgentError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AgentError::Startup(
+            "hsm agent needs CAP_SYS_ADMIN for fanotify pre-content events: run it as root".into(),
+        ));
+    }
+    if let Some((major, minor)) = hsm_kernel::sys::kernel_version() {
+        if (major, minor) < (6, 14) {
+            return Err(AgentError::Startup(format!(
+                "kernel {major}.{minor} has no fanotify pre-content events (FAN_PRE_ACCESS needs Linux 6.14 or newer); \
+                 refusing to start, stubs would read as zeros"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), AgentError> {
+    let root_dev = stat::fstatx(std::fs::File::open("/")?.as_fd())
+        .map(|s| s.dev)
+        .ok();
+    let mut seen = HashSet::new();
+    for tree in trees {
+        let dir = std::fs::File::open(tree)
+            .map_err(|e| AgentError::Startup(format!("{}: {e}", tree.display())))?;
+        let st = stat::fstatx(dir.as_fd())?;
+        if !st.is_dir() {
+            return Err(AgentError::Startup(format!(
+                "{}: not a directory",
+                tree.display()
+            )));
+        }
+        let target = match kind {
+            MarkKind::Filesystem => MarkTarget::Filesystem,
+            MarkKind::Mount => MarkTarget::Mount,
+        };
+        let key = (
+            st.dev,
+            matches!(kind, MarkKind::Mount).then(|| tree.clone()),
+        );
+        if !seen.insert(key) {
+            continue;
+        }
+        if let Err(e) = group.add_mark(target, FAN_PRE_ACCESS, tree) {
+            let why = match e.errno() {
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => format!(
+                    "{}: this filesystem cannot raise pre-content events (ext4, xfs and btrfs can; tmpfs, NFS and overlayfs cannot)",
+                    tree.display()
+                ),
+                Some(libc::EXDEV) => format!(
+                    "{}: the path is on an idmapped or special mount that cannot be marked; use the filesystem's own mount",
+                    tree.display()
+                ),
+                _ => format!("{}: {e}", tree.display()),
+            };
+            return Err(AgentError::Startup(why));
+        }
+        let shared = Some(st.dev) == root_dev || st.mount_root == Some(false);
+        if shared && kind == MarkKind::Filesystem {
+            warn!(
+                tree = %tree.display(),
+                "the filesystem mark covers the whole filesystem holding this tree, not just the tree: \
+                 every file read on it raises one event until it is ignore-marked"
+            );
+        }
+        info!(tree = %tree.display(), mark = ?kind, "marked");
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn stats_json(core: &AgentCore, started: Instant, pending: usize) -> String {
+    let mut v = core.metrics().to_json();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("uptime_secs".into(), started.elapsed().as_secs_f64().into());
+        m.insert("cached_stubs".into(), (core.cached_stubs() as u64).into());
+        m.insert("events_in_flight".into(), (pending as u64).into());
+    }
+    v.to_string()
+}
+
+/// Tell systemd we are ready, if it asked (`NOTIFY_SOCKET`).
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "could not notify systemd");
+    }
+}
+
+async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentError> {
+    preflight()?;
+    let cfg = &opts.config;
+    let mut trees: Vec<PathBuf> = cfg.trees.iter().chain(&opts.trees).cloned().collect();
+    if trees.is_empty() {
+        return Err(AgentError::Startup(
+            "no trees to serve: give DST directories or [agent] trees in the config".into(),
+        ));
+    }
+    for t in &mut trees {
+        *t = std::fs::canonicalize(&*t)
+            .map_err(|e| AgentError::Startup(format!("{}: {e}", t.display())))?;
+    }
+    let nofile = hsm_kernel::sys::raise_nofile_limit()?;
+    debug!(nofile, "open file limit");
+
+    let group = Arc::new(Group::new(GroupOptions::default()).map_err(|e| {
+        AgentError::Startup(match e.errno() {
+            Some(libc::EPERM) => "fanotify_init: permission denied (needs CAP_SYS_ADMIN)".into(),
+            Some(libc::EINVAL) => {
+                "fanotify_init refused FAN_CLASS_PRE_CONTENT: the kernel lacks pre-content support"
+                    .into()
+            }
+            _ => e.to_string(),
+        })
+    })?);
+    let metrics = Arc::new(Metrics::default());
+    let core = AgentCore::new(
+        CoreOptions {
+            max_concurrent_fetches: cfg.max_concurrent_fetches,
+            max_request_size: cfg.max_request_size.0,
+            readahead: cfg.readahead.0,
+            persist_interval: cfg.persist_interval.0,
+            cache_entries: cfg.cache_entries,
+            max_bandwidth: cfg.max_bandwidth.0,
+        },
+        Arc::new(UrlRemotes::default()),
+        Arc::new(GroupMarks {
+            group: group.clone(),
+            metrics: metrics.clone(),
+        }),
+        metrics.clone(),
+    );
+    place_marks(&group, &trees, cfg.mark)?;
+
+    let pending = Arc::new(Pending::new(group.clone()));
+    let async_fd = hsm_kernel::fanotify::register_async(group.clone())?;
+    let started = Instant::now();
+    if let Some(p) = &cfg.ready_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| AgentError::Startup(format!("ready file {}: {e}", p.display())))?;
+    }
+    notify_systemd("READY=1");
+    info!(
+        trees = trees.len(),
+        pid = std::process::id(),
+        "hsm agent ready"
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stats_tick =
+        tokio::time::interval(cfg.stats_interval.0.max(Duration::from_millis(100)));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut batch = Vec::with_capacity(256);
+    let ctx = Arc::new(Ctx {
+        core: core.clone(),
+        group: group.clone(),
+        pending: pending.clone(),
+        own,
+        metrics: metrics.clone(),
+        in_flight: in_flight.clone(),
+    });
+
+    loop {
+        tokio::select! {
+            ready = async_fd.readable() => {
+                let mut guard = ready?;
+                match drain(&ctx, &group, &mut buf, &mut batch) {
+                    Ok(()) => {}
+                    Err(e) if e.errno() == Some(libc::EAGAIN) => guard.clear_ready(),
+                    Err(e) => error!(error = %e, "reading fanotify events"),
+                }
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: finishing fetches in flight"); break; }
+            _ = sigint.recv() => { info!("SIGINT: finishing fetches in flight"); break; }
+            _ = stats_tick.tick() => {
+                if let Some(p) = &cfg.stats_file {
+                    if let Err(e) = write_atomic(p, &stats_json(&core, started, pending.len())) {
+                        warn!(path = %p.display(), error = %e, "could not write stats file");
+                    }
+                }
+            }
+        }
+    }
+
+    // Shutdown: no new fetches; keep answering events (resident ranges and non-stubs are
+    // still allowed, new fetches get EIO) until the fills in flight are done.
+    core.begin_shutdown();
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout.0;
+    loop {
+        if pending.is_empty() && core.wait_fills(Duration::ZERO).await {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let denied = pending.deny_all(DenyErrno::Eio);
+            warn!(denied, "shutdown timeout: denied events still waiting");
+            break;
+        }
+        tokio::select! {
+            ready = async_fd.readable() => {
+                let mut guard = ready?;
+                if let Err(e) = drain(&ctx, &group, &mut buf, &mut batch) {
+                    if e.errno() == Some(libc::EAGAIN) { guard.clear_ready(); }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    // Whatever is queued now is answered here; anything raised after the group closes is
+    // allowed by the kernel (see docs/SEMANTICS.md).
+    let _ = drain(&ctx, &group, &mut buf, &mut batch);
+    for _ in 0..200 {
+        if pending.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pending.deny_all(DenyErrno::Eio);
+    let failed = core.flush_all().await;
+    if let Some(p) = &cfg.stats_file {
+        let _ = write_atomic(p, &stats_json(&core, started, 0));
+    }
+    info!(metrics = %core.metrics().to_json(), unflushed = failed, "hsm agent stopped");
+    if let Some(p) = &cfg.ready_file {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+struct Ctx {
+    core: Arc<AgentCore>,
+    group: Arc<Group>,
+    pending: Arc<Pending>,
+    own: Arc<OwnThreads>,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<AtomicU64>,
+}
+
+/// Read every queued event and dispatch it.
+fn drain(
+    ctx: &Arc<Ctx>,
+    group: &Group,
+    buf: &mut [u8],
+    batch: &mut Vec<Event>,
+) -> Result<(), hsm_kernel::KernelError> {
+    loop {
+        batch.clear();
+        let r = group.read_events(buf, batch);
+        for ev in batch.drain(..) {
+            dispatch(ctx, ev);
+        }
+        r?;
+    }
+}
+
+fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
+    let Some(fd) = ev.fd else {
+        if ev.mask & hsm_kernel::fanotify::FAN_Q_OVERFLOW != 0 {
+            error!("fanotify queue overflow: some accesses were allowed unserved");
+        }
+        return;
+    };
+    let guard = ctx.pending.register(fd);
+    if ev.mask & FAN_PRE_ACCESS == 0 || ctx.own.contains(ev.pid) {
+        Metrics::inc(&ctx.metrics.events_own);
+        guard.respond(Response::Allow);
+        return;
+    }
+    let ctx = ctx.clone();
+    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let verdict = ctx
+            .core
+            .handle(AccessEvent {
+                fd: guard.fd(),
+                range: ev.range,
+                intent: IntentSource::Tid(ev.pid),
+            })
+            .await;
+        let response = match verdict {
+            Verdict::Allow => Response::Allow,
+            Verdict::AllowAndIgnore => {
+                match ctx.group.add_ignore_mark(guard.fd(), FAN_PRE_ACCESS) {
+                    Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
+                    Err(e) => debug!(error = %e, "could not place ignore mark"),
+                }
+                Response::Allow
+            }
+            Verdict::Deny(errno) => Response::Deny(errno),
+        };
+        guard.respond(response);
+        ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+    });
+}

@@ -1,0 +1,339 @@
+//! Creating entries under DST without ever following a symlink or leaving DST.
+//!
+//! Every operation is relative to a directory descriptor. Directories are entered one
+//! component at a time with `O_NOFOLLOW`; multi-component paths (hard-link targets, the
+//! final metadata pass) are resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! from the DST root, so a symlink planted anywhere under DST cannot redirect a write.
+
+use std::ffi::{OsStr, OsString};
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use hsm_kernel::stat::{self, FileStat, Timestamp};
+use hsm_kernel::xattr::{self, SetMode};
+use hsm_stub::{
+    MAP_XATTR, MARKER_LEN, MARKER_XATTR, META_XATTR, Marker, MarkerState, Meta, ResidentMap,
+    XATTR_BUDGET, choose_granule_shift,
+};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
+
+use crate::source::Attrs;
+
+/// An error with the operation that failed.
+pub type OpResult<T> = Result<T, String>;
+
+fn err(op: &str, name: &OsStr, e: impl std::fmt::Display) -> String {
+    format!("{op} {}: {e}", Path::new(name).display())
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_RDONLY)
+    .union(OFlag::O_CLOEXEC);
+
+/// Open `rel` (relative to `root`) as a directory, refusing symlinks and `..` escapes.
+pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> OpResult<OwnedFd> {
+    let rel: &Path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new().flags(DIR_FLAGS).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+    );
+    openat2(root, rel, how).map_err(|e| err("open", rel.as_os_str(), e))
+}
+
+/// Open the child directory `name` of `dir` without following a symlink.
+pub fn open_child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno> {
+    openat(dir, name, DIR_FLAGS, Mode::empty())
+}
+
+/// `statx` of `name` in `dir` (not following symlinks); `None` if absent.
+pub fn lookup(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<Option<FileStat>> {
+    let c = std::ffi::CString::new(name.as_bytes()).map_err(|e| err("name", name, e))?;
+    match stat::statx_at(dir, &c) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(err("stat", name, e)),
+    }
+}
+
+/// What an existing regular file in DST is.
+#[derive(Debug)]
+pub enum ExistingFile {
+    /// A stub with this metadata.
+    Stub(Meta),
+    /// A stub whose metadata does not decode (replace it).
+    BrokenStub(String),
+    /// An ordinary file.
+    Plain,
+}
+
+/// Classify the regular file `name` in `dir` by its xattrs (never reads data).
+pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| err("open", name, e))?;
+    let mut buf = Vec::new();
+    let present =
+        xattr::fget(fd.as_fd(), MARKER_XATTR, &mut buf).map_err(|e| err("read marker", name, e))?;
+    if !present {
+        return Ok(ExistingFile::Plain);
+    }
+    if !xattr::fget(fd.as_fd(), META_XATTR, &mut buf).map_err(|e| err("read meta", name, e))? {
+        return Ok(ExistingFile::BrokenStub("marker without metadata".into()));
+    }
+    Ok(match Meta::decode(&buf) {
+        Ok(m) => ExistingFile::Stub(m),
+        Err(e) => ExistingFile::BrokenStub(e.to_string()),
+    })
+}
+
+/// What a new stub (or empty file) should be.
+#[derive(Debug, Clone)]
+pub struct StubSpec {
+    pub url: String,
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub attrs: Attrs,
+    /// Byte ranges of the object that are holes: granules entirely inside them start
+    /// resident (nothing to fetch).
+    pub holes: Vec<Range<u64>>,
+    pub min_granule_shift: u8,
+}
+
+/// Build the stub's xattr values (meta and map), checking they fit one ext4 xattr block.
+pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<(Vec<u8>, Vec<u8>)> {
+    let meta = Meta {
+        stub_id,
+        remote_size: spec.size,
+        remote_url: spec.url.clone(),
+        key: spec.key.clone(),
+        etag: spec.etag.clone(),
+        version: spec.version.clone(),
+        extra: Vec::new(),
+    };
+    let shift = choose_granule_shift(spec.size, spec.min_granule_shift);
+    let mut map = ResidentMap::new(stub_id, spec.size, shift).map_err(|e| e.to_string())?;
+    for hole in &spec.holes {
+        // Only granules wholly inside the hole: partial ones are fetched (their zero pages
+        // are skipped when written, so the hole survives).
+        let first = hole.start.div_ceil(map.granule_size());
+        let mut end = hole.end >> shift;
+        if hole.end >= spec.size {
+            end = map.granule_count();
+        }
+        if end > first {
+            map.set_range_resident(first..end);
+        }
+    }
+    let meta_bytes = meta
+        .encode()
+        .map_err(|e| format!("stub metadata for {}: {e}", spec.key))?;
+    let worst_map = ResidentMap::max_encoded_len(map.granule_count());
+    if meta_bytes.len() + worst_map + MARKER_LEN > XATTR_BUDGET {
+        return Err(format!(
+            "stub metadata for {} would not fit one xattr block ({} + {} bytes; URL and key too long)",
+            spec.key,
+            meta_bytes.len(),
+            worst_map
+        ));
+    }
+    Ok((meta_bytes, map.encode()))
+}
+
+/// Create a complete stub as an unnamed file in `dir`, then give it `name`. The stub only
+/// appears under its name with marker, metadata, map, owner, mode and times all in place.
+/// With `replace`, an existing `name` is atomically replaced (rename over it).
+pub fn create_stub(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    spec: &StubSpec,
+    replace: bool,
+) -> OpResult<()> {
+    let fd = openat(
+        dir,
+        ".",
+        OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| err("create (O_TMPFILE) for", name, e))?;
+    if spec.size > 0 {
+        // The agent allows (and never ignore-marks) events on unlinked files, so setting the
+        // size before the marker exists is safe even while it runs.
+        nix::unistd::ftruncate(&fd, spec.size as libc::off_t)
+            .map_err(|e| err("set size of", name, e))?;
+        let (meta, map) = encode_stub(spec, rand::random::<u64>() | 1)?;
+        xattr::fset(fd.as_fd(), META_XATTR, &meta, SetMode::Create)
+            .map_err(|e| err("write metadata of", name, e))?;
+        xattr::fset(fd.as_fd(), MAP_XATTR, &map, SetMode::Create)
+            .map_err(|e| err("write map of", name, e))?;
+        let marker = Marker {
+            state: MarkerState::Ready,
+        }
+        .encode();
+        xattr::fset(fd.as_fd(), MARKER_XATTR, &marker, SetMode::Create)
+            .map_err(|e| err("write marker of", name, e))?;
+    }
+    apply_attrs_fd(fd.as_fd(), &spec.attrs).map_err(|e| err("set attributes of", name, e))?;
+    link_into_place(fd.as_fd(), dir, name, replace)
+}
+
+fn link_into_place(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    replace: bool,
+) -> OpResult<()> {
+    if !replace {
+        return nix::unistd::linkat(fd, "", dir, name, AtFlags::AT_EMPTY_PATH)
+            .map_err(|e| err("link", name, e));
+    }
+    let tmp = temp_name(name);
+    nix::unistd::linkat(fd, "", dir, tmp.as_os_str(), AtFlags::AT_EMPTY_PATH)
+        .map_err(|e| err("link", &tmp, e))?;
+    rename_over(dir, &tmp, name)
+}
+
+/// A hidden sibling name for building a replacement.
+pub fn temp_name(name: &OsStr) -> OsString {
+    let mut t = OsString::from(".hsm-tmp-");
+    t.push(format!("{:016x}-", rand::random::<u64>()));
+    // Keep it within NAME_MAX: only a prefix of the original name is needed for humans.
+    let keep = &name.as_bytes()[..name.len().min(200)];
+    t.push(OsStr::from_bytes(keep));
+    t
+}
+
+fn rename_over(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> OpResult<()> {
+    nix::fcntl::renameat(dir, tmp, dir, name).map_err(|e| {
+        let _ = nix::unistd::unlinkat(dir, tmp, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        err("rename into place", name, e)
+    })
+}
+
+/// Owner, then mode (chown clears setuid bits), then times, on an open descriptor.
+pub fn apply_attrs_fd(fd: BorrowedFd<'_>, a: &Attrs) -> Result<(), Errno> {
+    nix::unistd::fchown(fd, Some(Uid::from_raw(a.uid)), Some(Gid::from_raw(a.gid)))?;
+    nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(a.mode))?;
+    nix::sys::stat::futimens(fd, &a.atime.to_timespec(), &a.mtime.to_timespec())
+}
+
+/// Whether `st` already has these attributes (atime is not compared: reads change it).
+pub fn attrs_match(st: &FileStat, a: &Attrs) -> bool {
+    st.mode & 0o7777 == a.mode && st.uid == a.uid && st.gid == a.gid && st.mtime == a.mtime
+}
+
+/// Set the attributes of the existing regular file or directory `name` in `dir`.
+pub fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, is_dir: bool) -> OpResult<()> {
+    let flags = if is_dir {
+        DIR_FLAGS
+    } else {
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
+    };
+    let fd = openat(dir, name, flags, Mode::empty()).map_err(|e| err("open", name, e))?;
+    apply_attrs_fd(fd.as_fd(), a).map_err(|e| err("set attributes of", name, e))
+}
+
+/// Create or update the symlink `name -> target`. Returns whether anything changed.
+pub fn ensure_symlink(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    target: &OsStr,
+    a: &Attrs,
+    exists: bool,
+) -> OpResult<bool> {
+    if exists {
+        let current = nix::fcntl::readlinkat(dir, name).map_err(|e| err("readlink", name, e))?;
+        if current.as_os_str() == target {
+            set_symlink_attrs(dir, name, a)?;
+            return Ok(false);
+        }
+        let tmp = temp_name(name);
+        nix::unistd::symlinkat(target, dir, tmp.as_os_str())
+            .map_err(|e| err("symlink", &tmp, e))?;
+        set_symlink_attrs(dir, &tmp, a)?;
+        rename_over(dir, &tmp, name)?;
+        return Ok(true);
+    }
+    nix::unistd::symlinkat(target, dir, name).map_err(|e| err("symlink", name, e))?;
+    set_symlink_attrs(dir, name, a)?;
+    Ok(true)
+}
+
+fn set_symlink_attrs(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs) -> OpResult<()> {
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(a.uid)),
+        Some(Gid::from_raw(a.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| err("chown", name, e))?;
+    nix::sys::stat::utimensat(
+        dir,
+        name,
+        &a.atime.to_timespec(),
+        &a.mtime.to_timespec(),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| err("set times of", name, e))
+}
+
+/// Create directory `name` in `dir` (or accept an existing one); returns whether created.
+pub fn ensure_dir(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<bool> {
+    match nix::sys::stat::mkdirat(dir, name, Mode::from_bits_truncate(0o700)) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(e) => Err(err("mkdir", name, e)),
+    }
+}
+
+/// Remove a non-directory entry.
+pub fn unlink(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
+    nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| err("remove", name, e))
+}
+
+/// Remove an empty directory; `Ok(false)` if it is not empty.
+pub fn rmdir(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<bool> {
+    match nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir) {
+        Ok(()) => Ok(true),
+        Err(Errno::ENOTEMPTY | Errno::EEXIST) => Ok(false),
+        Err(e) => Err(err("remove directory", name, e)),
+    }
+}
+
+/// Names in directory `dir` (excluding `.` and `..`).
+pub fn read_names(dir: BorrowedFd<'_>) -> OpResult<Vec<OsString>> {
+    let dup = dir.try_clone_to_owned().map_err(|e| format!("dup: {e}"))?;
+    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| format!("opendir: {e}"))?;
+    let mut names = Vec::new();
+    for ent in d.iter() {
+        let ent = ent.map_err(|e| format!("readdir: {e}"))?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// The modification time to compare sources against.
+pub fn same_mtime(a: Timestamp, b: Timestamp) -> bool {
+    a == b
+}

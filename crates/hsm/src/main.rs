@@ -1,0 +1,171 @@
+//! `hsm`: make a directory tree look complete while its bytes live in an object store.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hsm_config::{ByteSize, Config, LogFormat, MarkKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hsm",
+    version,
+    about = "Hierarchical storage: stub trees whose bytes are fetched on first access"
+)]
+struct Cli {
+    /// TOML configuration (every key is optional; see config/hsm.toml).
+    #[arg(long, global = true, env = "HSM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update a stub tree at DST mirroring SRC.
+    Populate {
+        /// Source: a local directory or a file:// URL.
+        src: String,
+        /// Destination directory (created if missing) on ext4, xfs or btrfs.
+        dst: PathBuf,
+        /// Replace or remove local files that are not stubs.
+        #[arg(long)]
+        force: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads (default: [populate] jobs, 0 = one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Smallest granule, a power of two (default: [populate] min_granule).
+        #[arg(long)]
+        min_granule: Option<ByteSize>,
+        /// Never draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Serve stub trees: fetch bytes on first access (runs until SIGTERM).
+    Agent {
+        /// Stub trees to serve (added to [agent] trees).
+        dst: Vec<PathBuf>,
+        /// "filesystem" or "mount" (default: [agent] mark).
+        #[arg(long)]
+        mark: Option<MarkKind>,
+        /// Create this file once the marks are placed.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Write metrics as JSON here periodically and at exit.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
+    },
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("hsm: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    init_logging(&cfg);
+    let result = match cli.command {
+        Command::Populate {
+            src,
+            dst,
+            force,
+            json,
+            jobs,
+            min_granule,
+            no_progress,
+        } => {
+            if let Some(j) = jobs {
+                cfg.populate.jobs = j;
+            }
+            if let Some(g) = min_granule {
+                cfg.populate.min_granule = g;
+            }
+            populate(&cfg, &src, &dst, force, json, !no_progress)
+        }
+        Command::Agent {
+            dst,
+            mark,
+            ready_file,
+            stats_file,
+        } => {
+            if let Some(m) = mark {
+                cfg.agent.mark = m;
+            }
+            if ready_file.is_some() {
+                cfg.agent.ready_file = ready_file;
+            }
+            if stats_file.is_some() {
+                cfg.agent.stats_file = stats_file;
+            }
+            hsm_agent::run(hsm_agent::AgentOptions {
+                trees: dst,
+                config: cfg.agent.clone(),
+            })
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hsm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn populate(
+    cfg: &Config,
+    src: &str,
+    dst: &std::path::Path,
+    force: bool,
+    json: bool,
+    progress: bool,
+) -> anyhow::Result<ExitCode> {
+    cfg.validate(std::path::Path::new("command line"))
+        .context("invalid option")?;
+    let source = hsm_populate::LocalSource::open(src).map_err(anyhow::Error::msg)?;
+    let opts = hsm_populate::Options {
+        min_granule_shift: cfg.populate.min_granule.0.trailing_zeros() as u8,
+        jobs: cfg.populate.jobs,
+        force,
+        progress,
+        require_served_fs: true,
+    };
+    let summary = hsm_populate::populate(&source, dst, &opts)?;
+    for e in &summary.errors {
+        eprintln!("hsm: populate: {}: {}", e.path, e.error);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!("{summary}");
+    }
+    Ok(if summary.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
