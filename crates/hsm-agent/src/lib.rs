@@ -9,17 +9,21 @@ pub mod events;
 use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hsm_config::{AgentConfig, MarkKind};
 use hsm_core::metrics::Metrics;
-use hsm_core::{AccessEvent, AgentCore, CoreOptions, IntentSource, MarkSink, UrlRemotes, Verdict};
+use hsm_core::{
+    AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, UrlRemotes, Verdict,
+};
 use hsm_kernel::fanotify::{
     DenyErrno, Event, FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget, Response,
 };
 use hsm_kernel::stat;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
 use crate::events::Pending;
@@ -253,8 +257,29 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     place_marks(&group, &trees, cfg.mark)?;
 
     let pending = Arc::new(Pending::new(group.clone()));
-    let async_fd = hsm_kernel::fanotify::register_async(group.clone())?;
     let started = Instant::now();
+    let ctx = Arc::new(Ctx {
+        core: core.clone(),
+        group: group.clone(),
+        pending: pending.clone(),
+        own,
+        metrics: metrics.clone(),
+        rt: tokio::runtime::Handle::current(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+    });
+    let stop = Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| AgentError::Startup(format!("eventfd: {e}")))?,
+    );
+    let mut threads = Vec::new();
+    for i in 0..cfg.event_threads.max(1) {
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("hsm-events-{i}"))
+                .spawn(move || event_thread(&ctx, &stop))?,
+        );
+    }
     if let Some(p) = &cfg.ready_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| AgentError::Startup(format!("ready file {}: {e}", p.display())))?;
@@ -263,6 +288,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     info!(
         trees = trees.len(),
         pid = std::process::id(),
+        event_threads = threads.len(),
         "hsm agent ready"
     );
 
@@ -270,42 +296,24 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.0.max(Duration::from_millis(100)));
-    let in_flight = Arc::new(AtomicU64::new(0));
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut batch = Vec::with_capacity(256);
-    let ctx = Arc::new(Ctx {
-        core: core.clone(),
-        group: group.clone(),
-        pending: pending.clone(),
-        own,
-        metrics: metrics.clone(),
-        in_flight: in_flight.clone(),
-    });
-
+    let write_stats = |pending: usize| {
+        if let Some(p) = &cfg.stats_file {
+            if let Err(e) = write_atomic(p, &stats_json(&core, started, pending)) {
+                warn!(path = %p.display(), error = %e, "could not write stats file");
+            }
+        }
+    };
     loop {
         tokio::select! {
-            ready = async_fd.readable() => {
-                let mut guard = ready?;
-                match drain(&ctx, &group, &mut buf, &mut batch) {
-                    Ok(()) => {}
-                    Err(e) if e.errno() == Some(libc::EAGAIN) => guard.clear_ready(),
-                    Err(e) => error!(error = %e, "reading fanotify events"),
-                }
-            }
             _ = sigterm.recv() => { info!("SIGTERM: finishing fetches in flight"); break; }
             _ = sigint.recv() => { info!("SIGINT: finishing fetches in flight"); break; }
-            _ = stats_tick.tick() => {
-                if let Some(p) = &cfg.stats_file {
-                    if let Err(e) = write_atomic(p, &stats_json(&core, started, pending.len())) {
-                        warn!(path = %p.display(), error = %e, "could not write stats file");
-                    }
-                }
-            }
+            _ = stats_tick.tick() => write_stats(pending.len()),
         }
     }
 
-    // Shutdown: no new fetches; keep answering events (resident ranges and non-stubs are
-    // still allowed, new fetches get EIO) until the fills in flight are done.
+    // Shutdown: no new fetches. The event threads keep answering (resident ranges and
+    // non-stubs are allowed, new fetches get EIO) until the fills in flight are done.
+    notify_systemd("STOPPING=1");
     core.begin_shutdown();
     let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout.0;
     loop {
@@ -317,30 +325,30 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             warn!(denied, "shutdown timeout: denied events still waiting");
             break;
         }
-        tokio::select! {
-            ready = async_fd.readable() => {
-                let mut guard = ready?;
-                if let Err(e) = drain(&ctx, &group, &mut buf, &mut batch) {
-                    if e.errno() == Some(libc::EAGAIN) { guard.clear_ready(); }
-                }
-            }
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        write_stats(pending.len());
+    }
+    // Stop the event threads; each drains what is queued before it exits. Anything raised
+    // after the group closes is allowed by the kernel (see docs/SEMANTICS.md).
+    ctx.stopping.store(true, Ordering::SeqCst);
+    let _ = stop.write(1);
+    for t in threads {
+        if t.join().is_err() {
+            error!("an event thread panicked");
         }
     }
-    // Whatever is queued now is answered here; anything raised after the group closes is
-    // allowed by the kernel (see docs/SEMANTICS.md).
-    let _ = drain(&ctx, &group, &mut buf, &mut batch);
     for _ in 0..200 {
         if pending.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    pending.deny_all(DenyErrno::Eio);
-    let failed = core.flush_all().await;
-    if let Some(p) = &cfg.stats_file {
-        let _ = write_atomic(p, &stats_json(&core, started, 0));
+    let denied = pending.deny_all(DenyErrno::Eio);
+    if denied > 0 {
+        warn!(denied, "denied events still waiting at exit");
     }
+    let failed = core.flush_all().await;
+    write_stats(0);
     info!(metrics = %core.metrics().to_json(), unflushed = failed, "hsm agent stopped");
     if let Some(p) = &cfg.ready_file {
         let _ = std::fs::remove_file(p);
@@ -354,23 +362,60 @@ struct Ctx {
     pending: Arc<Pending>,
     own: Arc<OwnThreads>,
     metrics: Arc<Metrics>,
-    in_flight: Arc<AtomicU64>,
+    rt: tokio::runtime::Handle,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
-/// Read every queued event and dispatch it.
-fn drain(
-    ctx: &Arc<Ctx>,
-    group: &Group,
-    buf: &mut [u8],
-    batch: &mut Vec<Event>,
-) -> Result<(), hsm_kernel::KernelError> {
+/// One event thread: wait for events (one thread woken per event, EPOLLEXCLUSIVE), answer
+/// what can be answered on the spot, hand the rest to the async core.
+fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
+    let tid = hsm_kernel::sys::gettid();
+    ctx.own.add(tid);
+    let run = || -> Result<(), String> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
+        ep.add(
+            ctx.group.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0),
+        )
+        .map_err(|e| format!("epoll add fanotify: {e}"))?;
+        ep.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .map_err(|e| format!("epoll add eventfd: {e}"))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut batch = Vec::with_capacity(64);
+        let mut ready = [EpollEvent::empty(); 2];
+        loop {
+            match ep.wait(&mut ready, EpollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("epoll_wait: {e}")),
+            }
+            drain(ctx, &mut buf, &mut batch);
+            if ctx.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    };
+    if let Err(e) = run() {
+        error!(error = %e, "event thread failed");
+    }
+    ctx.own.remove(tid);
+}
+
+/// Read and answer every queued event.
+fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) {
     loop {
         batch.clear();
-        let r = group.read_events(buf, batch);
+        let r = ctx.group.read_events(buf, batch);
         for ev in batch.drain(..) {
             dispatch(ctx, ev);
         }
-        r?;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EAGAIN) => return,
+            Err(e) => {
+                error!(error = %e, "reading fanotify events");
+                return;
+            }
+        }
     }
 }
 
@@ -387,29 +432,41 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
         guard.respond(Response::Allow);
         return;
     }
-    let ctx = ctx.clone();
-    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(async move {
-        let verdict = ctx
-            .core
-            .handle(AccessEvent {
-                fd: guard.fd(),
-                range: ev.range,
-                intent: IntentSource::Tid(ev.pid),
-            })
-            .await;
-        let response = match verdict {
-            Verdict::Allow => Response::Allow,
-            Verdict::AllowAndIgnore => {
-                match ctx.group.add_ignore_mark(guard.fd(), FAN_PRE_ACCESS) {
-                    Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
-                    Err(e) => debug!(error = %e, "could not place ignore mark"),
-                }
-                Response::Allow
-            }
-            Verdict::Deny(errno) => Response::Deny(errno),
-        };
-        guard.respond(response);
-        ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let now = ctx.core.try_handle_now(&AccessEvent {
+        fd: guard.fd(),
+        range: ev.range,
+        intent: IntentSource::Tid(ev.pid),
     });
+    match now {
+        Ok(verdict) => answer(ctx, guard, verdict),
+        Err(Later(intent)) => {
+            let ctx2 = ctx.clone();
+            ctx.rt.spawn(async move {
+                let verdict = ctx2
+                    .core
+                    .handle(AccessEvent {
+                        fd: guard.fd(),
+                        range: ev.range,
+                        intent,
+                    })
+                    .await;
+                answer(&ctx2, guard, verdict);
+            });
+        }
+    }
+}
+
+fn answer(ctx: &Ctx, guard: events::EventGuard, verdict: Verdict) {
+    let response = match verdict {
+        Verdict::Allow => Response::Allow,
+        Verdict::AllowAndIgnore => {
+            match ctx.group.add_ignore_mark(guard.fd(), FAN_PRE_ACCESS) {
+                Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
+                Err(e) => debug!(error = %e, "could not place ignore mark"),
+            }
+            Response::Allow
+        }
+        Verdict::Deny(errno) => Response::Deny(errno),
+    };
+    guard.respond(response);
 }

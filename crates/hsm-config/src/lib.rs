@@ -50,6 +50,10 @@ pub struct AgentConfig {
     /// Stub trees to serve, in addition to those given on the command line.
     pub trees: Vec<PathBuf>,
     pub mark: MarkKind,
+    /// Threads reading fanotify events. They answer most events on the spot (files that
+    /// are not stubs, resident ranges, small fills from local remotes); the rest go to the
+    /// async core.
+    pub event_threads: usize,
     /// Ranged reads in flight at once, over all files.
     pub max_concurrent_fetches: usize,
     /// The largest single ranged read; bigger granules are fetched in parallel parts.
@@ -77,10 +81,11 @@ impl Default for AgentConfig {
         AgentConfig {
             trees: Vec::new(),
             mark: MarkKind::Filesystem,
+            event_threads: 4,
             max_concurrent_fetches: 16,
             max_request_size: ByteSize(8 << 20),
             readahead: ByteSize(32 << 20),
-            persist_interval: HumanDuration(Duration::from_millis(10)),
+            persist_interval: HumanDuration(Duration::from_millis(200)),
             cache_entries: 8192,
             max_bandwidth: ByteSize(0),
             shutdown_timeout: HumanDuration(Duration::from_secs(30)),
@@ -184,6 +189,12 @@ impl Config {
             message,
         };
         let a = &self.agent;
+        if !(1..=64).contains(&a.event_threads) {
+            return Err(bad(
+                "agent.event_threads",
+                "must be between 1 and 64".into(),
+            ));
+        }
         if a.max_concurrent_fetches == 0 {
             return Err(bad(
                 "agent.max_concurrent_fetches",

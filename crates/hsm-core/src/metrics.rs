@@ -68,6 +68,7 @@ metrics! {
     stub_loads = "stub_loads",
     /// Stubs whose metadata could not be read or decoded.
     bad_stubs = "bad_stubs",
+
 }
 
 impl Metrics {

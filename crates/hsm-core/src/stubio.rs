@@ -116,6 +116,11 @@ pub fn persist_map(
     sync_meta: bool,
 ) -> Result<(), LocalError> {
     nix::unistd::fdatasync(fd).map_err(|e| LocalError::from_errno("fdatasync", e))?;
+    store_map(fd, map, sync_meta)
+}
+
+/// Record `map` in the map xattr; the data it describes must already be durable.
+pub fn store_map(fd: BorrowedFd<'_>, map: &ResidentMap, sync_meta: bool) -> Result<(), LocalError> {
     xattr::fset(fd, MAP_XATTR, &map.encode(), SetMode::Replace)
         .map_err(|e| LocalError::from_kernel("write map xattr", &e))?;
     if sync_meta {

@@ -31,13 +31,22 @@ fn require_root() {
     );
 }
 
+/// Hands out the fault-injecting wrapper (async path only), or the bare mock, whose I/O
+/// runs inline (so the event-thread fast path can serve it).
 #[derive(Debug)]
-struct OneRemote(Arc<FaultRemote<MockRemote>>);
+struct OneRemote {
+    faulty: Arc<FaultRemote<Arc<MockRemote>>>,
+    inline: bool,
+}
 
 impl RemoteOpener for OneRemote {
     fn open(&self, url: &str) -> Result<Arc<dyn Remote>, RemoteError> {
         assert_eq!(url, URL);
-        Ok(self.0.clone())
+        if self.inline {
+            Ok(Arc::new(self.faulty.inner().clone()))
+        } else {
+            Ok(self.faulty.clone())
+        }
     }
 }
 
@@ -53,20 +62,27 @@ impl MarkSink for Marks {
 
 struct Rig {
     dir: tempfile::TempDir,
-    remote: Arc<FaultRemote<MockRemote>>,
+    remote: Arc<FaultRemote<Arc<MockRemote>>>,
     marks: Arc<Marks>,
     metrics: Arc<Metrics>,
     core: Arc<AgentCore>,
 }
 
 fn rig(opts: CoreOptions) -> Rig {
+    rig_with(opts, false)
+}
+
+fn rig_with(opts: CoreOptions, inline: bool) -> Rig {
     require_root();
-    let remote = Arc::new(FaultRemote::new(MockRemote::new(URL)));
+    let remote = Arc::new(FaultRemote::new(Arc::new(MockRemote::new(URL))));
     let marks = Arc::new(Marks::default());
     let metrics = Arc::new(Metrics::default());
     let core = AgentCore::new(
         opts,
-        Arc::new(OneRemote(remote.clone())),
+        Arc::new(OneRemote {
+            faulty: remote.clone(),
+            inline,
+        }),
         marks.clone(),
         metrics.clone(),
     );
@@ -535,4 +551,109 @@ async fn shutdown_refuses_new_fetches_but_serves_resident_ranges() {
     let _ = Path::new("/");
     let _ = f.as_raw_fd();
     assert_eq!(r.metrics.events.load(Ordering::Relaxed), 3);
+}
+
+/// The event-thread fast path, called from a plain thread as the adapter does.
+fn now(
+    r: &Rig,
+    f: &File,
+    offset: u64,
+    count: u64,
+    access: Access,
+) -> Result<Verdict, hsm_core::Later> {
+    let core = r.core.clone();
+    let fd = f.as_fd().try_clone_to_owned().expect("dup");
+    std::thread::spawn(move || {
+        core.try_handle_now(&AccessEvent {
+            fd: fd.as_fd(),
+            range: Some(FileRange { offset, count }),
+            intent: IntentSource::Known(access),
+        })
+    })
+    .join()
+    .expect("thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_serves_small_reads_inline() {
+    let r = rig_with(fast_opts(), true);
+    let data = pattern(3 << 20, 5);
+    let f = r.stub("f", "k", data.clone(), 20);
+    assert_eq!(
+        now(&r, &f, 4096, 4096, Access::Read).ok(),
+        Some(Verdict::Allow)
+    );
+    assert_eq!(
+        r.remote.inner().served_ranges(),
+        vec![("k".to_string(), 0..(1 << 20))]
+    );
+    assert_bytes(&read_at(&f, 0, 1 << 20), &data[..1 << 20]);
+    // Resident now: answered without another fetch.
+    assert_eq!(
+        now(&r, &f, 0, 8192, Access::Read).ok(),
+        Some(Verdict::Allow)
+    );
+    assert_eq!(r.remote.inner().requests(), 1);
+    assert_eq!(r.metric("events"), 2);
+    assert_eq!(r.metric("events_resident"), 1);
+    // Plain files are answered there too.
+    let plain = r.dir.path().join("plain");
+    std::fs::write(&plain, b"x").expect("write");
+    let p = File::open(&plain).expect("open");
+    assert_eq!(
+        now(&r, &p, 0, 4096, Access::Read).ok(),
+        Some(Verdict::AllowAndIgnore)
+    );
+    r.settle().await;
+    assert!(stored_map(&f).expect("map").is_resident(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_hands_writes_and_big_ranges_to_the_async_path() {
+    let r = rig_with(fast_opts(), true);
+    let data = pattern(20 << 20, 6);
+    let f = r.stub("f", "k", data.clone(), 20);
+    // A write needs a durable map first: handed on with its intent already classified.
+    let later = now(&r, &f, 0, 4096, Access::Write).expect_err("write goes later");
+    assert!(
+        matches!(later.0, IntentSource::Known(Access::Write)),
+        "{later:?}"
+    );
+    let v = r
+        .core
+        .handle(AccessEvent {
+            fd: f.as_fd(),
+            range: Some(FileRange {
+                offset: 0,
+                count: 4096,
+            }),
+            intent: later.0,
+        })
+        .await;
+    assert_eq!(v, Verdict::Allow);
+    assert!(
+        stored_map(&f).expect("map").is_resident(0),
+        "durable before the write is allowed"
+    );
+    // More than max_request_size (8 MiB) of missing granules: the async path fetches them
+    // in parallel parts.
+    assert!(now(&r, &f, 1 << 20, 16 << 20, Access::Read).is_err());
+    assert_eq!(
+        r.metric("events"),
+        1,
+        "handed-on events are counted once, by handle()"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_denies_with_eio_when_the_object_is_gone() {
+    let r = rig_with(fast_opts(), true);
+    let f = r.stub("f", "gone", pattern(8192, 1), 20);
+    r.remote.inner().remove("gone");
+    assert_eq!(
+        now(&r, &f, 0, 4096, Access::Read).ok(),
+        Some(Verdict::Deny(DenyErrno::Eio))
+    );
+    assert_bytes(&read_at(&f, 0, 4096), &[0u8; 4096]);
+    assert_eq!(r.metric("denies"), 1);
 }

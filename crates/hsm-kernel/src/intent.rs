@@ -133,19 +133,42 @@ pub fn fd_is_read_only(tid: i32, fd: i32) -> Option<bool> {
     Some(flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32)
 }
 
+/// How long to wait for a thread that is still on its way to sleep (see [`classify`]).
+const RUNNING_PATIENCE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Classify the syscall thread `tid` is blocked in. Any failure to read it yields `Write`.
+///
+/// The kernel queues an event and wakes the listener before the accessing thread goes to
+/// sleep waiting for the answer, so a fast listener can find it still "running" (the file
+/// then says only that). That state lasts microseconds: look again, briefly, before falling
+/// back to the conservative answer.
 pub fn classify(tid: i32) -> Observed {
+    let start = std::time::Instant::now();
+    let path = format!("/proc/{tid}/syscall");
     let mut buf = [0u8; 256];
-    let line = std::fs::File::open(format!("/proc/{tid}/syscall"))
-        .and_then(|mut f| f.read(&mut buf))
-        .ok()
-        .and_then(|n| std::str::from_utf8(&buf[..n]).ok());
-    match line {
-        Some(line) => classify_line(line, |fd| fd_is_read_only(tid, fd)),
-        None => Observed {
-            access: Access::Write,
-            syscall: None,
-        },
+    let mut tries = 0u32;
+    loop {
+        let line = std::fs::File::open(&path)
+            .and_then(|mut f| f.read(&mut buf))
+            .ok()
+            .and_then(|n| std::str::from_utf8(&buf[..n]).ok());
+        match line {
+            Some(l) if l.starts_with("running") && start.elapsed() < RUNNING_PATIENCE => {
+                tries += 1;
+                if tries < 8 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            }
+            Some(l) => return classify_line(l, |fd| fd_is_read_only(tid, fd)),
+            None => {
+                return Observed {
+                    access: Access::Write,
+                    syscall: None,
+                };
+            }
+        }
     }
 }
 

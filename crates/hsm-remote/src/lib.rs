@@ -102,6 +102,37 @@ pub trait Remote: Send + Sync + Debug {
 
     /// Metadata of `key`.
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError>;
+
+    /// True when this remote's futures need no reactor: polled outside a tokio runtime they
+    /// do their (local, blocking) I/O on the calling thread and complete on first poll. The
+    /// agent then serves small fills on its event threads without a thread hop.
+    fn runs_inline(&self) -> bool {
+        false
+    }
+}
+
+#[async_trait]
+impl<R: Remote + ?Sized> Remote for Arc<R> {
+    fn url(&self) -> &str {
+        (**self).url()
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Bytes, RemoteError> {
+        (**self).get_range(key, range, expect).await
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
+        (**self).head(key).await
+    }
+
+    fn runs_inline(&self) -> bool {
+        (**self).runs_inline()
+    }
 }
 
 /// Opens remotes from their URLs. The agent keeps one per base URL.

@@ -147,6 +147,10 @@ impl Remote for MockRemote {
             version: None,
         })
     }
+
+    fn runs_inline(&self) -> bool {
+        true
+    }
 }
 
 /// A fault to inject into one ranged read.

@@ -15,6 +15,8 @@ use crate::{Expect, ObjectInfo, Remote, RemoteError, RemoteUrl};
 pub struct ObjectStoreRemote {
     url: String,
     store: Arc<dyn ObjectStore>,
+    /// object_store's local backend runs its file I/O inline when no runtime is current.
+    inline: bool,
 }
 
 impl ObjectStoreRemote {
@@ -32,6 +34,7 @@ impl ObjectStoreRemote {
                 Ok(ObjectStoreRemote {
                     url: url.clone(),
                     store: Arc::new(store),
+                    inline: true,
                 })
             }
         }
@@ -42,6 +45,7 @@ impl ObjectStoreRemote {
         ObjectStoreRemote {
             url: url.into(),
             store,
+            inline: false,
         }
     }
 
@@ -145,6 +149,10 @@ impl Remote for ObjectStoreRemote {
             version: meta.version,
         })
     }
+
+    fn runs_inline(&self) -> bool {
+        self.inline
+    }
 }
 
 /// The ETag object_store's local backend gives a file with this inode, size and mtime.
@@ -211,6 +219,22 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(matches!(e, RemoteError::NotFound { .. }), "{e:?}");
+
+        // Outside a runtime the local backend completes on the calling thread.
+        assert!(r.runs_inline());
+        let inline = std::thread::spawn({
+            let key = key.to_string();
+            let expect = expect.clone();
+            let dir = dir.path().to_path_buf();
+            move || {
+                let r = local(&dir);
+                let fut = r.get_range(&key, 0..100, &expect);
+                futures::executor::block_on(fut).map(|b| b.len())
+            }
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(inline.expect("inline get"), 100);
 
         // Rewriting the file changes its ETag.
         std::fs::write(&file, &data[..50_000]).expect("rewrite");

@@ -1,0 +1,618 @@
+//! hsm-bench: hsm's speed goals, each measured as a ratio against a baseline taken in the
+//! same run on the same loop-device filesystems. See docs/BENCHMARKS.md.
+//!
+//! Ratios, not absolute times: these machines are shared and noisy, so each side is
+//! repeated (alternating order) and the medians are compared.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hsm-bench",
+    about = "hsm against same-run baselines (needs root)"
+)]
+struct Args {
+    /// Directory for the loop images and trees.
+    #[arg(long, default_value = "/var/tmp/hsm-bench")]
+    work: PathBuf,
+    /// Directory with the hsm binary (a release build).
+    #[arg(long, default_value = "target/release")]
+    bin: PathBuf,
+    /// Size of the sequential-read file, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    seq_mib: u64,
+    /// Small files for the first-byte latency test.
+    #[arg(long, default_value_t = 1000)]
+    small_files: usize,
+    /// Files for the populate test.
+    #[arg(long, default_value_t = 100_000)]
+    populate_files: usize,
+    /// Repetitions of each timed side (median taken).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Run only these tests: seq, reread, latency, populate (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Also print the results as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn drop_caches() -> Result<()> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop_caches")?;
+    Ok(())
+}
+
+/// A loop-mounted ext4 filesystem, unmounted and detached on drop.
+struct LoopFs {
+    dev: String,
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    fn new(work: &Path, name: &str, size: &str) -> Result<Self> {
+        let img = work.join(format!("{name}.img"));
+        let mnt = work.join(name);
+        let _ = Command::new("umount").arg(&mnt).status();
+        std::fs::create_dir_all(&mnt)?;
+        let _ = std::fs::remove_file(&img);
+        sh("truncate", &["-s", size, img.to_str().context("utf8")?])?;
+        sh("mkfs.ext4", &["-q", "-F", img.to_str().context("utf8")?])?;
+        let dev = sh("losetup", &["-f", "--show", img.to_str().context("utf8")?])?;
+        sh("mount", &[&dev, mnt.to_str().context("utf8")?])?;
+        Ok(LoopFs { dev, mnt })
+    }
+}
+
+impl LoopFs {
+    /// Unmount and mount again: nothing of this filesystem (inodes, xattrs, data) stays
+    /// cached, while other filesystems' caches are untouched.
+    fn remount(&self) -> Result<()> {
+        nix::unistd::sync();
+        sh("umount", &[self.mnt.to_str().context("utf8")?])?;
+        sh("mount", &[&self.dev, self.mnt.to_str().context("utf8")?])?;
+        Ok(())
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// The agent, stopped with SIGTERM on drop.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(bin: &Path, tree: &Path, work: &Path) -> Result<Self> {
+        let ready = work.join("agent.ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = File::create(work.join("agent.log"))?;
+        let child = Command::new(bin.join("hsm"))
+            .args(["agent", tree.to_str().context("utf8")?, "--ready-file"])
+            .arg(&ready)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .context("starting hsm agent")?;
+        let mut agent = Agent { child };
+        for _ in 0..200 {
+            if ready.exists() {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("hsm agent exited during start-up: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("hsm agent not ready after 5 s")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+fn populate(bin: &Path, src: &Path, dst: &Path) -> Result<Duration> {
+    let t = Instant::now();
+    let status = Command::new(bin.join("hsm"))
+        .args(["populate", "--no-progress"])
+        .arg(src)
+        .arg(dst)
+        .env("RUST_LOG", "error")
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(status.success(), "hsm populate failed: {status}");
+    Ok(t.elapsed())
+}
+
+/// Fill a file with incompressible, non-zero data (zero pages would be skipped by fills).
+fn write_random(path: &Path, bytes: u64, seed: u64) -> Result<()> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut f = File::create(path)?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        rng.fill(&mut buf[..]);
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Read a whole file sequentially with 128 KiB reads (what cat and cp do).
+fn read_all(path: &Path) -> Result<u64> {
+    let mut f = File::open(path).with_context(|| path.display().to_string())?;
+    let mut buf = vec![0u8; 128 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+struct Line {
+    name: &'static str,
+    hsm: f64,
+    base: f64,
+    unit: &'static str,
+    ratio: f64,
+    goal: f64,
+    at_most: bool,
+    detail: String,
+    /// Printed for information; not one of the goals.
+    info: bool,
+}
+
+impl Line {
+    fn met(&self) -> bool {
+        if self.at_most {
+            self.ratio <= self.goal
+        } else {
+            self.ratio >= self.goal
+        }
+    }
+}
+
+fn print_line(l: &Line) {
+    println!(
+        "{:<44} hsm {:>9.3} {:<3} baseline {:>9.3} {:<3} ratio {:>5.2}x  goal {} {:.2}x  {}   {}",
+        l.name,
+        l.hsm,
+        l.unit,
+        l.base,
+        l.unit,
+        l.ratio,
+        if l.at_most { "<=" } else { ">=" },
+        l.goal,
+        if l.info {
+            "info"
+        } else if l.met() {
+            "met"
+        } else {
+            "MISSED"
+        },
+        l.detail
+    );
+}
+
+/// Cold sequential read of a stub vs cp of the source + read of the copy, both + sync.
+fn bench_seq(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let size = a.seq_mib << 20;
+    let srcdir = src.mnt.join("seq");
+    std::fs::create_dir_all(&srcdir)?;
+    let srcfile = srcdir.join("big.bin");
+    if std::fs::metadata(&srcfile).map(|m| m.len()).ok() != Some(size) {
+        eprintln!("bench: writing {} MiB source file", a.seq_mib);
+        write_random(&srcfile, size, 1)?;
+    }
+    let stubdir = dst.mnt.join("seq-stub");
+    let copy = dst.mnt.join("seq-copy.bin");
+    let (mut hsm_t, mut base_t) = (Vec::new(), Vec::new());
+    for round in 0..a.repeat {
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                // Baseline: no agent anywhere.
+                let _ = std::fs::remove_file(&copy);
+                drop_caches()?;
+                let t = Instant::now();
+                sh(
+                    "cp",
+                    &[
+                        srcfile.to_str().context("utf8")?,
+                        copy.to_str().context("utf8")?,
+                    ],
+                )?;
+                ensure!(read_all(&copy)? == size, "short read of the copy");
+                nix::unistd::sync();
+                base_t.push(t.elapsed().as_secs_f64());
+            } else {
+                let _ = std::fs::remove_dir_all(&stubdir);
+                populate(&a.bin, &srcdir, &stubdir)?;
+                let agent = Agent::start(&a.bin, &stubdir, &a.work)?;
+                drop_caches()?;
+                let t = Instant::now();
+                ensure!(
+                    read_all(&stubdir.join("big.bin"))? == size,
+                    "short read of the stub"
+                );
+                nix::unistd::sync();
+                hsm_t.push(t.elapsed().as_secs_f64());
+                drop(agent);
+            }
+        }
+    }
+    let (h, b) = (median(&mut hsm_t), median(&mut base_t));
+    let mut lines = vec![Line {
+        name: "cold sequential read (vs cp + read + sync)",
+        hsm: h,
+        base: b,
+        unit: "s",
+        ratio: h / b,
+        goal: 0.7,
+        at_most: true,
+        detail: format!("{} MiB, {} runs each, medians", a.seq_mib, a.repeat),
+        info: false,
+    }];
+
+    // Re-read, page cache warm: the hydrated stub (agent running) vs the plain copy (no agent).
+    let stub = stubdir.join("big.bin");
+    ensure!(
+        !has_marker(&stub),
+        "the stub is not hydrated after a full read"
+    );
+    let (mut hsm_r, mut base_r) = (Vec::new(), Vec::new());
+    let agent = Agent::start(&a.bin, &stubdir, &a.work)?;
+    read_all(&stub)?;
+    read_all(&copy)?;
+    // The hydrated file is read with the agent running; the plain copy with no agent at all.
+    for _ in 0..(a.repeat * 3) {
+        let t = Instant::now();
+        read_all(&stub)?;
+        hsm_r.push(t.elapsed().as_secs_f64());
+    }
+    drop(agent);
+    read_all(&copy)?;
+    for _ in 0..(a.repeat * 3) {
+        let t = Instant::now();
+        read_all(&copy)?;
+        base_r.push(t.elapsed().as_secs_f64());
+    }
+    let (h, b) = (median(&mut hsm_r), median(&mut base_r));
+    lines.push(Line {
+        name: "warm re-read of a hydrated file (vs plain)",
+        hsm: h,
+        base: b,
+        unit: "s",
+        ratio: h / b,
+        goal: 1.02,
+        at_most: true,
+        detail: format!("{} MiB, {} reads each, medians", a.seq_mib, a.repeat * 3),
+        info: false,
+    });
+    let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_dir_all(&stubdir);
+    Ok(lines)
+}
+
+fn has_marker(p: &Path) -> bool {
+    Command::new("getfattr")
+        .args(["--absolute-names", "-n", "security.bpf.hsm"])
+        .arg(p)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn first_byte(path: &Path) -> Result<f64> {
+    let t = Instant::now();
+    let mut f = File::open(path)?;
+    let mut b = [0u8; 1];
+    let n = f.read(&mut b)?;
+    let e = t.elapsed().as_secs_f64() * 1e3;
+    ensure!(n == 1, "empty read from {}", path.display());
+    Ok(e)
+}
+
+/// First-byte latency over many cold small stubs vs the same plain files.
+///
+/// "Cold" means the local filesystem holding the stubs (or the plain files) was just
+/// mounted: none of its inodes, xattrs or data are cached. The remote's own cache is warm,
+/// so the ratio is hsm's overhead rather than the remote disk's latency; a second pair of
+/// lines, with every cache dropped, is printed for information.
+fn bench_latency(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let srcdir = src.mnt.join("small");
+    let n = a.small_files;
+    if std::fs::read_dir(&srcdir).map(|d| d.count()).unwrap_or(0) != n {
+        let _ = std::fs::remove_dir_all(&srcdir);
+        std::fs::create_dir_all(&srcdir)?;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
+        for i in 0..n {
+            let len = rng.random_range(1024..64 * 1024);
+            let mut buf = vec![0u8; len];
+            rng.fill(&mut buf[..]);
+            std::fs::write(srcdir.join(format!("f{i:05}")), &buf)?;
+        }
+    }
+    let plain = dst.mnt.join("small-plain");
+    let stubs = dst.mnt.join("small-stub");
+    let names: Vec<String> = (0..n).map(|i| format!("f{i:05}")).collect();
+    let mut out = Vec::new();
+    for all_cold in [false, true] {
+        let (mut hsm_ms, mut base_ms) = (Vec::new(), Vec::new());
+        for round in 0..a.repeat.max(1) {
+            for side in [round % 2, 1 - round % 2] {
+                if side == 0 {
+                    let _ = std::fs::remove_dir_all(&plain);
+                    sh(
+                        "cp",
+                        &[
+                            "-a",
+                            srcdir.to_str().context("utf8")?,
+                            plain.to_str().context("utf8")?,
+                        ],
+                    )?;
+                } else {
+                    let _ = std::fs::remove_dir_all(&stubs);
+                    populate(&a.bin, &srcdir, &stubs)?;
+                }
+                dst.remount()?;
+                if all_cold {
+                    drop_caches()?;
+                } else {
+                    for name in &names {
+                        read_all(&srcdir.join(name))?;
+                    }
+                }
+                if side == 0 {
+                    for name in &names {
+                        base_ms.push(first_byte(&plain.join(name))?);
+                    }
+                } else {
+                    let agent = Agent::start(&a.bin, &stubs, &a.work)?;
+                    for name in &names {
+                        hsm_ms.push(first_byte(&stubs.join(name))?);
+                    }
+                    drop(agent);
+                }
+            }
+        }
+        let detail = format!(
+            "{n} files x {} rounds{}",
+            a.repeat.max(1),
+            if all_cold {
+                "; remote cold too (information only)"
+            } else {
+                "; remote warm"
+            }
+        );
+        let (h50, b50) = (percentile(&mut hsm_ms, 0.5), percentile(&mut base_ms, 0.5));
+        let (h99, b99) = (
+            percentile(&mut hsm_ms, 0.99),
+            percentile(&mut base_ms, 0.99),
+        );
+        let (n50, n99) = if all_cold {
+            (
+                "  (all caches cold) first-byte p50",
+                "  (all caches cold) first-byte p99",
+            )
+        } else {
+            (
+                "cold first-byte latency p50 (vs plain)",
+                "cold first-byte latency p99 (vs plain)",
+            )
+        };
+        // The all-cold variant has no goal of its own; show it against the same goal.
+        out.push(Line {
+            name: n50,
+            hsm: h50,
+            base: b50,
+            unit: "ms",
+            ratio: h50 / b50,
+            goal: 1.5,
+            at_most: true,
+            detail: detail.clone(),
+            info: all_cold,
+        });
+        out.push(Line {
+            name: n99,
+            hsm: h99,
+            base: b99,
+            unit: "ms",
+            ratio: h99 / b99,
+            goal: 1.8,
+            at_most: true,
+            detail,
+            info: all_cold,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&plain);
+    let _ = std::fs::remove_dir_all(&stubs);
+    Ok(out)
+}
+
+/// Populate of many files vs cp -a --attributes-only, as a rate ratio.
+fn bench_populate(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let srcdir = src.mnt.join("many");
+    let n = a.populate_files;
+    let per_dir = 1000;
+    let marker = srcdir.join(format!(".complete-{n}"));
+    if !marker.exists() {
+        eprintln!("bench: creating {n} source files");
+        let _ = std::fs::remove_dir_all(&srcdir);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut buf = vec![0u8; 64 << 10];
+        rng.fill(&mut buf[..]);
+        for i in 0..n {
+            let d = srcdir.join(format!("d{:03}", i / per_dir));
+            if i % per_dir == 0 {
+                std::fs::create_dir_all(&d)?;
+            }
+            let len = rng.random_range(1..buf.len());
+            std::fs::write(d.join(format!("f{i:06}")), &buf[..len])?;
+        }
+        File::create(&marker)?;
+    }
+    let cp_dst = dst.mnt.join("many-cp");
+    let hsm_dst = dst.mnt.join("many-stub");
+    let (mut hsm_t, mut base_t) = (Vec::new(), Vec::new());
+    for round in 0..a.repeat {
+        for side in [round % 2, 1 - round % 2] {
+            let target = if side == 0 { &cp_dst } else { &hsm_dst };
+            let _ = std::fs::remove_dir_all(target);
+            nix::unistd::sync();
+            // Warm source metadata for both sides alike.
+            sh("find", &[srcdir.to_str().context("utf8")?, "-printf", ""])?;
+            if side == 0 {
+                let t = Instant::now();
+                sh(
+                    "cp",
+                    &[
+                        "-a",
+                        "--attributes-only",
+                        srcdir.to_str().context("utf8")?,
+                        target.to_str().context("utf8")?,
+                    ],
+                )?;
+                base_t.push(t.elapsed().as_secs_f64());
+            } else {
+                hsm_t.push(populate(&a.bin, &srcdir, target)?.as_secs_f64());
+            }
+        }
+    }
+    let files = std::fs::read_dir(hsm_dst.join("d000"))?.count();
+    ensure!(
+        files == per_dir.min(n),
+        "populate made {files} files in d000"
+    );
+    let _ = std::fs::remove_dir_all(&cp_dst);
+    let _ = std::fs::remove_dir_all(&hsm_dst);
+    let (h, b) = (median(&mut hsm_t), median(&mut base_t));
+    Ok(vec![Line {
+        name: "populate rate (vs cp -a --attributes-only)",
+        hsm: h,
+        base: b,
+        unit: "s",
+        ratio: b / h,
+        goal: 0.5,
+        at_most: false,
+        detail: format!(
+            "{n} files, {} runs each, medians; ratio = cp time / populate time",
+            a.repeat
+        ),
+        info: false,
+    }])
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "hsm-bench needs root (loop devices, mounts, drop_caches, fanotify)"
+    );
+    ensure!(
+        a.bin.join("hsm").exists(),
+        "{}/hsm not found: build it with cargo build --release",
+        a.bin.display()
+    );
+    let a = Args {
+        bin: std::fs::canonicalize(&a.bin)?,
+        ..a
+    };
+    std::fs::create_dir_all(&a.work)?;
+    let want = |t: &str| a.only.is_empty() || a.only.iter().any(|o| o == t);
+    let src_size = format!("{}M", a.seq_mib * 2 + 4096);
+    let src = LoopFs::new(&a.work, "remote", &src_size)?;
+    let dst = LoopFs::new(&a.work, "local", &src_size)?;
+    println!(
+        "hsm-bench: ext4 on loop devices, {} CPUs, kernel {}; ratio = hsm / baseline from this run",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        sh("uname", &["-r"])?
+    );
+    let mut lines = Vec::new();
+    if want("seq") || want("reread") {
+        for l in bench_seq(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("latency") {
+        for l in bench_latency(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("populate") {
+        for l in bench_populate(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    let goals: Vec<&Line> = lines.iter().filter(|l| !l.info).collect();
+    let met = goals.iter().filter(|l| l.met()).count();
+    println!("hsm-bench: {met}/{} goals met", goals.len());
+    if a.json {
+        let v: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| {
+                serde_json::json!({"name": l.name, "hsm": l.hsm, "baseline": l.base, "unit": l.unit,
+                    "ratio": l.ratio, "goal": l.goal, "at_most": l.at_most, "met": l.met(), "info": l.info})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    }
+    Ok(())
+}
