@@ -91,17 +91,48 @@ pub enum IntentSource {
     Known(Access),
 }
 
+/// How long the async path waits for an accessing thread still on its way to sleep before
+/// assuming the worst (a write). It cannot leave before it is answered, so this only
+/// matters for threads preempted at that point under heavy load.
+const RUNNING_PATIENCE: Duration = Duration::from_millis(200);
+
 impl IntentSource {
-    fn classify(&self) -> Access {
+    /// Without waiting: `None` if the thread is still running (try again later).
+    fn classify_now(&self) -> Option<Access> {
         match *self {
             IntentSource::Tid(tid) => {
-                let seen = intent::classify(tid);
-                if seen.access != Access::Read {
-                    debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
+                for _ in 0..8 {
+                    if let Some(seen) = intent::classify_now(tid) {
+                        log_non_read(tid, &seen);
+                        return Some(seen.access);
+                    }
+                    std::thread::yield_now();
                 }
-                seen.access
+                None
             }
-            IntentSource::Known(a) => a,
+            IntentSource::Known(a) => Some(a),
+        }
+    }
+
+    /// Waiting (asynchronously) for a running thread to block.
+    async fn classify(&self) -> Access {
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            if let Some(a) = self.classify_now() {
+                return a;
+            }
+            if start.elapsed() >= RUNNING_PATIENCE {
+                if let IntentSource::Tid(tid) = self {
+                    warn!(
+                        tid,
+                        "accessing thread still running after 200 ms; treating the access as a write"
+                    );
+                }
+                return Access::Write;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(2));
         }
     }
 
@@ -110,6 +141,12 @@ impl IntentSource {
             IntentSource::Tid(t) => Some(t),
             IntentSource::Known(_) => None,
         }
+    }
+}
+
+fn log_non_read(tid: i32, seen: &intent::Observed) {
+    if seen.access != Access::Read {
+        debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
     }
 }
 
@@ -156,6 +193,17 @@ impl InodeKey {
 }
 
 type FillResult = Result<(), Arc<ServeError>>;
+
+/// The bytes an event asks for. A zero count means "to the end of the file": FICLONE (and
+/// other remaps of a whole file) report their range that way, and treating it as empty
+/// let a reflink copy of a stub share its holes.
+fn requested(range: Option<FileRange>) -> Range<u64> {
+    match range {
+        Some(r) if r.count == 0 => r.offset..u64::MAX,
+        Some(r) => r.offset..r.end(),
+        None => 0..u64::MAX,
+    }
+}
 
 /// Fills at least this large start their writeback at once (see `write_blocking`).
 const WRITEBACK_MIN: usize = 1 << 20;
@@ -293,7 +341,7 @@ impl AgentCore {
             Err(e) => {
                 Metrics::inc(&self.metrics.denies);
                 let errno = deny_errno(&e);
-                let range = ev.range.map(|r| r.offset..r.end());
+                let range = requested(ev.range);
                 warn!(path = %stub.path(), ?range, errno = errno.name(), error = %e,
                       "read failed");
                 Verdict::Deny(errno)
@@ -574,7 +622,7 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, Later> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
-        let range = ev.range.map(|r| r.offset..r.end()).unwrap_or(0..u64::MAX);
+        let range = requested(ev.range);
         let (run, needs_intent) = {
             let s = lock(&self.state);
             if s.finalized {
@@ -611,7 +659,10 @@ impl Stub {
             (run, needs_intent)
         };
         let access = if needs_intent {
-            ev.intent.classify()
+            match ev.intent.classify_now() {
+                Some(a) => a,
+                None => return Err(Later(ev.intent)), // still on its way to sleep
+            }
         } else {
             Access::Read
         };
@@ -727,7 +778,7 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, ServeError> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
-        let range = ev.range.map(|r| r.offset..r.end()).unwrap_or(0..u64::MAX);
+        let range = requested(ev.range);
         let (missing, needs_intent) = {
             let mut s = lock(&self.state);
             if s.finalized {
@@ -758,7 +809,7 @@ impl Stub {
         // Reading /proc costs a few microseconds; skip it when no answer could change what
         // we do (everything in range durable, nothing in flight).
         let access = if needs_intent {
-            ev.intent.classify()
+            ev.intent.classify().await
         } else {
             Access::Read
         };
@@ -843,8 +894,9 @@ impl Stub {
                 confirmed = Some(size);
                 break;
             }
-            let still_truncating = tid.is_some_and(|t| {
-                matches!(intent::classify(t).access, Access::Truncate { length: l } if l == length)
+            let still_truncating = tid.is_some_and(|t| match intent::classify_now(t) {
+                None => true, // running: not done yet
+                Some(o) => matches!(o.access, Access::Truncate { length: l } if l == length),
             });
             if !still_truncating {
                 // The syscall is over: one last look decides.

@@ -115,3 +115,136 @@ mod tests {
         assert_eq!(deny_errno(&changed.into()), DenyErrno::Eio);
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// docs/SEMANTICS.md promises an errno per cause; the code must say the same.
+    #[test]
+    fn semantics_doc_matches_errno_table() {
+        let doc = include_str!("../../../docs/SEMANTICS.md");
+        let table = doc
+            .split("<!-- errno-table -->")
+            .nth(1)
+            .and_then(|t| t.split("<!-- /errno-table -->").next())
+            .expect("errno table markers in docs/SEMANTICS.md");
+        let rows: Vec<(String, String)> = table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| cause"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells[1].to_string(), cells[2].to_string())
+            })
+            .collect();
+        let r = |detail: &str| ("file:///x".to_string(), "k".to_string(), detail.to_string());
+        let (url, key, detail) = r("d");
+        let io = |n| std::io::Error::from_raw_os_error(n);
+        let cases: Vec<(&str, ServeError)> = vec![
+            (
+                "remote object missing",
+                RemoteError::NotFound {
+                    url: url.clone(),
+                    key: key.clone(),
+                }
+                .into(),
+            ),
+            (
+                "remote object changed since populate (ETag or size)",
+                RemoteError::Changed {
+                    url: url.clone(),
+                    key: key.clone(),
+                    detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "remote refused access",
+                RemoteError::PermissionDenied {
+                    url: url.clone(),
+                    key: key.clone(),
+                    detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "remote returned fewer or more bytes than asked",
+                RemoteError::Truncated {
+                    url: url.clone(),
+                    key: key.clone(),
+                    offset: 0,
+                    expected: 2,
+                    got: 1,
+                }
+                .into(),
+            ),
+            (
+                "key not valid for the remote",
+                RemoteError::InvalidKey {
+                    url: url.clone(),
+                    key: key.clone(),
+                    detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "any other remote failure",
+                RemoteError::Failed {
+                    url: url.clone(),
+                    key: key.clone(),
+                    detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "remote URL cannot be opened (unsupported scheme, bad configuration)",
+                RemoteError::Config {
+                    url: url.clone(),
+                    detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "local disk full while filling",
+                LocalError::from_io("pwrite", &io(libc::ENOSPC)).into(),
+            ),
+            (
+                "local quota exceeded while filling",
+                LocalError::from_io("pwrite", &io(libc::EDQUOT)).into(),
+            ),
+            (
+                "other local I/O error while filling or syncing",
+                LocalError::from_io("pwrite", &io(libc::EIO)).into(),
+            ),
+            (
+                "stub metadata missing, corrupt or inconsistent",
+                ServeError::Metadata(FormatError::Checksum { what: "meta" }),
+            ),
+            (
+                "stub metadata missing, corrupt or inconsistent",
+                ServeError::Inconsistent("x".into()),
+            ),
+            (
+                "agent shutting down and the range is not resident",
+                ServeError::ShuttingDown,
+            ),
+            (
+                "internal failure of a fill task",
+                ServeError::TaskFailed("x".into()),
+            ),
+        ];
+        for (cause, err) in &cases {
+            let row = rows
+                .iter()
+                .find(|(c, _)| c == cause)
+                .unwrap_or_else(|| panic!("docs/SEMANTICS.md has no row for {cause:?}"));
+            assert_eq!(row.1, deny_errno(err).name(), "row {cause:?}");
+        }
+        for (cause, _) in &rows {
+            assert!(
+                cases.iter().any(|(c, _)| c == cause),
+                "doc row {cause:?} is not checked"
+            );
+        }
+    }
+}

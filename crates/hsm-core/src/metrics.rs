@@ -90,3 +90,36 @@ impl Metrics {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/METRICS.md documents every counter, and only counters that exist.
+    #[test]
+    fn metrics_doc_lists_every_counter() {
+        let doc = include_str!("../../../docs/METRICS.md");
+        let names: Vec<&str> = Metrics::default()
+            .snapshot()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for n in &names {
+            assert!(
+                doc.contains(&format!("| `{n}` |")),
+                "docs/METRICS.md does not document {n}"
+            );
+        }
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let name = line
+                .trim_start_matches("| `")
+                .split('`')
+                .next()
+                .unwrap_or("");
+            assert!(
+                names.contains(&name),
+                "docs/METRICS.md documents unknown counter {name}"
+            );
+        }
+    }
+}

@@ -133,41 +133,49 @@ pub fn fd_is_read_only(tid: i32, fd: i32) -> Option<bool> {
     Some(flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32)
 }
 
-/// How long to wait for a thread that is still on its way to sleep (see [`classify`]).
-const RUNNING_PATIENCE: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Classify the syscall thread `tid` is blocked in. Any failure to read it yields `Write`.
+/// Classify the syscall thread `tid` is blocked in, if it is blocked: `None` while it is
+/// still running. Any failure to read the file yields `Write`.
 ///
 /// The kernel queues an event and wakes the listener before the accessing thread goes to
 /// sleep waiting for the answer, so a fast listener can find it still "running" (the file
-/// then says only that). That state lasts microseconds: look again, briefly, before falling
-/// back to the conservative answer.
-pub fn classify(tid: i32) -> Observed {
-    let start = std::time::Instant::now();
-    let path = format!("/proc/{tid}/syscall");
+/// then says only that); under load it may even be preempted there for a while. It cannot
+/// go anywhere else before it is answered, so callers look again a little later.
+pub fn classify_now(tid: i32) -> Option<Observed> {
     let mut buf = [0u8; 256];
+    let line = std::fs::File::open(format!("/proc/{tid}/syscall"))
+        .and_then(|mut f| f.read(&mut buf))
+        .ok()
+        .and_then(|n| std::str::from_utf8(&buf[..n]).ok());
+    match line {
+        Some(l) if l.starts_with("running") => None,
+        Some(l) => Some(classify_line(l, |fd| fd_is_read_only(tid, fd))),
+        None => Some(Observed {
+            access: Access::Write,
+            syscall: None,
+        }),
+    }
+}
+
+/// [`classify_now`], waiting (blocking) up to `patience` for a running thread to block;
+/// past that the conservative answer, `Write`.
+pub fn classify(tid: i32, patience: std::time::Duration) -> Observed {
+    let start = std::time::Instant::now();
     let mut tries = 0u32;
     loop {
-        let line = std::fs::File::open(&path)
-            .and_then(|mut f| f.read(&mut buf))
-            .ok()
-            .and_then(|n| std::str::from_utf8(&buf[..n]).ok());
-        match line {
-            Some(l) if l.starts_with("running") && start.elapsed() < RUNNING_PATIENCE => {
-                tries += 1;
-                if tries < 8 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(std::time::Duration::from_micros(20));
-                }
-            }
-            Some(l) => return classify_line(l, |fd| fd_is_read_only(tid, fd)),
-            None => {
-                return Observed {
-                    access: Access::Write,
-                    syscall: None,
-                };
-            }
+        if let Some(o) = classify_now(tid) {
+            return o;
+        }
+        if start.elapsed() >= patience {
+            return Observed {
+                access: Access::Write,
+                syscall: None,
+            };
+        }
+        tries += 1;
+        if tries < 8 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }
 }
@@ -246,10 +254,13 @@ mod tests {
     fn classify_sees_our_own_read() {
         // While a thread reads its own /proc/TID/syscall it is inside read(2).
         let tid = nix::unistd::gettid().as_raw();
-        let seen = classify(tid);
+        let seen = classify(tid, std::time::Duration::from_millis(10));
         assert_eq!(seen.syscall, Some(0));
         assert_eq!(seen.access, Access::Read);
         // A thread that does not exist is classified conservatively.
-        assert_eq!(classify(i32::MAX).access, Access::Write);
+        assert_eq!(
+            classify(i32::MAX, std::time::Duration::ZERO).access,
+            Access::Write
+        );
     }
 }

@@ -116,8 +116,17 @@ pub struct StubSpec {
     pub min_granule_shift: u8,
 }
 
+/// A stub's xattr values, and where its data markers go.
+#[derive(Debug)]
+pub struct EncodedStub {
+    pub meta: Vec<u8>,
+    pub map: Vec<u8>,
+    /// Start offset of every granule that needs fetching (see [`create_stub`]).
+    pub markers: Vec<u64>,
+}
+
 /// Build the stub's xattr values (meta and map), checking they fit one ext4 xattr block.
-pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<(Vec<u8>, Vec<u8>)> {
+pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
     let meta = Meta {
         stub_id,
         remote_size: spec.size,
@@ -153,8 +162,19 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<(Vec<u8>, Vec<u8>)
             worst_map
         ));
     }
-    Ok((meta_bytes, map.encode()))
+    let markers = map
+        .missing(0..map.granule_count())
+        .map(|g| map.granule_range(g).start)
+        .collect();
+    Ok(EncodedStub {
+        meta: meta_bytes,
+        map: map.encode(),
+        markers,
+    })
 }
+
+/// One page of zeros: the data marker written at the start of every granule to fetch.
+const MARKER_PAGE: [u8; 4096] = [0u8; 4096];
 
 /// Create a complete stub as an unnamed file in `dir`, then give it `name`. The stub only
 /// appears under its name with marker, metadata, map, owner, mode and times all in place.
@@ -177,10 +197,20 @@ pub fn create_stub(
         // size before the marker exists is safe even while it runs.
         nix::unistd::ftruncate(&fd, spec.size as libc::off_t)
             .map_err(|e| err("set size of", name, e))?;
-        let (meta, map) = encode_stub(spec, rand::random::<u64>() | 1)?;
-        xattr::fset(fd.as_fd(), META_XATTR, &meta, SetMode::Create)
+        let stub = encode_stub(spec, rand::random::<u64>() | 1)?;
+        // Tools that skip holes (cp, tar --sparse, qemu-img: lseek SEEK_DATA/SEEK_HOLE,
+        // which raises no event) would copy a stub's unfetched ranges as zeros. A page of
+        // zeros at the start of each granule to fetch makes SEEK_DATA stop there; the read
+        // that follows fills the whole granule before the tool looks for the next hole. The
+        // zeros are never served as content: the granule is not resident.
+        for &at in &stub.markers {
+            let len = (spec.size - at).min(MARKER_PAGE.len() as u64) as usize;
+            nix::sys::uio::pwrite(&fd, &MARKER_PAGE[..len], at as libc::off_t)
+                .map_err(|e| err("write data marker of", name, e))?;
+        }
+        xattr::fset(fd.as_fd(), META_XATTR, &stub.meta, SetMode::Create)
             .map_err(|e| err("write metadata of", name, e))?;
-        xattr::fset(fd.as_fd(), MAP_XATTR, &map, SetMode::Create)
+        xattr::fset(fd.as_fd(), MAP_XATTR, &stub.map, SetMode::Create)
             .map_err(|e| err("write map of", name, e))?;
         let marker = Marker {
             state: MarkerState::Ready,

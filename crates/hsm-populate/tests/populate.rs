@@ -90,9 +90,9 @@ fn builds_a_stub_tree() {
     let top = t.dst.join("top.txt");
     let md = fs::symlink_metadata(&top).expect("stat");
     assert_eq!(md.len(), 9);
-    // No data blocks; ext4 counts one external xattr block (4 KiB) in st_blocks.
+    // One data-marker page (and ext4's external xattr block): no file data.
     assert!(
-        md.blocks() * 512 <= 4096,
+        md.blocks() * 512 <= 8192,
         "a stub holds no data: {} blocks",
         md.blocks()
     );
@@ -143,6 +143,28 @@ fn builds_a_stub_tree() {
     assert!(
         xattr_of(&empty, MARKER_XATTR).is_none(),
         "empty files are plain files"
+    );
+
+    // Every granule to fetch starts with a data marker, so SEEK_DATA-driven copiers (cp,
+    // tar --sparse) read it, and its event fills the granule; the rest is a hole.
+    let deep = fs::File::open(t.dst.join("a/b/deep.bin")).expect("open");
+    use nix::unistd::{Whence, lseek};
+    for g in 0..3i64 {
+        assert_eq!(
+            lseek(&deep, g << 20, Whence::SeekData).expect("seek data"),
+            g << 20
+        );
+        assert_eq!(
+            lseek(&deep, g << 20, Whence::SeekHole).expect("seek hole"),
+            (g << 20) + 4096
+        );
+    }
+    assert!(
+        fs::metadata(t.dst.join("a/b/deep.bin"))
+            .expect("stat")
+            .blocks()
+            * 512
+            <= 4 * 4096
     );
 
     // Holes of the source start resident: only the granule with data needs fetching.
