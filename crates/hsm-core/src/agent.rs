@@ -731,6 +731,29 @@ impl Stub {
         Ok(verdict)
     }
 
+    /// Count a ranged read's body and check its length: whatever the remote promises, a
+    /// short or long body never becomes resident.
+    fn accept_body(
+        &self,
+        core: &AgentCore,
+        part: &Range<u64>,
+        data: Bytes,
+    ) -> Result<Bytes, ServeError> {
+        Metrics::add(&core.metrics.bytes_fetched, data.len() as u64);
+        let want = part.end - part.start;
+        if data.len() as u64 != want {
+            return Err(RemoteError::Truncated {
+                url: self.remote.url().to_string(),
+                key: self.meta.key.clone(),
+                offset: part.start,
+                expected: want,
+                got: data.len() as u64,
+            }
+            .into());
+        }
+        Ok(data)
+    }
+
     /// Fetch and write one run of granules on this thread (remote I/O runs inline).
     fn fill_inline(&self, core: &AgentCore, run: Range<u64>) -> Result<(), ServeError> {
         let part = {
@@ -744,18 +767,7 @@ impl Stub {
             part.clone(),
             &self.expect,
         ))?;
-        Metrics::add(&core.metrics.bytes_fetched, data.len() as u64);
-        let want = part.end - part.start;
-        if data.len() as u64 != want {
-            return Err(RemoteError::Truncated {
-                url: self.remote.url().to_string(),
-                key: self.meta.key.clone(),
-                offset: part.start,
-                expected: want,
-                got: data.len() as u64,
-            }
-            .into());
-        }
+        let data = self.accept_body(core, &part, data)?;
         // A truncate handled on another thread may have installed a barrier since we looked:
         // check again under the gate, and wait for it to resolve like the async path does.
         let _gate = loop {
@@ -1076,20 +1088,7 @@ impl Stub {
                 .remote
                 .get_range(&self.meta.key, part.clone(), &self.expect)
                 .await?;
-            Metrics::add(&core.metrics.bytes_fetched, data.len() as u64);
-            // Whatever the remote promises, a short or long body never becomes resident.
-            let want = part.end - part.start;
-            if data.len() as u64 != want {
-                return Err(RemoteError::Truncated {
-                    url: self.remote.url().to_string(),
-                    key: self.meta.key.clone(),
-                    offset: part.start,
-                    expected: want,
-                    got: data.len() as u64,
-                }
-                .into());
-            }
-            data
+            self.accept_body(core, &part, data)?
         };
         self.write_part(core, part.start, data).await
     }

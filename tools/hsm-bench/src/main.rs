@@ -76,7 +76,10 @@ impl LoopFs {
     fn new(work: &Path, name: &str, size: &str) -> Result<Self> {
         let img = work.join(format!("{name}.img"));
         let mnt = work.join(name);
-        let _ = Command::new("umount").arg(&mnt).status();
+        let _ = Command::new("umount")
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status();
         std::fs::create_dir_all(&mnt)?;
         let _ = std::fs::remove_file(&img);
         sh("truncate", &["-s", size, img.to_str().context("utf8")?])?;
