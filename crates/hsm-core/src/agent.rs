@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use hsm_kernel::fanotify::{DenyErrno, FileRange};
 use hsm_kernel::intent::{self, Access};
 use hsm_kernel::stat::{self, FileStat, Timestamp};
-use hsm_remote::{Expect, Remote, RemoteError};
+use hsm_remote::{Body, Expect, Remote, RemoteError};
 use hsm_stub::{Meta, ResidentMap};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -737,21 +736,25 @@ impl Stub {
         &self,
         core: &AgentCore,
         part: &Range<u64>,
-        data: Bytes,
-    ) -> Result<Bytes, ServeError> {
-        Metrics::add(&core.metrics.bytes_fetched, data.len() as u64);
+        body: Body,
+    ) -> Result<Body, ServeError> {
+        Metrics::add(&core.metrics.bytes_fetched, body.len());
         let want = part.end - part.start;
-        if data.len() as u64 != want {
+        let aligned = match &body {
+            Body::File { range, .. } => range.start == part.start,
+            Body::Bytes(_) => true,
+        };
+        if body.len() != want || !aligned {
             return Err(RemoteError::Truncated {
                 url: self.remote.url().to_string(),
                 key: self.meta.key.clone(),
                 offset: part.start,
                 expected: want,
-                got: data.len() as u64,
+                got: body.len(),
             }
             .into());
         }
-        Ok(data)
+        Ok(body)
     }
 
     /// Fetch and write one run of granules on this thread (remote I/O runs inline).
@@ -762,7 +765,7 @@ impl Stub {
             start..s.resident.fetch_range(run.end - 1).end.max(start)
         };
         Metrics::inc(&core.metrics.remote_requests);
-        let data = futures::executor::block_on(self.remote.get_range(
+        let data = futures::executor::block_on(self.remote.get_body(
             &self.meta.key,
             part.clone(),
             &self.expect,
@@ -1086,7 +1089,7 @@ impl Stub {
             Metrics::inc(&core.metrics.remote_requests);
             let data = self
                 .remote
-                .get_range(&self.meta.key, part.clone(), &self.expect)
+                .get_body(&self.meta.key, part.clone(), &self.expect)
                 .await?;
             self.accept_body(core, &part, data)?
         };
@@ -1099,11 +1102,11 @@ impl Stub {
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         offset: u64,
-        data: Bytes,
+        body: Body,
     ) -> Result<(), ServeError> {
-        let end = offset + data.len() as u64;
+        let end = offset + body.len();
         let mut barrier = self.barrier.subscribe();
-        loop {
+        let guard = loop {
             let guard = self.gate.read().await;
             if barrier.borrow_and_update().is_some_and(|b| b < end) {
                 drop(guard);
@@ -1111,18 +1114,18 @@ impl Stub {
                 let _ = barrier.wait_for(|b| b.is_none_or(|b| b >= end)).await;
                 continue;
             }
-            let stub = self.clone();
-            let data = data.clone();
-            let written = tokio::task::spawn_blocking(move || stub.write_blocking(offset, &data))
-                .await
-                .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
-            drop(guard);
-            Metrics::add(&core.metrics.bytes_written, written);
-            return Ok(());
-        }
+            break guard;
+        };
+        let stub = self.clone();
+        let written = tokio::task::spawn_blocking(move || stub.write_blocking(offset, &body))
+            .await
+            .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
+        drop(guard);
+        Metrics::add(&core.metrics.bytes_written, written);
+        Ok(())
     }
 
-    fn write_blocking(&self, offset: u64, data: &[u8]) -> Result<u64, ServeError> {
+    fn write_blocking(&self, offset: u64, body: &Body) -> Result<u64, ServeError> {
         let fd = self.fd.as_fd();
         let size = stat::fstatx(fd)
             .map_err(|e| LocalError::from_kernel("statx", &e))?
@@ -1135,18 +1138,23 @@ impl Stub {
             }
             s.resident.floor()
         };
-        let end = (offset + data.len() as u64).min(limit);
+        let end = (offset + body.len()).min(limit);
         if end <= offset {
             return Ok(0);
         }
-        let n = (end - offset) as usize;
-        let written = stubio::write_data(fd, offset, &data[..n])?;
+        let n = end - offset;
+        let written = match body {
+            Body::Bytes(data) => stubio::write_data(fd, offset, &data[..n as usize])?,
+            Body::File { file, range } => {
+                stubio::copy_range(file, range.start..range.start + n, fd, offset)?
+            }
+        };
         // For big fills, start writeback now so the later fdatasync has little left and the
         // disk works while the next part is fetched. Small fills skip it: on ext4 it forces
         // block allocation and I/O submission on the reader's critical path. Only an
         // optimisation either way: errors surface at fdatasync.
-        if n >= WRITEBACK_MIN {
-            let _ = hsm_kernel::sys::start_writeback(fd, offset, n as u64);
+        if n >= WRITEBACK_MIN as u64 {
+            let _ = hsm_kernel::sys::start_writeback(fd, offset, n);
         }
         let restore = lock(&self.state).restore_mtime;
         if let Some(mtime) = restore {
@@ -1206,11 +1214,11 @@ impl Stub {
         };
         let stub = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            stubio::persist_map(stub.fd.as_fd(), &snapshot, sync_meta).map(|()| snapshot)
+            stubio::persist_map(stub.fd.as_fd(), &snapshot, sync_meta).map(|done| (snapshot, done))
         })
         .await
         .map_err(|e| ServeError::TaskFailed(e.to_string()))?;
-        self.persist_end(core, result, sync_meta).await
+        self.persist_end(core, result, sync_meta)
     }
 
     /// What to persist: a snapshot of the resident map taken before the data is synced (so it
@@ -1224,40 +1232,36 @@ impl Stub {
         Some(s.resident.clone())
     }
 
-    async fn persist_end(
+    /// Record the outcome of a persist: the map now durable, or the stub finalised (its map
+    /// was complete: the xattrs are gone and it is an ordinary file).
+    fn persist_end(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
-        result: Result<ResidentMap, LocalError>,
+        result: Result<(ResidentMap, bool), LocalError>,
         sync_meta: bool,
     ) -> Result<(), ServeError> {
-        let complete = {
-            let mut s = lock(&self.state);
-            match result {
-                Ok(snapshot) => {
-                    Metrics::inc(&core.metrics.persists);
-                    let complete = snapshot.is_complete();
-                    s.durable = snapshot;
-                    s.meta_synced = sync_meta;
-                    complete
+        let mut s = lock(&self.state);
+        match result {
+            Ok((snapshot, finalized)) => {
+                Metrics::inc(&core.metrics.persists);
+                s.durable = snapshot;
+                s.meta_synced = sync_meta;
+                if finalized {
+                    s.finalized = true;
+                    drop(s);
+                    self.finalized(core);
                 }
-                Err(e) => {
-                    s.dirty = true;
-                    return Err(e.into());
-                }
+                Ok(())
             }
-        };
-        if complete {
-            self.finalize(core).await?;
+            Err(e) => {
+                s.dirty = true;
+                Err(e.into())
+            }
         }
-        Ok(())
     }
 
-    async fn finalize(self: &Arc<Self>, core: &Arc<AgentCore>) -> Result<(), ServeError> {
-        let stub = self.clone();
-        tokio::task::spawn_blocking(move || stubio::finalize(stub.fd.as_fd()))
-            .await
-            .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
-        lock(&self.state).finalized = true;
+    /// The stub became an ordinary file: stop its events and forget it.
+    fn finalized(self: &Arc<Self>, core: &Arc<AgentCore>) {
         core.marks.ignore(self.fd.as_fd());
         {
             let mut stubs = lock(&core.stubs);
@@ -1267,7 +1271,6 @@ impl Stub {
         }
         Metrics::inc(&core.metrics.hydrated);
         info!(path = %self.path(), "stub fully resident; now an ordinary file");
-        Ok(())
     }
 }
 
@@ -1340,9 +1343,9 @@ async fn persist_group(core: &Arc<AgentCore>, group: &[Arc<Stub>]) -> Vec<(Arc<S
         snaps
             .into_iter()
             .map(|(s, m)| {
-                let r = synced
-                    .clone()
-                    .and_then(|()| stubio::store_map(s.fd.as_fd(), &m, false).map(|()| m));
+                let r = synced.clone().and_then(|()| {
+                    stubio::commit_map(s.fd.as_fd(), &m, false).map(|done| (m, done))
+                });
                 (s, r)
             })
             .collect::<Vec<_>>()
@@ -1353,7 +1356,7 @@ async fn persist_group(core: &Arc<AgentCore>, group: &[Arc<Stub>]) -> Vec<(Arc<S
     match results {
         Ok(results) => {
             for (s, r) in results {
-                if let Err(e) = s.persist_end(core, r, false).await {
+                if let Err(e) = s.persist_end(core, r, false) {
                     failed.push((s, e));
                 }
             }

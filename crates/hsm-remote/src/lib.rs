@@ -32,6 +32,34 @@ pub struct Expect {
     pub size: u64,
 }
 
+/// The body of a ranged read.
+#[derive(Debug)]
+pub enum Body {
+    /// The bytes, in memory.
+    Bytes(Bytes),
+    /// A local backend's open file and the object range to copy from it: the caller can
+    /// move the bytes kernel-to-kernel (copy_file_range, splice) instead of through memory.
+    /// The precondition was checked when the file was opened.
+    File {
+        file: std::fs::File,
+        range: Range<u64>,
+    },
+}
+
+impl Body {
+    /// Length of the body in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { range, .. } => range.end.saturating_sub(range.start),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Metadata of a remote object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -103,6 +131,17 @@ pub trait Remote: Send + Sync + Debug {
     /// Metadata of `key`.
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError>;
 
+    /// Like [`Remote::get_range`], but a local backend may hand back its open file instead
+    /// of reading the bytes into memory.
+    async fn get_body(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Body, RemoteError> {
+        Ok(Body::Bytes(self.get_range(key, range, expect).await?))
+    }
+
     /// True when this remote's futures need no reactor: polled outside a tokio runtime they
     /// do their (local, blocking) I/O on the calling thread and complete on first poll. The
     /// agent then serves small fills on its event threads without a thread hop.
@@ -128,6 +167,15 @@ impl<R: Remote + ?Sized> Remote for Arc<R> {
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
         (**self).head(key).await
+    }
+
+    async fn get_body(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Body, RemoteError> {
+        (**self).get_body(key, range, expect).await
     }
 
     fn runs_inline(&self) -> bool {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 
-use crate::{Expect, ObjectInfo, Remote, RemoteError, RemoteUrl};
+use crate::{Body, Expect, ObjectInfo, Remote, RemoteError, RemoteUrl};
 
 /// A remote backed by an `object_store` implementation.
 #[derive(Debug)]
@@ -57,6 +57,53 @@ impl ObjectStoreRemote {
         })
     }
 
+    /// Open a ranged read: the precondition (ETag, size) is checked here.
+    async fn open_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<object_store::GetResult, RemoteError> {
+        let path = self.path(key)?;
+        let opts = GetOptions {
+            if_match: expect.etag.clone(),
+            version: expect.version.clone(),
+            range: Some(GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        let result = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        // Without an ETag the size is the only change detector we have.
+        if result.meta.size != expect.size {
+            return Err(RemoteError::Changed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!(
+                    "size is now {} bytes, was {} at populate",
+                    result.meta.size, expect.size
+                ),
+            });
+        }
+        Ok(result)
+    }
+
+    fn check_len(&self, key: &str, range: &Range<u64>, got: u64) -> Result<(), RemoteError> {
+        let want = range.end.saturating_sub(range.start);
+        if got != want {
+            return Err(RemoteError::Truncated {
+                url: self.url.clone(),
+                key: key.to_string(),
+                offset: range.start,
+                expected: want,
+                got,
+            });
+        }
+        Ok(())
+    }
+
     fn map_err(&self, key: &str, e: object_store::Error) -> RemoteError {
         let url = self.url.clone();
         let key = key.to_string();
@@ -98,41 +145,30 @@ impl Remote for ObjectStoreRemote {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<Bytes, RemoteError> {
-        let path = self.path(key)?;
-        let want = range.end.saturating_sub(range.start);
-        let opts = GetOptions {
-            if_match: expect.etag.clone(),
-            version: expect.version.clone(),
-            range: Some(GetRange::Bounded(range.clone())),
-            ..Default::default()
-        };
-        let result = self
-            .store
-            .get_opts(&path, opts)
-            .await
-            .map_err(|e| self.map_err(key, e))?;
-        // Without an ETag the size is the only change detector we have.
-        if result.meta.size != expect.size {
-            return Err(RemoteError::Changed {
-                url: self.url.clone(),
-                key: key.to_string(),
-                detail: format!(
-                    "size is now {} bytes, was {} at populate",
-                    result.meta.size, expect.size
-                ),
-            });
-        }
+        let result = self.open_range(key, range.clone(), expect).await?;
         let bytes = result.bytes().await.map_err(|e| self.map_err(key, e))?;
-        if bytes.len() as u64 != want {
-            return Err(RemoteError::Truncated {
-                url: self.url.clone(),
-                key: key.to_string(),
-                offset: range.start,
-                expected: want,
-                got: bytes.len() as u64,
-            });
-        }
+        self.check_len(key, &range, bytes.len() as u64)?;
         Ok(bytes)
+    }
+
+    async fn get_body(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Body, RemoteError> {
+        let result = self.open_range(key, range.clone(), expect).await?;
+        let body = match result.payload {
+            GetResultPayload::File(file, _) => Body::File {
+                file,
+                range: result.range,
+            },
+            GetResultPayload::Stream(_) => {
+                Body::Bytes(result.bytes().await.map_err(|e| self.map_err(key, e))?)
+            }
+        };
+        self.check_len(key, &range, body.len())?;
+        Ok(body)
     }
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
@@ -204,6 +240,17 @@ mod tests {
         };
         let got = r.get_range(key, 4096..70_000, &expect).await.expect("get");
         assert_eq!(&got[..], &data[4096..70_000]);
+        // The local backend hands back its open file for kernel-side copies.
+        match r.get_body(key, 4096..70_000, &expect).await.expect("body") {
+            Body::File { file, range } => {
+                assert_eq!(range, 4096..70_000);
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; 100];
+                file.read_exact_at(&mut buf, 4096).expect("read");
+                assert_eq!(&buf[..], &data[4096..4196]);
+            }
+            Body::Bytes(_) => panic!("local backend should give its file"),
+        }
 
         // A stale ETag is a change, not mixed bytes.
         let stale = Expect {
