@@ -21,7 +21,7 @@ use hsm_kernel::stat::{self, FileStat, Timestamp};
 use hsm_remote::{Body, Expect, Remote, RemoteError};
 use hsm_stub::{Meta, ResidentMap};
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::error::{LocalError, ServeError, deny_errno};
 use crate::metrics::Metrics;
@@ -157,6 +157,18 @@ pub struct AccessEvent<'a> {
     /// The range as reported (unclamped); `None` means the whole file.
     pub range: Option<FileRange>,
     pub intent: IntentSource,
+}
+
+/// The span every event is handled in: who, which inode, which range.
+fn event_span(ev: &AccessEvent<'_>, st: &FileStat) -> tracing::Span {
+    let r = requested(ev.range);
+    tracing::debug_span!(
+        "event",
+        tid = ev.intent.tid(),
+        ino = st.ino,
+        offset = r.start,
+        len = r.end.saturating_sub(r.start)
+    )
 }
 
 /// [`AgentCore::try_handle_now`] could not decide without waiting: finish with
@@ -327,6 +339,11 @@ impl AgentCore {
                 return Verdict::Deny(DenyErrno::Eio);
             }
         };
+        let span = event_span(&ev, &st);
+        self.handle_stat(ev, st).instrument(span).await
+    }
+
+    async fn handle_stat(self: &Arc<Self>, ev: AccessEvent<'_>, st: FileStat) -> Verdict {
         if !st.is_file() {
             return Verdict::Allow;
         }
@@ -418,6 +435,7 @@ impl AgentCore {
         let Ok(st) = stat::fstatx(ev.fd) else {
             return Err(Later(ev.intent));
         };
+        let _span = event_span(ev, &st).entered();
         if !st.is_file() {
             Metrics::inc(&self.metrics.events);
             return Ok(Verdict::Allow);
