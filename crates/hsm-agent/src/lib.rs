@@ -44,6 +44,7 @@ pub enum AgentError {
 pub struct AgentOptions {
     pub trees: Vec<PathBuf>,
     pub config: AgentConfig,
+    pub remote: hsm_config::RemoteConfig,
 }
 
 /// Thread ids of the agent's own threads: their events are allowed at once (the agent's
@@ -247,7 +248,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             cache_entries: cfg.cache_entries,
             max_bandwidth: cfg.max_bandwidth.0,
         },
-        Arc::new(UrlRemotes::default()),
+        Arc::new(UrlRemotes::new(opts.remote.clone())),
         Arc::new(GroupMarks {
             group: group.clone(),
             metrics: metrics.clone(),

@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Config {
     pub agent: AgentConfig,
     pub populate: PopulateConfig,
+    pub remote: RemoteConfig,
     pub log: LogConfig,
 }
 
@@ -113,6 +114,77 @@ impl Default for PopulateConfig {
             min_granule: ByteSize(1 << 20),
             jobs: 0,
         }
+    }
+}
+
+/// `[remote]`: how to reach object stores.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// A reader waits at most this long for a fetch; then it gets EIO (0 = no limit).
+    pub read_timeout: HumanDuration,
+    /// One HTTP request, from sending to the last byte of the response.
+    pub request_timeout: HumanDuration,
+    pub connect_timeout: HumanDuration,
+    /// Retries of a failed request (transient errors only), with exponential backoff.
+    pub max_retries: usize,
+    /// No retry starts after this long since the first attempt.
+    pub retry_timeout: HumanDuration,
+    pub backoff_initial: HumanDuration,
+    pub backoff_max: HumanDuration,
+    /// object_store options per URL prefix (the longest matching prefix wins), e.g.
+    /// `[remote.options."s3://bucket"] aws_endpoint = "http://127.0.0.1:9000"`. Keys are
+    /// object_store's (`aws_region`, `azure_storage_account_name`, `google_service_account`,
+    /// `allow_http`, ...); AWS_*, AZURE_* and GOOGLE_* environment variables also apply.
+    pub options: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            read_timeout: HumanDuration(Duration::from_secs(60)),
+            request_timeout: HumanDuration(Duration::from_secs(30)),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            max_retries: 5,
+            retry_timeout: HumanDuration(Duration::from_secs(60)),
+            backoff_initial: HumanDuration(Duration::from_millis(100)),
+            backoff_max: HumanDuration(Duration::from_secs(10)),
+            options: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// The options for `url`: those of the longest configured prefix it starts with.
+    pub fn options_for(&self, url: &str) -> Vec<(String, String)> {
+        self.options
+            .iter()
+            .filter(|(prefix, _)| {
+                let p = prefix.trim_end_matches('/');
+                url == p || url.starts_with(&format!("{p}/"))
+            })
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, o)| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for RemoteConfig {
+    // Option values can be secrets (keys, tokens, SAS): never print them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted: std::collections::BTreeMap<&String, Vec<&String>> = self
+            .options
+            .iter()
+            .map(|(u, o)| (u, o.keys().collect()))
+            .collect();
+        f.debug_struct("RemoteConfig")
+            .field("read_timeout", &self.read_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("retry_timeout", &self.retry_timeout)
+            .field("options (keys only)", &redacted)
+            .finish()
     }
 }
 
@@ -309,6 +381,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_options_pick_the_longest_prefix_and_never_print_values() {
+        let c = Config::parse(
+            "[remote.options.\"s3://b\"]\naws_region = \"r1\"\n[remote.options.\"s3://b/deep\"]\naws_secret_access_key = \"SECRET\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parse");
+        assert_eq!(
+            c.remote.options_for("s3://b/x"),
+            vec![("aws_region".into(), "r1".into())]
+        );
+        assert_eq!(c.remote.options_for("s3://b/deep/y").len(), 1);
+        assert!(c.remote.options_for("s3://bb").is_empty());
+        assert!(!format!("{:?}", c).contains("SECRET"));
+    }
 
     #[test]
     fn sizes_parse_and_print() {

@@ -60,7 +60,17 @@ pub trait RemoteOpener: Send + Sync + std::fmt::Debug {
 /// Opens remotes with [`hsm_remote::open_remote`], one per base URL.
 #[derive(Debug, Default)]
 pub struct UrlRemotes {
+    config: hsm_config::RemoteConfig,
     cache: Mutex<HashMap<String, Arc<dyn Remote>>>,
+}
+
+impl UrlRemotes {
+    pub fn new(config: hsm_config::RemoteConfig) -> Self {
+        UrlRemotes {
+            config,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 impl RemoteOpener for UrlRemotes {
@@ -69,7 +79,7 @@ impl RemoteOpener for UrlRemotes {
         if let Some(r) = cache.get(url) {
             return Ok(r.clone());
         }
-        let r = hsm_remote::open_remote(url)?;
+        let r = hsm_remote::open_remote(url, &self.config)?;
         cache.insert(url.to_string(), r.clone());
         Ok(r)
     }
@@ -404,7 +414,7 @@ impl AgentCore {
             return Ok(Lookup::Hydrated);
         }
         let remote = self.remotes.open(&meta.remote_url)?;
-        let stub = Arc::new(Stub::new(key, dup, meta, map, remote, st.mtime));
+        let stub = Arc::new(Stub::new(key, dup, *meta, map, remote, st.mtime));
         let (stub, inserted, over) = {
             let mut stubs = lock(&self.stubs);
             let mut inserted = false;

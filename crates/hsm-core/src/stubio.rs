@@ -18,7 +18,7 @@ pub enum Loaded {
     /// Populate is still building it.
     Building,
     /// A ready stub.
-    Stub { meta: Meta, map: ResidentMap },
+    Stub { meta: Box<Meta>, map: ResidentMap },
 }
 
 /// Read and decode the marker, and for a ready stub its metadata and map.
@@ -50,7 +50,10 @@ pub fn load(fd: BorrowedFd<'_>) -> Result<Loaded, ServeError> {
     }
     let map = ResidentMap::decode(&buf)?;
     map.check_meta(&meta)?;
-    Ok(Loaded::Stub { meta, map })
+    Ok(Loaded::Stub {
+        meta: Box::new(meta),
+        map,
+    })
 }
 
 const PAGE: usize = 4096;

@@ -128,6 +128,7 @@ impl Rig {
             key: key.to_string(),
             etag: info.etag.clone(),
             version: None,
+            integrity: None,
             extra: vec![],
         };
         let map = ResidentMap::new(42, info.size, shift).expect("map");

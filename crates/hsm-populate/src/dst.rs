@@ -114,6 +114,8 @@ pub struct StubSpec {
     /// resident (nothing to fetch).
     pub holes: Vec<Range<u64>>,
     pub min_granule_shift: u8,
+    /// How the agent verifies fetched chunks (from a manifest with digests).
+    pub integrity: Option<hsm_stub::Integrity>,
 }
 
 /// A stub's xattr values, and where its data markers go.
@@ -134,6 +136,7 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
         key: spec.key.clone(),
         etag: spec.etag.clone(),
         version: spec.version.clone(),
+        integrity: spec.integrity.clone(),
         extra: Vec::new(),
     };
     let shift = choose_granule_shift(spec.size, spec.min_granule_shift);

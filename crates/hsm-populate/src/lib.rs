@@ -433,6 +433,7 @@ fn sync_file(
             Vec::new()
         },
         min_granule_shift: ctx.opts.min_granule_shift,
+        integrity: info.integrity.clone(),
     };
     let replace = match prepare_slot(ctx, dir, rel, &e.name, libc::S_IFREG, present) {
         Slot::Blocked => return,

@@ -35,6 +35,8 @@ pub struct FileInfo {
     pub link_id: Option<(u64, u64)>,
     /// The source may have holes (allocated blocks < size).
     pub maybe_sparse: bool,
+    /// How the agent can verify the object's bytes (a manifest with digests).
+    pub integrity: Option<hsm_stub::Integrity>,
 }
 
 /// The kind of an entry.
@@ -166,6 +168,7 @@ impl Source for LocalSource {
                     version: None,
                     link_id: (md.nlink() > 1).then(|| (md.dev(), md.ino())),
                     maybe_sparse: md.blocks() * 512 < md.size(),
+                    integrity: None,
                 })
             } else if ft.is_symlink() {
                 let target =

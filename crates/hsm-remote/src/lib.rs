@@ -18,8 +18,8 @@ mod store;
 #[cfg(feature = "mock")]
 pub mod mock;
 
-pub use location::{RemoteUrl, key_from_relative_path};
-pub use store::{ObjectStoreRemote, local_etag};
+pub use location::{RemoteUrl, StoreKind, check_key, key_from_relative_path, redact_url};
+pub use store::{ObjectStoreRemote, local_etag, open_store};
 
 /// What a ranged read expects of the object: it must still be the object populate saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -183,8 +183,12 @@ impl<R: Remote + ?Sized> Remote for Arc<R> {
     }
 }
 
-/// Opens remotes from their URLs. The agent keeps one per base URL.
-pub fn open_remote(url: &str) -> Result<Arc<dyn Remote>, RemoteError> {
+/// Opens a remote from its URL with the `[remote]` configuration. The agent keeps one per
+/// base URL.
+pub fn open_remote(
+    url: &str,
+    cfg: &hsm_config::RemoteConfig,
+) -> Result<Arc<dyn Remote>, RemoteError> {
     let parsed = RemoteUrl::parse(url)?;
-    Ok(Arc::new(ObjectStoreRemote::open(&parsed)?))
+    Ok(Arc::new(ObjectStoreRemote::open(&parsed, cfg)?))
 }

@@ -4,19 +4,38 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::RemoteError;
 
-/// A parsed remote base URL. Issue-2 scope: `file://` URLs and plain local paths; the other
-/// schemes object_store knows are recognised so the error can say what is missing.
+/// The kind of object store behind a URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    S3,
+    Azure,
+    Gcs,
+    Http,
+}
+
+/// A parsed remote base URL: a local directory, or an object store URL with an optional
+/// key prefix (`s3://bucket/prefix`, `az://container/prefix`, `gs://bucket/prefix`,
+/// `https://host/prefix`; object_store's other spellings are accepted too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteUrl {
     /// A local directory (object_store's local backend).
     Local { root: PathBuf, url: String },
+    /// An object store; keys are relative to `prefix`.
+    Object {
+        kind: StoreKind,
+        /// The canonical URL stored in stubs (no trailing slash).
+        url: String,
+        /// The URL handed to object_store's builder.
+        store_url: url::Url,
+        prefix: object_store::path::Path,
+    },
 }
 
 impl RemoteUrl {
-    /// Parse a URL (`file:///abs/dir`) or an absolute or relative local directory path.
+    /// Parse a URL or an absolute or relative local directory path.
     pub fn parse(input: &str) -> Result<Self, RemoteError> {
         let err = |detail: String| RemoteError::Config {
-            url: input.to_string(),
+            url: redact_url(input),
             detail,
         };
         if let Some(rest) = input.strip_prefix("file://") {
@@ -31,10 +50,31 @@ impl RemoteUrl {
                 .map_err(|()| err("not a local path".into()))?;
             return Ok(RemoteUrl::local(normalize(&root)));
         }
-        if let Some((scheme, _)) = input.split_once("://") {
-            return Err(err(format!(
-                "the {scheme}:// scheme is not supported by this build (supported: file://)"
-            )));
+        if input.contains("://") {
+            let u = url::Url::parse(input.trim_end_matches('/')).map_err(|e| err(e.to_string()))?;
+            if !u.username().is_empty() || u.password().is_some() {
+                return Err(err(
+                    "credentials do not belong in the URL: use the configuration or the environment".into(),
+                ));
+            }
+            let (scheme, path) =
+                object_store::ObjectStoreScheme::parse(&u).map_err(|e| err(e.to_string()))?;
+            use object_store::ObjectStoreScheme as S;
+            let kind = match scheme {
+                S::AmazonS3 => StoreKind::S3,
+                S::MicrosoftAzure => StoreKind::Azure,
+                S::GoogleCloudStorage => StoreKind::Gcs,
+                S::Http => StoreKind::Http,
+                S::Local => return RemoteUrl::parse(u.path()),
+                other => return Err(err(format!("{other:?} stores are not supported"))),
+            };
+            let prefix = object_store::path::Path::parse(path).map_err(|e| err(e.to_string()))?;
+            return Ok(RemoteUrl::Object {
+                kind,
+                url: u.as_str().trim_end_matches('/').to_string(),
+                store_url: u,
+                prefix,
+            });
         }
         let path = Path::new(input);
         let abs = if path.is_absolute() {
@@ -57,7 +97,7 @@ impl RemoteUrl {
     /// The canonical URL string stored in stubs.
     pub fn as_str(&self) -> &str {
         match self {
-            RemoteUrl::Local { url, .. } => url,
+            RemoteUrl::Local { url, .. } | RemoteUrl::Object { url, .. } => url,
         }
     }
 
@@ -65,8 +105,51 @@ impl RemoteUrl {
     pub fn local_root(&self) -> Option<&Path> {
         match self {
             RemoteUrl::Local { root, .. } => Some(root),
+            RemoteUrl::Object { .. } => None,
         }
     }
+}
+
+/// A URL fit for logs and error messages: no user or password.
+pub fn redact_url(input: &str) -> String {
+    match url::Url::parse(input) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => input.to_string(),
+    }
+}
+
+/// Check an object key (relative to a remote's prefix) before it becomes a path under DST:
+/// every segment must be a plain name. Returns why not, naming the key.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    if key.starts_with('/') {
+        return Err(format!("key {key:?} is absolute"));
+    }
+    for part in key.split('/') {
+        let why = if part.is_empty() {
+            Some("has an empty segment")
+        } else if part == "." || part == ".." {
+            Some("has a '.' or '..' segment that would leave its directory")
+        } else if part.contains('\0') {
+            Some("contains NUL")
+        } else if part.len() > 255 {
+            Some("has a segment longer than 255 bytes")
+        } else if part.chars().any(|c| c.is_ascii_control()) {
+            Some("contains a control character")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(format!("key {key:?} {why}; refused"));
+        }
+    }
+    Ok(())
 }
 
 /// Lexically normalise an absolute path (drop `.`, resolve `..`) without touching the disk.
@@ -135,8 +218,54 @@ mod tests {
             spaced
         );
         assert!(RemoteUrl::parse("file://relative").is_err());
-        let e = RemoteUrl::parse("s3://bucket/prefix").expect_err("unsupported");
-        assert!(e.to_string().contains("s3://"), "{e}");
+        let s3 = RemoteUrl::parse("s3://bucket/pre/fix/").expect("s3");
+        assert!(
+            matches!(&s3, RemoteUrl::Object { kind: StoreKind::S3, prefix, .. } if prefix.as_ref() == "pre/fix")
+        );
+        assert_eq!(s3.as_str(), "s3://bucket/pre/fix");
+        assert!(matches!(
+            RemoteUrl::parse("az://container/p").expect("az"),
+            RemoteUrl::Object {
+                kind: StoreKind::Azure,
+                ..
+            }
+        ));
+        assert!(matches!(
+            RemoteUrl::parse("gs://b").expect("gs"),
+            RemoteUrl::Object {
+                kind: StoreKind::Gcs,
+                ..
+            }
+        ));
+        assert!(matches!(
+            RemoteUrl::parse("http://127.0.0.1:8080/pkgs").expect("http"),
+            RemoteUrl::Object {
+                kind: StoreKind::Http,
+                ..
+            }
+        ));
+        let e = RemoteUrl::parse("https://user:pw@example.com/x").expect_err("credentials in URL");
+        assert!(!e.to_string().contains("pw"), "{e}");
+        assert!(RemoteUrl::parse("ftp://x/y").is_err());
+    }
+
+    #[test]
+    fn keys_that_would_escape_are_refused() {
+        assert!(check_key("a/b/c.txt").is_ok());
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "a/b/",
+            "new\nline",
+            "nul\0x",
+        ] {
+            let e = check_key(bad).expect_err(bad);
+            assert!(e.contains("key") || e.contains("empty"), "{e}");
+        }
     }
 
     #[test]

@@ -8,7 +8,11 @@ use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 
-use crate::{Body, Expect, ObjectInfo, Remote, RemoteError, RemoteUrl};
+use hsm_config::RemoteConfig;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+
+use crate::{Body, Expect, ObjectInfo, Remote, RemoteError, RemoteUrl, StoreKind};
 
 /// A remote backed by an `object_store` implementation.
 #[derive(Debug)]
@@ -19,25 +23,115 @@ pub struct ObjectStoreRemote {
     inline: bool,
 }
 
+/// Build the object_store for `url` with the timeouts, retries and per-URL options of `cfg`.
+/// Keys used with the returned store are relative to the URL's prefix.
+pub fn open_store(
+    url: &RemoteUrl,
+    cfg: &RemoteConfig,
+) -> Result<Arc<dyn ObjectStore>, RemoteError> {
+    let err = |detail: String| RemoteError::Config {
+        url: url.as_str().to_string(),
+        detail,
+    };
+    let (kind, store_url, prefix) = match url {
+        RemoteUrl::Local { root, .. } => {
+            let store = object_store::local::LocalFileSystem::new_with_prefix(root)
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(Arc::new(store));
+        }
+        RemoteUrl::Object {
+            kind,
+            store_url,
+            prefix,
+            ..
+        } => (*kind, store_url, prefix),
+    };
+    let retry = RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: cfg.backoff_initial.0,
+            max_backoff: cfg.backoff_max.0,
+            base: 2.0,
+        },
+        max_retries: cfg.max_retries,
+        retry_timeout: cfg.retry_timeout.0,
+    };
+    let mut client = ClientOptions::new();
+    if !cfg.request_timeout.0.is_zero() {
+        client = client.with_timeout(cfg.request_timeout.0);
+    }
+    if !cfg.connect_timeout.0.is_zero() {
+        client = client.with_connect_timeout(cfg.connect_timeout.0);
+    }
+    let options = cfg.options_for(url.as_str());
+    let bad_key = |k: &str, e: object_store::Error| err(format!("option {k:?}: {e}"));
+    let store: Arc<dyn ObjectStore> = match kind {
+        StoreKind::S3 => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_url(store_url.as_str())
+                .with_retry(retry)
+                .with_client_options(client);
+            for (k, v) in options {
+                let key = k.parse().map_err(|e| bad_key(&k, e))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+        }
+        StoreKind::Azure => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_url(store_url.as_str())
+                .with_retry(retry)
+                .with_client_options(client);
+            for (k, v) in options {
+                let key = k.parse().map_err(|e| bad_key(&k, e))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+        }
+        StoreKind::Gcs => {
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_url(store_url.as_str())
+                .with_retry(retry)
+                .with_client_options(client);
+            for (k, v) in options {
+                let key = k.parse().map_err(|e| bad_key(&k, e))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+        }
+        StoreKind::Http => {
+            let base = &store_url[..url::Position::BeforePath];
+            let mut b = object_store::http::HttpBuilder::new()
+                .with_url(base)
+                .with_retry(retry)
+                .with_client_options(client);
+            for (k, v) in options {
+                let key = k.parse().map_err(|e| bad_key(&k, e))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+        }
+    };
+    if prefix.as_ref().is_empty() {
+        Ok(store)
+    } else {
+        Ok(Arc::new(PrefixStore::new(store, prefix.clone())))
+    }
+}
+
 impl ObjectStoreRemote {
     /// Build the store for a parsed URL.
-    pub fn open(url: &RemoteUrl) -> Result<Self, RemoteError> {
-        match url {
-            RemoteUrl::Local { root, url } => {
-                let store =
-                    object_store::local::LocalFileSystem::new_with_prefix(root).map_err(|e| {
-                        RemoteError::Config {
-                            url: url.clone(),
-                            detail: e.to_string(),
-                        }
-                    })?;
-                Ok(ObjectStoreRemote {
-                    url: url.clone(),
-                    store: Arc::new(store),
-                    inline: true,
-                })
-            }
-        }
+    pub fn open(url: &RemoteUrl, cfg: &RemoteConfig) -> Result<Self, RemoteError> {
+        Ok(ObjectStoreRemote {
+            url: url.as_str().to_string(),
+            store: open_store(url, cfg)?,
+            // object_store's local backend runs its file I/O inline outside a runtime.
+            inline: matches!(url, RemoteUrl::Local { .. }),
+        })
+    }
+
+    /// The store itself (keys relative to the URL's prefix), for listing and publishing.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
     }
 
     /// Wrap any store (used by tests and by later backends).
@@ -211,8 +305,11 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn local(dir: &std::path::Path) -> ObjectStoreRemote {
-        ObjectStoreRemote::open(&RemoteUrl::parse(dir.to_str().expect("utf8")).expect("url"))
-            .expect("open")
+        ObjectStoreRemote::open(
+            &RemoteUrl::parse(dir.to_str().expect("utf8")).expect("url"),
+            &RemoteConfig::default(),
+        )
+        .expect("open")
     }
 
     #[tokio::test]

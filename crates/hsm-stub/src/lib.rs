@@ -21,7 +21,7 @@ mod varint;
 pub use error::FormatError;
 pub use map::{MissingGranules, ResidentMap, choose_granule_shift};
 pub use marker::{MARKER_LEN, Marker, MarkerState};
-pub use meta::{ExtraField, Meta, tags};
+pub use meta::{DigestAlgorithm, ExtraField, Integrity, Meta, tags};
 
 /// Name of the marker xattr. Only CAP_SYS_ADMIN may set `security.*` attributes.
 pub const MARKER_XATTR: &str = "security.bpf.hsm";

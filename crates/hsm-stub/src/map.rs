@@ -649,6 +649,7 @@ mod tests {
             key: "k".into(),
             etag: None,
             version: None,
+            integrity: None,
             extra: vec![],
         };
         assert!(

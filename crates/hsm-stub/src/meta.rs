@@ -28,13 +28,16 @@ pub mod tags {
     pub const ETAG: u8 = 0x05;
     /// `version`: UTF-8. Optional.
     pub const VERSION: u8 = 0x06;
+    /// `integrity`: how fetched chunks are verified (see [`super::Integrity`]). Optional,
+    /// and critical: a reader that cannot verify must not serve the stub at all.
+    pub const INTEGRITY: u8 = 0x87;
     /// Tags with this bit set are critical: a reader that does not know the
     /// tag must reject the whole value instead of ignoring the field.
     pub const CRITICAL: u8 = 0x80;
 
     /// True for the tags this version interprets itself.
     pub const fn is_known(tag: u8) -> bool {
-        matches!(tag, STUB_ID..=VERSION)
+        matches!(tag, STUB_ID..=VERSION | INTEGRITY)
     }
 }
 
@@ -54,9 +57,85 @@ pub struct Meta {
     pub etag: Option<String>,
     /// Object version id, if the store has one.
     pub version: Option<String>,
+    /// How fetched bytes are verified, when a manifest with digests described the object.
+    pub integrity: Option<Integrity>,
     /// Fields from newer writers that this version does not understand but
     /// must round-trip.
     pub extra: Vec<ExtraField>,
+}
+
+/// Digest algorithms for [`Integrity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestAlgorithm {
+    /// BLAKE3, 32-byte digests.
+    Blake3,
+}
+
+impl DigestAlgorithm {
+    fn code(self) -> u8 {
+        match self {
+            DigestAlgorithm::Blake3 => 1,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(DigestAlgorithm::Blake3),
+            _ => None,
+        }
+    }
+}
+
+/// Where the digests that verify a stub's fetched bytes are, and how they were cut: one
+/// digest per `1 << chunk_shift` bytes of the object, listed in the manifest at
+/// `manifest_key` (relative to the stub's remote URL) whose ETag was `manifest_etag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Integrity {
+    /// How chunks are hashed.
+    pub algorithm: DigestAlgorithm,
+    /// log2 of the chunk size the digests were computed over.
+    pub chunk_shift: u8,
+    /// The manifest's key, relative to the stub's remote URL.
+    pub manifest_key: String,
+    /// The manifest's ETag when populate read it.
+    pub manifest_etag: Option<String>,
+}
+
+impl Integrity {
+    fn encoded_len(&self) -> usize {
+        let etag = self.manifest_etag.as_deref().unwrap_or("");
+        2 + varint::len(etag.len() as u64) + etag.len() + self.manifest_key.len()
+    }
+
+    fn encode(&self, buf: &mut Vec<u8>) {
+        let etag = self.manifest_etag.as_deref().unwrap_or("");
+        buf.push(self.algorithm.code());
+        buf.push(self.chunk_shift);
+        varint::push(buf, etag.len() as u64);
+        buf.extend_from_slice(etag.as_bytes());
+        buf.extend_from_slice(self.manifest_key.as_bytes());
+    }
+
+    fn decode(value: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(value, WHAT);
+        let algorithm =
+            DigestAlgorithm::from_code(r.u8()?).ok_or(invalid("unknown digest algorithm"))?;
+        let chunk_shift = r.u8()?;
+        if !(12..=30).contains(&chunk_shift) {
+            return Err(invalid("chunk size out of range"));
+        }
+        let etag_len =
+            usize::try_from(r.varint()?).map_err(|_| FormatError::Truncated { what: WHAT })?;
+        let etag = utf8(r.bytes(etag_len)?)?;
+        let key = utf8(r.rest())?;
+        check_key(&key)?;
+        Ok(Integrity {
+            algorithm,
+            chunk_shift,
+            manifest_key: key,
+            manifest_etag: (!etag.is_empty()).then_some(etag),
+        })
+    }
 }
 
 /// An unknown, non-critical metadata field kept verbatim.
@@ -116,6 +195,10 @@ impl Meta {
         n += field_len(self.key.len());
         n += self.etag.as_ref().map_or(0, |s| field_len(s.len()));
         n += self.version.as_ref().map_or(0, |s| field_len(s.len()));
+        n += self
+            .integrity
+            .as_ref()
+            .map_or(0, |i| field_len(i.encoded_len()));
         n += self
             .extra
             .iter()
@@ -178,6 +261,11 @@ impl Meta {
         if let Some(version) = &self.version {
             push_field(&mut buf, tags::VERSION, version.as_bytes());
         }
+        if let Some(integrity) = &self.integrity {
+            let mut v = Vec::with_capacity(integrity.encoded_len());
+            integrity.encode(&mut v);
+            push_field(&mut buf, tags::INTEGRITY, &v);
+        }
         for f in &self.extra {
             push_field(&mut buf, f.tag, &f.value);
         }
@@ -208,6 +296,7 @@ impl Meta {
         let mut key = None;
         let mut etag = None;
         let mut version = None;
+        let mut integrity = None;
         let mut extra = Vec::new();
         while !r.is_empty() {
             let tag = r.u8()?;
@@ -239,6 +328,7 @@ impl Meta {
                 tags::KEY => key = Some(utf8(value)?),
                 tags::ETAG => etag = Some(utf8(value)?),
                 tags::VERSION => version = Some(utf8(value)?),
+                tags::INTEGRITY => integrity = Some(Integrity::decode(value)?),
                 t if t & tags::CRITICAL != 0 => {
                     return Err(FormatError::UnknownCriticalField { tag: t });
                 }
@@ -255,6 +345,7 @@ impl Meta {
             key: key.ok_or(invalid("missing key"))?,
             etag,
             version,
+            integrity,
             extra,
         };
         check_url(&meta.remote_url)?;
@@ -275,6 +366,7 @@ mod tests {
             key: "dir/file.bin".into(),
             etag: Some("\"d41d8cd98f00b204e9800998ecf8427e\"".into()),
             version: None,
+            integrity: None,
             extra: vec![],
         }
     }
@@ -297,6 +389,29 @@ mod tests {
             (tags::REMOTE_URL, b"file:///srv"),
             (tags::KEY, b"k"),
         ]
+    }
+
+    #[test]
+    fn integrity_round_trips_and_is_critical() {
+        let mut m = sample();
+        m.integrity = Some(Integrity {
+            algorithm: DigestAlgorithm::Blake3,
+            chunk_shift: 20,
+            manifest_key: ".hsm-manifest".into(),
+            manifest_etag: Some("\"e1\"".into()),
+        });
+        let e = m.encode().expect("encode");
+        assert_eq!(e.len(), m.encoded_len());
+        assert_eq!(Meta::decode(&e), Ok(m));
+        // A bad algorithm code fails the whole value: unverifiable stubs are not served.
+        let bad = raw(&[
+            (tags::STUB_ID, &[1, 0, 0, 0, 0, 0, 0, 0]),
+            (tags::REMOTE_SIZE, &[5]),
+            (tags::REMOTE_URL, b"s3://b"),
+            (tags::KEY, b"k"),
+            (tags::INTEGRITY, &[9, 20, 0, b'm']),
+        ]);
+        assert!(Meta::decode(&bad).is_err());
     }
 
     #[test]
@@ -469,6 +584,7 @@ mod tests {
             key: "k".repeat(1024),
             etag: Some("e".repeat(66)),
             version: Some("v".repeat(64)),
+            integrity: None,
             extra: vec![],
         };
         assert_eq!(m.encode().map(|e| e.len()), Ok(MAX_META_LEN));
@@ -485,6 +601,7 @@ mod tests {
             key: "k".repeat(1024),
             etag: Some(format!("\"{}-10000\"", "e".repeat(32))),
             version: Some("v".repeat(64)),
+            integrity: None,
             extra: vec![],
         };
         let e = m.encode().expect("worst case must encode");

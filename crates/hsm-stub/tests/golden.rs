@@ -28,6 +28,7 @@ fn meta_vector() {
         key: "a/b.bin".into(),
         etag: Some("\"abc\"".into()),
         version: None,
+        integrity: None,
         extra: vec![],
     };
     let bytes = hex(

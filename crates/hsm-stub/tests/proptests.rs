@@ -33,6 +33,12 @@ fn meta() -> impl Strategy<Value = Meta> {
                 key,
                 etag,
                 version,
+                integrity: (stub_id % 3 == 0).then(|| hsm_stub::Integrity {
+                    algorithm: hsm_stub::DigestAlgorithm::Blake3,
+                    chunk_shift: 20,
+                    manifest_key: ".hsm-manifest".into(),
+                    manifest_etag: (stub_id % 2 == 0).then(|| "\"etag\"".to_string()),
+                }),
                 extra: extra
                     .into_iter()
                     .map(|(tag, value)| ExtraField { tag, value })
@@ -382,6 +388,7 @@ fn worst_case_xattrs_fit_budget() {
         key: "k".repeat(1024),
         etag: Some(format!("\"{}-10000\"", "e".repeat(32))),
         version: Some("v".repeat(64)),
+        integrity: None,
         extra: vec![],
     };
     let meta = meta.encode().expect("worst-case meta fits MAX_META_LEN");

@@ -122,6 +122,7 @@ fn main() -> ExitCode {
             hsm_agent::run(hsm_agent::AgentOptions {
                 trees: dst,
                 config: cfg.agent.clone(),
+                remote: cfg.remote.clone(),
             })
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from)
