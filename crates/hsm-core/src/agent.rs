@@ -96,7 +96,9 @@ pub trait MarkSink: Send + Sync + std::fmt::Debug {
 pub enum IntentSource {
     /// Read `/proc/TID/syscall` of the blocked thread, only if the answer matters.
     Tid(i32),
-    /// Already known (tests, tools).
+    /// Already classified on an event thread; the thread id is kept for truncate tracking.
+    Seen { tid: i32, access: Access },
+    /// Known without a thread (tests, tools).
     Known(Access),
 }
 
@@ -119,7 +121,7 @@ impl IntentSource {
                 }
                 None
             }
-            IntentSource::Known(a) => Some(a),
+            IntentSource::Seen { access, .. } | IntentSource::Known(access) => Some(access),
         }
     }
 
@@ -145,9 +147,24 @@ impl IntentSource {
         }
     }
 
+    /// Whether the access is already classified (classifying is free).
+    fn is_classified(&self) -> bool {
+        !matches!(self, IntentSource::Tid(_))
+    }
+
+    /// The same source, with the classification attached.
+    fn seen(&self, access: Access) -> IntentSource {
+        match *self {
+            IntentSource::Tid(tid) | IntentSource::Seen { tid, .. } => {
+                IntentSource::Seen { tid, access }
+            }
+            IntentSource::Known(_) => IntentSource::Known(access),
+        }
+    }
+
     fn tid(&self) -> Option<i32> {
         match *self {
-            IntentSource::Tid(t) => Some(t),
+            IntentSource::Tid(t) | IntentSource::Seen { tid: t, .. } => Some(t),
             IntentSource::Known(_) => None,
         }
     }
@@ -167,6 +184,23 @@ pub struct AccessEvent<'a> {
     /// The range as reported (unclamped); `None` means the whole file.
     pub range: Option<FileRange>,
     pub intent: IntentSource,
+}
+
+/// The bytes an access needs local before it may proceed, once its kind is known. A
+/// zero-length range is a truncate to a page boundary (nothing to fill) or a whole-file
+/// remap (everything from there on); an fallocate that moves the file's tail needs
+/// everything from its start to the end.
+fn needed_range(raw: Option<FileRange>, access: Option<Access>) -> Range<u64> {
+    match (raw, access) {
+        (Some(r), Some(Access::Truncate { .. })) if r.count == 0 => r.offset..r.offset,
+        (Some(r), Some(Access::Shift)) => r.offset..u64::MAX,
+        _ => requested(raw),
+    }
+}
+
+/// Whether an event's range alone cannot say what it needs (see [`needed_range`]).
+fn ambiguous(raw: Option<FileRange>) -> bool {
+    raw.is_some_and(|r| r.count == 0)
 }
 
 /// The span every event is handled in: who, which inode, which range.
@@ -235,6 +269,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Granules an inline fill has claimed. Released exactly once: by `release`, or, if the
+/// fill panicked, by `Drop` (so waiters get an error instead of waiting forever and the
+/// granules can be fetched again).
+struct InlineClaim<'a> {
+    stub: &'a Stub,
+    run: Range<u64>,
+    tx: Option<tokio::sync::oneshot::Sender<FillResult>>,
+}
+
+impl InlineClaim<'_> {
+    fn release(&mut self, result: FillResult) {
+        if let Some(tx) = self.tx.take() {
+            let mut s = lock(&self.stub.state);
+            for g in self.run.clone() {
+                s.inflight.remove(&g);
+            }
+            drop(s);
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl Drop for InlineClaim<'_> {
+    fn drop(&mut self) {
+        self.release(Err(Arc::new(ServeError::TaskFailed(
+            "inline fill panicked".into(),
+        ))));
+    }
+}
+
 /// Per-stub mutable state.
 #[derive(Debug)]
 struct StubState {
@@ -256,6 +320,28 @@ struct StubState {
     /// Readahead has been started up to here.
     readahead_until: u64,
     finalized: bool,
+}
+
+impl StubState {
+    /// A sync failed: what it was to make durable may never reach the disk, and the kernel
+    /// reports a writeback error only once, so a retry could "succeed" over lost data.
+    /// Forget residency that is not durable; those granules are fetched and written again.
+    fn forget_unsynced(&mut self) {
+        let floor = self.resident.floor();
+        let modified = self.resident.locally_modified();
+        self.resident = self.durable.clone();
+        self.resident.lower_floor(floor);
+        if modified {
+            self.resident.set_locally_modified();
+        }
+        self.dirty = true;
+    }
+
+    /// A local write was seen (so mtimes are no longer put back) and the map, flag
+    /// included, is fsynced: a further write to durable granules needs nothing from us.
+    fn write_guarded(&self) -> bool {
+        self.restore_mtime.is_none() && self.meta_synced && !self.dirty
+    }
 }
 
 /// A stub the agent is serving.
@@ -520,6 +606,11 @@ impl AgentCore {
         let mut idle: Vec<(u64, InodeKey)> = stubs
             .values()
             .filter(|s| {
+                // Only states nobody else holds: a second state for one inode would have its
+                // own in-flight set, gate and barrier.
+                if Arc::strong_count(s) > 1 {
+                    return false;
+                }
                 let st = lock(&s.state);
                 !st.dirty && !st.queued && st.inflight.is_empty() && s.barrier.borrow().is_none()
             })
@@ -649,7 +740,18 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, Later> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
-        let range = requested(ev.range);
+        let early = if ambiguous(ev.range) {
+            match ev.intent.classify_now() {
+                Some(a) => Some(a),
+                None => return Err(Later(ev.intent)), // still on its way to sleep
+            }
+        } else {
+            None
+        };
+        if let Some(a) = early.filter(|a| *a != Access::Read) {
+            return Err(Later(ev.intent.seen(a)));
+        }
+        let range = needed_range(ev.range, early);
         let (run, needs_intent) = {
             let s = lock(&self.state);
             if s.finalized {
@@ -664,8 +766,12 @@ impl Stub {
             let not_durable = granules
                 .clone()
                 .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
-            let needs_intent =
-                !missing.is_empty() || not_durable || s.dirty || !s.inflight.is_empty();
+            let needs_intent = early.is_none()
+                && (!missing.is_empty()
+                    || not_durable
+                    || s.dirty
+                    || !s.inflight.is_empty()
+                    || !s.write_guarded());
             let run = match (missing.first(), missing.last()) {
                 (Some(&a), Some(&b)) => {
                     let contiguous = b - a + 1 == missing.len() as u64;
@@ -685,17 +791,17 @@ impl Stub {
             };
             (run, needs_intent)
         };
-        let access = if needs_intent {
-            match ev.intent.classify_now() {
+        let access = match early {
+            Some(a) => a,
+            None if needs_intent => match ev.intent.classify_now() {
                 Some(a) => a,
                 None => return Err(Later(ev.intent)), // still on its way to sleep
-            }
-        } else {
-            Access::Read
+            },
+            None => Access::Read,
         };
         if access != Access::Read {
             // Writes need a flush (and truncates a barrier) before they are allowed.
-            return Err(Later(IntentSource::Known(access)));
+            return Err(Later(ev.intent.seen(access)));
         }
         let Some(run) = run else {
             Metrics::inc(&core.metrics.events_resident);
@@ -716,7 +822,7 @@ impl Stub {
         }
         .boxed()
         .shared();
-        {
+        let mut claim = {
             let mut s = lock(&self.state);
             if run
                 .clone()
@@ -727,14 +833,16 @@ impl Stub {
             for g in run.clone() {
                 s.inflight.insert(g, shared.clone());
             }
-        }
+            InlineClaim {
+                stub: self,
+                run: run.clone(),
+                tx: Some(tx),
+            }
+        };
         Metrics::inc(&core.metrics.fills);
         let result = self.fill_inline(core, run.clone());
         {
             let mut s = lock(&self.state);
-            for g in run.clone() {
-                s.inflight.remove(&g);
-            }
             if result.is_ok() {
                 s.resident.set_range_resident(run);
                 s.dirty = true;
@@ -743,6 +851,7 @@ impl Stub {
                 Metrics::inc(&core.metrics.fill_errors);
             }
         }
+        claim.release(result.as_ref().map(|_| ()).map_err(|e| Arc::new(e.clone())));
         let verdict = match &result {
             Ok(()) => {
                 self.readahead(core, range.clone());
@@ -754,7 +863,6 @@ impl Stub {
                 Verdict::Deny(errno)
             }
         };
-        let _ = tx.send(result.map_err(Arc::new));
         Ok(verdict)
     }
 
@@ -814,6 +922,26 @@ impl Stub {
         Ok(())
     }
 
+    /// Clamp `range` to the file and the floor: the granules to fetch, and whether the
+    /// access's kind matters (anything not durable or in flight, or writes not yet guarded).
+    fn plan(&self, range: Range<u64>, st: &FileStat) -> (Range<u64>, Vec<u64>, bool) {
+        let s = lock(&self.state);
+        // Nothing beyond the current size can be read, so nothing there is fetched.
+        let end = range.end.min(st.size);
+        let granules = s.resident.granules_for(range.start.min(end)..end);
+        let missing: Vec<u64> = s.resident.missing(granules.clone()).collect();
+        let not_durable = granules
+            .clone()
+            .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
+        let needs_intent = !missing.is_empty()
+            || not_durable
+            || s.dirty
+            || !s.inflight.is_empty()
+            || self.barrier.borrow().is_some()
+            || !s.write_guarded();
+        (range, missing, needs_intent)
+    }
+
     async fn serve(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
@@ -821,8 +949,7 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, ServeError> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
-        let range = requested(ev.range);
-        let (missing, needs_intent) = {
+        {
             let mut s = lock(&self.state);
             if s.finalized {
                 return Ok(Verdict::AllowAndIgnore);
@@ -835,27 +962,25 @@ impl Stub {
                 Metrics::inc(&core.metrics.truncates);
                 core.queue_persist(self, &mut s);
             }
-            // Nothing beyond the current size can be read, so nothing there is fetched.
-            let end = range.end.min(st.size);
-            let granules = s.resident.granules_for(range.start.min(end)..end);
-            let missing: Vec<u64> = s.resident.missing(granules.clone()).collect();
-            let not_durable = granules
-                .clone()
-                .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
-            let needs_intent = !missing.is_empty()
-                || not_durable
-                || s.dirty
-                || !s.inflight.is_empty()
-                || self.barrier.borrow().is_some();
-            (missing, needs_intent)
-        };
-        // Reading /proc costs a few microseconds; skip it when no answer could change what
-        // we do (everything in range durable, nothing in flight).
-        let access = if needs_intent {
-            ev.intent.classify().await
+        }
+        // Classify first when the range alone cannot say what is needed, or when it is free.
+        let early = if ambiguous(ev.range) || ev.intent.is_classified() {
+            Some(ev.intent.classify().await)
         } else {
-            Access::Read
+            None
         };
+        let (mut range, mut missing, needs_intent) = self.plan(needed_range(ev.range, early), st);
+        // Reading /proc costs a few microseconds; skip it when no answer could change what
+        // we do (everything in range durable, nothing in flight, writes already guarded).
+        let access = match early {
+            Some(a) => a,
+            None if needs_intent => ev.intent.classify().await,
+            None => Access::Read,
+        };
+        if early.is_none() && access == Access::Shift {
+            let planned = self.plan(needed_range(ev.range, Some(access)), st);
+            (range, missing) = (planned.0, planned.1);
+        }
         if !missing.is_empty() {
             if core.shutting_down.load(Ordering::SeqCst) {
                 return Err(ServeError::ShuttingDown);
@@ -869,7 +994,7 @@ impl Stub {
                 }
                 self.readahead(core, range);
             }
-            Access::Write | Access::Truncate { .. } => {
+            Access::Write | Access::Truncate { .. } | Access::Shift => {
                 {
                     let mut s = lock(&self.state);
                     if !s.resident.locally_modified() {
@@ -1257,6 +1382,8 @@ impl Stub {
             return None;
         }
         s.dirty = false;
+        // Until this persist ends, the xattr on disk is not the fsynced one any more.
+        s.meta_synced = false;
         Some(s.resident.clone())
     }
 
@@ -1282,7 +1409,7 @@ impl Stub {
                 Ok(())
             }
             Err(e) => {
-                s.dirty = true;
+                s.forget_unsynced();
                 Err(e.into())
             }
         }
@@ -1391,7 +1518,7 @@ async fn persist_group(core: &Arc<AgentCore>, group: &[Arc<Stub>]) -> Vec<(Arc<S
         }
         Err(e) => {
             for s in group {
-                lock(&s.state).dirty = true;
+                lock(&s.state).forget_unsynced();
                 failed.push((s.clone(), ServeError::TaskFailed(e.to_string())));
             }
         }

@@ -658,3 +658,68 @@ async fn fast_path_denies_with_eio_when_the_object_is_gone() {
     assert_bytes(&read_at(&f, 0, 4096), &[0u8; 4096]);
     assert_eq!(r.metric("denies"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_durable_range_still_marks_the_file_modified() {
+    let r = rig(fast_opts());
+    let f = r.stub("f", "k", pattern(3 << 20, 2), 20);
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::Allow);
+    r.settle().await;
+    assert!(stored_map(&f).expect("map").is_resident(0));
+    // Granule 0 is resident and durable; a write to it must still be seen as a write.
+    assert_eq!(r.access(&f, 0, 4096, Access::Write).await, Verdict::Allow);
+    let map = stored_map(&f).expect("map");
+    assert!(
+        map.locally_modified(),
+        "the flag is durable before the write lands"
+    );
+    // A later fill never puts an older (pre-write) mtime back: change detection (backups,
+    // make, populate) must see the write. Fills may move it forward.
+    f.write_at(b"X", 10).expect("write");
+    let after_write = f.metadata().expect("md").modified().expect("mtime");
+    assert_eq!(r.read(&f, 1 << 20, 4096).await, Verdict::Allow);
+    assert!(f.metadata().expect("md").modified().expect("mtime") >= after_write);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_aligned_truncate_fetches_nothing() {
+    let r = rig(fast_opts());
+    let f = r.stub("f", "k", pattern(8 << 20, 3), 20);
+    // The kernel reports truncate(L) with L page aligned as offset L, count 0.
+    let v = r
+        .access(&f, 1 << 20, 0, Access::Truncate { length: 1 << 20 })
+        .await;
+    assert_eq!(v, Verdict::Allow);
+    assert_eq!(
+        r.remote.inner().bytes_served(),
+        0,
+        "nothing is fetched for bytes being cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_length_read_means_the_whole_rest_of_the_file() {
+    let r = rig(fast_opts());
+    let data = pattern(3 << 20, 4);
+    let f = r.stub("f", "k", data.clone(), 20);
+    // FICLONE of the whole file: offset 0, count 0.
+    assert_eq!(r.read(&f, 0, 0).await, Verdict::Allow);
+    assert_eq!(r.remote.inner().bytes_served(), 3 << 20);
+    assert_bytes(&read_at(&f, 0, 3 << 20), &data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collapse_or_insert_range_needs_everything_after_it() {
+    let r = rig(fast_opts());
+    let f = r.stub("f", "k", pattern(6 << 20, 5), 20);
+    let v = r.access(&f, 1 << 20, 1 << 20, Access::Shift).await;
+    assert_eq!(v, Verdict::Allow);
+    assert_eq!(
+        r.remote.inner().bytes_served(),
+        5 << 20,
+        "granules 1..6 all fetched first"
+    );
+    let map = stored_map(&f).expect("map");
+    assert!(map.locally_modified());
+    assert!(!map.is_resident(0), "granule 0 is not touched by the shift");
+}

@@ -20,6 +20,9 @@ pub enum Access {
     Write,
     /// `truncate`/`ftruncate` to `length` bytes.
     Truncate { length: u64 },
+    /// An `fallocate` that moves the file's tail (collapse or insert range): every byte from
+    /// the range's start to the end of the file must be local first.
+    Shift,
 }
 
 /// The classification and the syscall number it came from (for logs).
@@ -44,6 +47,7 @@ mod nr {
     pub const MMAP: i64 = 9;
     pub const TRUNCATE: i64 = 76;
     pub const FTRUNCATE: i64 = 77;
+    pub const FALLOCATE: i64 = 285;
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -60,6 +64,7 @@ mod nr {
     pub const MMAP: i64 = 222;
     pub const TRUNCATE: i64 = 45;
     pub const FTRUNCATE: i64 = 46;
+    pub const FALLOCATE: i64 = 47;
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -69,9 +74,12 @@ mod nr {
     pub const MMAP: i64 = i64::MIN;
     pub const TRUNCATE: i64 = i64::MIN;
     pub const FTRUNCATE: i64 = i64::MIN;
+    pub const FALLOCATE: i64 = i64::MIN;
 }
 
 const MAP_TYPE_MASK: u64 = 0x0f;
+const FALLOC_FL_COLLAPSE_RANGE: u64 = 0x08;
+const FALLOC_FL_INSERT_RANGE: u64 = 0x20;
 const MAP_PRIVATE: u64 = 0x02;
 
 fn parse_num(s: &str) -> Option<u64> {
@@ -114,6 +122,11 @@ pub fn classify_line(line: &str, fd_read_only: impl FnOnce(i32) -> Option<bool>)
         }
     } else if (nr == nr::TRUNCATE || nr == nr::FTRUNCATE) && args.len() >= 2 {
         Access::Truncate { length: args[1] }
+    } else if nr == nr::FALLOCATE
+        && args.len() >= 2
+        && args[1] & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE) != 0
+    {
+        Access::Shift
     } else {
         Access::Write
     };

@@ -69,8 +69,9 @@ pub fn lookup(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<Option<FileStat>> {
 /// What an existing regular file in DST is.
 #[derive(Debug)]
 pub enum ExistingFile {
-    /// A stub with this metadata.
-    Stub(Meta),
+    /// A stub with this metadata. `modified`: it was written locally since populate (its
+    /// map says so), so it holds local data and is treated like a local file.
+    Stub { meta: Box<Meta>, modified: bool },
     /// A stub whose metadata does not decode (replace it).
     BrokenStub(String),
     /// An ordinary file.
@@ -95,9 +96,17 @@ pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile
     if !xattr::fget(fd.as_fd(), META_XATTR, &mut buf).map_err(|e| err("read meta", name, e))? {
         return Ok(ExistingFile::BrokenStub("marker without metadata".into()));
     }
-    Ok(match Meta::decode(&buf) {
-        Ok(m) => ExistingFile::Stub(m),
-        Err(e) => ExistingFile::BrokenStub(e.to_string()),
+    let meta = match Meta::decode(&buf) {
+        Ok(m) => m,
+        Err(e) => return Ok(ExistingFile::BrokenStub(e.to_string())),
+    };
+    // A map that does not decode says nothing about local writes: assume there were some.
+    let modified = !xattr::fget(fd.as_fd(), MAP_XATTR, &mut buf)
+        .map_err(|e| err("read map", name, e))?
+        || hsm_stub::ResidentMap::decode(&buf).map_or(true, |m| m.locally_modified());
+    Ok(ExistingFile::Stub {
+        meta: Box::new(meta),
+        modified,
     })
 }
 

@@ -160,11 +160,14 @@ fn inc(c: &AtomicU64) {
 struct DeferredLink {
     rel: PathBuf,
     id: (u64, u64),
+    entry: SourceEntry,
 }
 
 struct Ctx<'a> {
     source: &'a dyn Source,
     root: OwnedFd,
+    /// DST's filesystem: populate never descends into another one mounted below it.
+    root_dev: u64,
     opts: &'a Options,
     stats: Stats,
     dirs: Mutex<Vec<(PathBuf, Attrs)>>,
@@ -238,9 +241,13 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     } else {
         ProgressBar::hidden()
     };
+    let root_dev = hsm_kernel::stat::fstatx(root.as_fd())
+        .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?
+        .dev;
     let ctx = Ctx {
         source,
         root,
+        root_dev,
         opts,
         stats: Stats::default(),
         dirs: Mutex::new(Vec::new()),
@@ -404,22 +411,47 @@ fn sync_file(
     present: bool,
 ) {
     ctx.stats.bytes.fetch_add(info.size, Ordering::Relaxed);
-    let key = match &info.key {
-        Ok(k) => k.clone(),
-        Err(why) => return ctx.error(rel, why.clone()),
+    let Some(id) = info.link_id else {
+        place_file(ctx, dir, rel, e, info, present);
+        return;
     };
-    if let Some(id) = info.link_id {
+    {
         let mut primaries = lock(&ctx.link_primary);
         if primaries.contains_key(&id) {
             drop(primaries);
             lock(&ctx.deferred_links).push(DeferredLink {
                 rel: rel.to_path_buf(),
                 id,
+                entry: e.clone(),
             });
             return;
         }
         primaries.insert(id, rel.to_path_buf());
     }
+    if !place_file(ctx, dir, rel, e, info, present) {
+        // Nothing of SRC's stands here (kept local, refused, failed): other names of this
+        // file must not be linked to it; one of them becomes the stub instead.
+        lock(&ctx.link_primary).remove(&id);
+    }
+}
+
+/// Put the stub for `e` at `rel`. Returns whether a stub (or a file already matching SRC)
+/// stands there afterwards.
+fn place_file(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    e: &SourceEntry,
+    info: &FileInfo,
+    present: bool,
+) -> bool {
+    let key = match &info.key {
+        Ok(k) => k.clone(),
+        Err(why) => {
+            ctx.error(rel, why.clone());
+            return false;
+        }
+    };
     let spec = StubSpec {
         url: ctx.source.url().to_string(),
         key,
@@ -436,11 +468,14 @@ fn sync_file(
         integrity: info.integrity.clone(),
     };
     let replace = match prepare_slot(ctx, dir, rel, &e.name, libc::S_IFREG, present) {
-        Slot::Blocked => return,
+        Slot::Blocked => return false,
         Slot::Free => false,
         Slot::Existing(st) => match dst::classify_file(dir, &e.name) {
-            Err(err) => return ctx.error(rel, err),
-            Ok(ExistingFile::Stub(meta))
+            Err(err) => {
+                ctx.error(rel, err);
+                return false;
+            }
+            Ok(ExistingFile::Stub { meta, .. })
                 if meta.remote_url == spec.url
                     && meta.etag == spec.etag
                     && meta.version == spec.version
@@ -451,22 +486,37 @@ fn sync_file(
             {
                 if !dst::attrs_match(&st, &spec.attrs) {
                     if let Err(err) = dst::apply_attrs_at(dir, &e.name, &spec.attrs, false) {
-                        return ctx.error(rel, err);
+                        ctx.error(rel, err);
+                        return false;
                     }
                 }
                 inc(&ctx.stats.stubs_unchanged);
-                return;
+                return true;
             }
-            Ok(ExistingFile::Stub(_) | ExistingFile::BrokenStub(_)) => true,
+            Ok(
+                ExistingFile::Stub {
+                    modified: false, ..
+                }
+                | ExistingFile::BrokenStub(_),
+            ) => true,
+            Ok(ExistingFile::Stub { modified: true, .. }) if !ctx.opts.force => {
+                inc(&ctx.stats.kept_local);
+                ctx.warn(
+                    rel,
+                    "stub was written locally and SRC changed; kept (use --force to replace)",
+                );
+                return false;
+            }
+            Ok(ExistingFile::Stub { modified: true, .. }) => true,
             Ok(ExistingFile::Plain) => {
                 if st.size == spec.size && dst::same_mtime(st.mtime, spec.attrs.mtime) {
                     inc(&ctx.stats.files_unchanged);
-                    return;
+                    return true;
                 }
                 if !ctx.opts.force {
                     inc(&ctx.stats.kept_local);
                     ctx.warn(rel, "local file differs from SRC and is not a stub; kept (use --force to replace)");
-                    return;
+                    return false;
                 }
                 true
             }
@@ -476,8 +526,12 @@ fn sync_file(
         Ok(()) if spec.size == 0 => inc(&ctx.stats.empty_files),
         Ok(()) if replace => inc(&ctx.stats.stubs_replaced),
         Ok(()) => inc(&ctx.stats.stubs_created),
-        Err(err) => ctx.error(rel, err),
+        Err(err) => {
+            ctx.error(rel, err);
+            return false;
+        }
     }
+    true
 }
 
 /// Make room for an entry of type `want` at `name`, removing what populate manages and
@@ -519,10 +573,6 @@ fn prepare_slot(
 /// Remove `name` if populate manages it (stubs, symlinks, directories of such), or always
 /// with `force`. Returns whether it is gone.
 fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name: &OsStr) -> bool {
-    if name.as_encoded_bytes().starts_with(b".hsm-tmp-") {
-        // A replacement left behind by an interrupted run.
-        return dst::unlink(dir, name).is_ok();
-    }
     let st = match dst::lookup(dir, name) {
         Ok(Some(st)) => st,
         Ok(None) => return true,
@@ -532,6 +582,14 @@ fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name: &OsStr) ->
         }
     };
     let removable = if st.is_dir() {
+        if st.dev != ctx.root_dev {
+            inc(&ctx.stats.kept_local);
+            ctx.warn(
+                rel,
+                "another filesystem is mounted here; not descending into it",
+            );
+            return false;
+        }
         let child = match dst::open_child_dir(dir, name) {
             Ok(c) => c,
             Err(e) => {
@@ -566,8 +624,13 @@ fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name: &OsStr) ->
         true
     } else if st.is_file() {
         match dst::classify_file(dir, name) {
-            Ok(ExistingFile::Stub(_) | ExistingFile::BrokenStub(_)) => true,
-            Ok(ExistingFile::Plain) => ctx.opts.force,
+            Ok(
+                ExistingFile::Stub {
+                    modified: false, ..
+                }
+                | ExistingFile::BrokenStub(_),
+            ) => true,
+            Ok(ExistingFile::Stub { modified: true, .. } | ExistingFile::Plain) => ctx.opts.force,
             Err(err) => {
                 ctx.error(rel, err);
                 false
@@ -603,65 +666,102 @@ fn split(rel: &Path) -> (&Path, &OsStr) {
     )
 }
 
-/// Second and later names of hard-linked source files become hard links to the first.
+/// Second and later names of hard-linked source files become hard links to the first; if
+/// no stub stands for the first (a local file was kept there, say), one of them becomes it.
 fn finish_links(ctx: &Ctx<'_>) {
     let links = std::mem::take(&mut *lock(&ctx.deferred_links));
-    let primaries = lock(&ctx.link_primary).clone();
-    links.par_iter().for_each(|DeferredLink { rel, id }| {
-        let Some(primary) = primaries.get(id) else {
-            return ctx.error(rel, "hard-link target was not created".into());
-        };
-        let (pdir, pname) = split(primary);
-        let (ndir, nname) = split(rel);
-        let result = (|| -> Result<(), String> {
-            let pfd = dst::open_beneath(ctx.root.as_fd(), pdir)?;
-            let nfd = dst::open_beneath(ctx.root.as_fd(), ndir)?;
-            let target = dst::lookup(pfd.as_fd(), pname)?
-                .ok_or_else(|| format!("hard-link target {} is missing", primary.display()))?;
-            if let Some(existing) = dst::lookup(nfd.as_fd(), nname)? {
-                if existing.ino == target.ino && existing.dev == target.dev {
-                    return Ok(()); // already linked
+    let mut groups: HashMap<(u64, u64), Vec<DeferredLink>> = HashMap::new();
+    for l in links {
+        groups.entry(l.id).or_default().push(l);
+    }
+    let groups: Vec<((u64, u64), Vec<DeferredLink>)> = groups.into_iter().collect();
+    groups.par_iter().for_each(|(id, names)| {
+        let mut primary = lock(&ctx.link_primary).get(id).cloned();
+        for DeferredLink { rel, entry, .. } in names {
+            match &primary {
+                Some(p) => match link_to(ctx, p, rel) {
+                    Ok(()) => inc(&ctx.stats.hard_links),
+                    Err(e) => ctx.error(rel, e),
+                },
+                None => {
+                    let Kind::File(info) = &entry.kind else {
+                        continue;
+                    };
+                    let (parent, _) = split(rel);
+                    let placed = match dst::open_beneath(ctx.root.as_fd(), parent) {
+                        Ok(dir) => {
+                            let present = dst::lookup(dir.as_fd(), &entry.name)
+                                .ok()
+                                .flatten()
+                                .is_some();
+                            place_file(ctx, dir.as_fd(), rel, entry, info, present)
+                        }
+                        Err(e) => {
+                            ctx.error(rel, e);
+                            false
+                        }
+                    };
+                    if placed {
+                        primary = Some(rel.clone());
+                    }
                 }
-                let managed = existing.is_symlink()
-                    || (existing.is_file()
-                        && !matches!(dst::classify_file(nfd.as_fd(), nname)?, ExistingFile::Plain));
-                if !managed && !ctx.opts.force {
-                    inc(&ctx.stats.kept_local);
-                    ctx.warn(
-                        rel,
-                        "local file is in the way of a hard link; kept (use --force)",
-                    );
-                    return Ok(());
-                }
-                if existing.is_dir() {
-                    return Err("a directory is in the way of a hard link".into());
-                }
-                let tmp = dst::temp_name(nname);
-                nix::unistd::linkat(
-                    pfd.as_fd(),
-                    pname,
-                    nfd.as_fd(),
-                    tmp.as_os_str(),
-                    nix::fcntl::AtFlags::empty(),
-                )
-                .map_err(|e| format!("link: {e}"))?;
-                return nix::fcntl::renameat(nfd.as_fd(), tmp.as_os_str(), nfd.as_fd(), nname)
-                    .map_err(|e| format!("rename: {e}"));
             }
-            nix::unistd::linkat(
-                pfd.as_fd(),
-                pname,
-                nfd.as_fd(),
-                nname,
-                nix::fcntl::AtFlags::empty(),
-            )
-            .map_err(|e| format!("link to {}: {e}", primary.display()))
-        })();
-        match result {
-            Ok(()) => inc(&ctx.stats.hard_links),
-            Err(e) => ctx.error(rel, e),
         }
     });
+}
+
+/// Make `rel` a hard link to `primary` (both relative to DST).
+fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), String> {
+    let (pdir, pname) = split(primary);
+    let (ndir, nname) = split(rel);
+    let pfd = dst::open_beneath(ctx.root.as_fd(), pdir)?;
+    let nfd = dst::open_beneath(ctx.root.as_fd(), ndir)?;
+    let target = dst::lookup(pfd.as_fd(), pname)?
+        .ok_or_else(|| format!("hard-link target {} is missing", primary.display()))?;
+    if let Some(existing) = dst::lookup(nfd.as_fd(), nname)? {
+        if existing.ino == target.ino && existing.dev == target.dev {
+            return Ok(()); // already linked
+        }
+        let managed = existing.is_symlink()
+            || (existing.is_file()
+                && matches!(
+                    dst::classify_file(nfd.as_fd(), nname)?,
+                    ExistingFile::Stub {
+                        modified: false,
+                        ..
+                    } | ExistingFile::BrokenStub(_)
+                ));
+        if !managed && !ctx.opts.force {
+            inc(&ctx.stats.kept_local);
+            ctx.warn(
+                rel,
+                "local file is in the way of a hard link; kept (use --force)",
+            );
+            return Ok(());
+        }
+        if existing.is_dir() {
+            return Err("a directory is in the way of a hard link".into());
+        }
+        let tmp = dst::temp_name(nname);
+        nix::unistd::linkat(
+            pfd.as_fd(),
+            pname,
+            nfd.as_fd(),
+            tmp.as_os_str(),
+            nix::fcntl::AtFlags::empty(),
+        )
+        .map_err(|e| format!("link: {e}"))?;
+        return nix::fcntl::renameat(nfd.as_fd(), tmp.as_os_str(), nfd.as_fd(), nname)
+            .map_err(|e| format!("rename: {e}"));
+    }
+    nix::unistd::linkat(
+        pfd.as_fd(),
+        pname,
+        nfd.as_fd(),
+        nname,
+        nix::fcntl::AtFlags::empty(),
+    )
+    .map_err(|e| format!("link to {}: {e}", primary.display()))
 }
 
 /// Directory owners, modes and times last, deepest first: creating children changes a

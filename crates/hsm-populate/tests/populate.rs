@@ -329,3 +329,73 @@ fn unaddressable_names_are_errors_that_name_the_path() {
     );
     assert_eq!(s.stubs_created, 4, "the rest is still populated");
 }
+
+fn mark_locally_modified(path: &Path) {
+    let f = fs::File::open(path).expect("open");
+    let mut map = ResidentMap::decode(&xattr_of(path, MAP_XATTR).expect("map")).expect("decode");
+    map.set_locally_modified();
+    xattr::fset(f.as_fd(), MAP_XATTR, &map.encode(), xattr::SetMode::Replace).expect("set");
+}
+
+#[test]
+fn stubs_written_locally_are_kept_like_local_files() {
+    let t = tree();
+    run(&t.src, &t.dst, &opts());
+    mark_locally_modified(&t.dst.join("odd name %#?.txt"));
+    fs::write(t.src.join("odd name %#?.txt"), b"new source content").expect("write");
+    let s = run(&t.src, &t.dst, &opts());
+    assert_eq!(s.kept_local, 1, "{s}");
+    assert_eq!(
+        meta_of(&t.dst.join("odd name %#?.txt")).remote_size,
+        3,
+        "old stub kept"
+    );
+    // Removed from SRC: still kept without --force.
+    fs::remove_file(t.src.join("odd name %#?.txt")).expect("rm");
+    let s = run(&t.src, &t.dst, &opts());
+    assert!(t.dst.join("odd name %#?.txt").exists(), "{s}");
+    let s = run(
+        &t.src,
+        &t.dst,
+        &Options {
+            force: true,
+            ..opts()
+        },
+    );
+    assert!(!t.dst.join("odd name %#?.txt").exists(), "{s}");
+}
+
+#[test]
+fn files_named_like_our_temporaries_are_not_ours_to_remove() {
+    let t = tree();
+    run(&t.src, &t.dst, &opts());
+    fs::write(t.dst.join(".hsm-tmp-mine"), b"user data").expect("write");
+    let s = run(&t.src, &t.dst, &opts());
+    assert_eq!(
+        fs::read(t.dst.join(".hsm-tmp-mine")).expect("kept"),
+        b"user data",
+        "{s}"
+    );
+}
+
+#[test]
+fn hard_links_are_never_made_to_a_kept_local_file() {
+    let t = tree();
+    fs::create_dir_all(&t.dst).expect("mkdir");
+    // SRC: top.txt and a/hard are one file. DST: a local top.txt in the way.
+    fs::write(t.dst.join("top.txt"), b"local!").expect("write");
+    let s = run(&t.src, &t.dst, &opts());
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(fs::read(t.dst.join("top.txt")).expect("read"), b"local!");
+    let hard = t.dst.join("a/hard");
+    assert_ne!(
+        fs::metadata(&hard).expect("stat").ino(),
+        fs::metadata(t.dst.join("top.txt")).expect("stat").ino(),
+        "a/hard must not be linked to the local file"
+    );
+    assert_eq!(
+        meta_of(&hard).remote_size,
+        9,
+        "a/hard is a stub of the SRC file"
+    );
+}
