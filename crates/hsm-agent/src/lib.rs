@@ -247,6 +247,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             persist_interval: cfg.persist_interval.0,
             cache_entries: cfg.cache_entries,
             max_bandwidth: cfg.max_bandwidth.0,
+            read_timeout: opts.remote.read_timeout.0,
         },
         Arc::new(UrlRemotes::new(opts.remote.clone())),
         Arc::new(GroupMarks {

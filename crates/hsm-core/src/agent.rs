@@ -37,6 +37,8 @@ pub struct CoreOptions {
     pub cache_entries: usize,
     /// Bytes per second; 0 = unlimited.
     pub max_bandwidth: u64,
+    /// A reader waiting on fetches gets EIO after this long (zero: no limit).
+    pub read_timeout: Duration,
 }
 
 impl Default for CoreOptions {
@@ -48,6 +50,7 @@ impl Default for CoreOptions {
             persist_interval: Duration::from_millis(200),
             cache_entries: 8192,
             max_bandwidth: 0,
+            read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -269,6 +272,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+type ManifestId = (String, String, Option<String>);
+
+/// The digests a manifest lists, by object key.
+#[derive(Debug)]
+struct ManifestDigests {
+    chunk_size: u64,
+    by_key: HashMap<String, Arc<Vec<hsm_manifest::Digest>>>,
+}
+
 /// Granules an inline fill has claimed. Released exactly once: by `release`, or, if the
 /// fill panicked, by `Drop` (so waiters get an error instead of waiting forever and the
 /// granules can be fetched again).
@@ -365,6 +377,8 @@ struct Stub {
     barrier: watch::Sender<Option<u64>>,
     persist_lock: tokio::sync::Mutex<()>,
     last_used: AtomicU64,
+    /// This object's chunk digests, when its metadata names a manifest (loaded on first fill).
+    digests: tokio::sync::OnceCell<Arc<Vec<hsm_manifest::Digest>>>,
 }
 
 /// The agent core. Create with [`AgentCore::new`] inside a tokio runtime.
@@ -384,6 +398,8 @@ pub struct AgentCore {
     /// Held by the persister while it works on a batch (whose snapshots are no longer
     /// marked dirty), so a final flush waits for it instead of skipping those stubs.
     persist_gate: tokio::sync::Mutex<()>,
+    /// Digests of published objects, one entry per (remote URL, manifest key, ETag).
+    manifests: Mutex<HashMap<ManifestId, Arc<tokio::sync::OnceCell<Arc<ManifestDigests>>>>>,
     epoch: Instant,
     /// For spawning from threads outside the runtime (the adapter's event threads).
     rt: tokio::runtime::Handle,
@@ -412,6 +428,7 @@ impl AgentCore {
             fills_running: AtomicU64::new(0),
             fills_done: tokio::sync::Notify::new(),
             persist_gate: tokio::sync::Mutex::new(()),
+            manifests: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             rt: tokio::runtime::Handle::current(),
         });
@@ -640,6 +657,50 @@ impl AgentCore {
         }
     }
 
+    /// The digests listed by the manifest `integrity` names, fetched once per (URL, key,
+    /// ETag) with the ETag recorded at populate time as a precondition.
+    async fn manifest(
+        &self,
+        remote: &Arc<dyn Remote>,
+        integrity: &hsm_stub::Integrity,
+    ) -> Result<Arc<ManifestDigests>, ServeError> {
+        let id = (
+            remote.url().to_string(),
+            integrity.manifest_key.clone(),
+            integrity.manifest_etag.clone(),
+        );
+        let cell = lock(&self.manifests).entry(id).or_default().clone();
+        let m = cell
+            .get_or_try_init(|| async {
+                let info = remote.head(&integrity.manifest_key).await?;
+                let expect = Expect {
+                    etag: integrity.manifest_etag.clone(),
+                    version: None,
+                    size: info.size,
+                };
+                let bytes = remote
+                    .get_range(&integrity.manifest_key, 0..info.size, &expect)
+                    .await?;
+                let manifest = hsm_manifest::Manifest::decode(&bytes).map_err(|e| {
+                    ServeError::Inconsistent(format!("manifest {}: {e}", integrity.manifest_key))
+                })?;
+                let by_key = manifest
+                    .entries
+                    .into_iter()
+                    .filter_map(|e| match e.kind {
+                        hsm_manifest::Kind::File(f) => Some((f.key, Arc::new(f.digests))),
+                        _ => None,
+                    })
+                    .collect();
+                Ok::<_, ServeError>(Arc::new(ManifestDigests {
+                    chunk_size: manifest.chunk_size,
+                    by_key,
+                }))
+            })
+            .await?;
+        Ok(m.clone())
+    }
+
     /// Stop starting fetches: accesses that need one are denied with EIO from now on.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
@@ -728,6 +789,7 @@ impl Stub {
             barrier: watch::channel(None).0,
             persist_lock: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(0),
+            digests: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -782,6 +844,7 @@ impl Stub {
                         || bytes > core.opts.max_request_size
                         || !self.remote.runs_inline()
                         || core.bandwidth.is_some()
+                        || self.meta.integrity.is_some()
                     {
                         return Err(Later(ev.intent));
                     }
@@ -864,6 +927,32 @@ impl Stub {
             }
         };
         Ok(verdict)
+    }
+
+    /// Check every chunk of `bytes` (starting at object offset `start`, chunk aligned)
+    /// against the manifest's digests. A mismatch is never written or marked resident.
+    fn verify(
+        &self,
+        bytes: &[u8],
+        start: u64,
+        list: &[hsm_manifest::Digest],
+        chunk: u64,
+    ) -> Result<(), ServeError> {
+        for (i, piece) in bytes.chunks(chunk as usize).enumerate() {
+            let index = start / chunk + i as u64;
+            let want = list.get(index as usize);
+            if want != Some(&hsm_manifest::digest(piece)) {
+                warn!(path = %self.path(), key = %self.meta.key, chunk = index, "fetched chunk does not match its digest");
+                return Err(RemoteError::Corrupt {
+                    url: self.remote.url().to_string(),
+                    key: self.meta.key.clone(),
+                    chunk: index,
+                    offset: index * chunk,
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Count a ranged read's body and check its length: whatever the remote promises, a
@@ -1140,7 +1229,19 @@ impl Stub {
         if background {
             return Ok(());
         }
-        for r in futures::future::join_all(waits).await {
+        let all = futures::future::join_all(waits);
+        let results = if core.opts.read_timeout.is_zero() {
+            all.await
+        } else {
+            tokio::time::timeout(core.opts.read_timeout, all)
+                .await
+                .map_err(|_| RemoteError::Timeout {
+                    url: self.remote.url().to_string(),
+                    key: self.meta.key.clone(),
+                    after_ms: core.opts.read_timeout.as_millis() as u64,
+                })?
+        };
+        for r in results {
             r.map_err(|e| (*e).clone())?;
         }
         Ok(())
@@ -1208,27 +1309,84 @@ impl Stub {
         core: &Arc<AgentCore>,
         run: Range<u64>,
     ) -> Result<(), ServeError> {
+        let digests = self.digests(core).await?;
+        let chunk = digests.as_ref().map(|(_, c)| *c);
         let bytes = {
             let s = lock(&self.state);
             let start = s.resident.granule_range(run.start).start;
-            let end = s.resident.fetch_range(run.end - 1).end;
+            let mut end = s.resident.fetch_range(run.end - 1).end;
+            if let Some(chunk) = chunk {
+                // Verification needs whole chunks: fetch up to a chunk boundary (writes are
+                // still cut at the floor).
+                end = end.next_multiple_of(chunk).min(self.meta.remote_size);
+            }
             start..end.max(start)
         };
-        let step = core.opts.max_request_size.max(4096);
+        let mut step = core.opts.max_request_size.max(4096);
+        if let Some(chunk) = chunk {
+            step = (step / chunk).max(1) * chunk;
+        }
         let parts: Vec<Range<u64>> = (bytes.start..bytes.end)
             .step_by(step as usize)
             .map(|p| p..(p + step).min(bytes.end))
             .collect();
-        let results =
-            futures::future::join_all(parts.into_iter().map(|p| self.fetch_and_write(core, p)))
-                .await;
+        let results = futures::future::join_all(
+            parts
+                .into_iter()
+                .map(|p| self.fetch_and_write(core, p, digests.clone())),
+        )
+        .await;
         results.into_iter().collect()
+    }
+
+    /// The digests of this object and their chunk size, when its metadata names a manifest:
+    /// loaded once (the manifest once per agent), checked against what the metadata says.
+    async fn digests(
+        &self,
+        core: &Arc<AgentCore>,
+    ) -> Result<Option<(Arc<Vec<hsm_manifest::Digest>>, u64)>, ServeError> {
+        let Some(integrity) = &self.meta.integrity else {
+            return Ok(None);
+        };
+        let chunk = 1u64 << integrity.chunk_shift;
+        let list = self
+            .digests
+            .get_or_try_init(|| async {
+                let manifest = core.manifest(&self.remote, integrity).await?;
+                if manifest.chunk_size != chunk {
+                    return Err(ServeError::Inconsistent(format!(
+                        "manifest chunk size {} differs from the stub's {chunk}",
+                        manifest.chunk_size
+                    )));
+                }
+                let list = manifest
+                    .by_key
+                    .get(&self.meta.key)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ServeError::Inconsistent(format!(
+                            "manifest {} has no digests for {:?}",
+                            integrity.manifest_key, self.meta.key
+                        ))
+                    })?;
+                if list.len() as u64 != hsm_manifest::chunk_count(self.meta.remote_size, chunk) {
+                    return Err(ServeError::Inconsistent(format!(
+                        "manifest lists {} digests for {} bytes",
+                        list.len(),
+                        self.meta.remote_size
+                    )));
+                }
+                Ok(list)
+            })
+            .await?;
+        Ok(Some((list.clone(), chunk)))
     }
 
     async fn fetch_and_write(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         part: Range<u64>,
+        digests: Option<(Arc<Vec<hsm_manifest::Digest>>, u64)>,
     ) -> Result<(), ServeError> {
         let data = {
             let _slot = core
@@ -1240,11 +1398,24 @@ impl Stub {
                 bw.acquire(part.end - part.start).await;
             }
             Metrics::inc(&core.metrics.remote_requests);
-            let data = self
-                .remote
-                .get_body(&self.meta.key, part.clone(), &self.expect)
-                .await?;
-            self.accept_body(core, &part, data)?
+            let data = match &digests {
+                // Verifying needs the bytes themselves.
+                Some(_) => Body::Bytes(
+                    self.remote
+                        .get_range(&self.meta.key, part.clone(), &self.expect)
+                        .await?,
+                ),
+                None => {
+                    self.remote
+                        .get_body(&self.meta.key, part.clone(), &self.expect)
+                        .await?
+                }
+            };
+            let data = self.accept_body(core, &part, data)?;
+            if let (Some((list, chunk)), Body::Bytes(bytes)) = (&digests, &data) {
+                self.verify(bytes, part.start, list, *chunk)?;
+            }
+            data
         };
         self.write_part(core, part.start, data).await
     }

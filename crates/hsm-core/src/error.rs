@@ -78,6 +78,8 @@ pub fn deny_errno(e: &ServeError) -> DenyErrno {
             RemoteError::InvalidKey { .. } => DenyErrno::Eio,
             RemoteError::Failed { .. } => DenyErrno::Eio,
             RemoteError::Config { .. } => DenyErrno::Eio,
+            RemoteError::Corrupt { .. } => DenyErrno::Eio,
+            RemoteError::Timeout { .. } => DenyErrno::Eio,
         },
         ServeError::Local(l) => match l {
             LocalError::NoSpace { .. } => DenyErrno::Enospc,
@@ -201,6 +203,25 @@ mod doc_tests {
                 RemoteError::Config {
                     url: url.clone(),
                     detail: detail.clone(),
+                }
+                .into(),
+            ),
+            (
+                "fetched bytes do not match the manifest's digest",
+                RemoteError::Corrupt {
+                    url: url.clone(),
+                    key: key.clone(),
+                    chunk: 3,
+                    offset: 0,
+                }
+                .into(),
+            ),
+            (
+                "remote did not deliver within the read timeout",
+                RemoteError::Timeout {
+                    url: url.clone(),
+                    key: key.clone(),
+                    after_ms: 1,
                 }
                 .into(),
             ),

@@ -150,6 +150,76 @@ impl Rig {
         f
     }
 
+    /// A stub whose metadata names a manifest with chunk digests (4 KiB chunks). With
+    /// `wrong_chunk`, the manifest's digest for that chunk is wrong.
+    fn verified_stub(
+        &self,
+        name: &str,
+        key: &str,
+        data: Vec<u8>,
+        wrong_chunk: Option<usize>,
+    ) -> File {
+        let chunk = 4096u64;
+        let mut digests = hsm_manifest::chunk_digests(&data, chunk);
+        if let Some(i) = wrong_chunk {
+            digests[i][0] ^= 1;
+        }
+        let attrs = hsm_manifest::Attrs {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            atime: (0, 0),
+        };
+        let info = self.remote.inner().put(key, data.clone());
+        let manifest = hsm_manifest::Manifest {
+            chunk_size: chunk,
+            entries: vec![
+                hsm_manifest::Entry {
+                    path: "".into(),
+                    kind: hsm_manifest::Kind::Dir,
+                    attrs,
+                },
+                hsm_manifest::Entry {
+                    path: key.into(),
+                    kind: hsm_manifest::Kind::File(hsm_manifest::FileObject {
+                        size: data.len() as u64,
+                        key: key.into(),
+                        etag: info.etag.clone(),
+                        version: None,
+                        digests,
+                    }),
+                    attrs,
+                },
+            ],
+        };
+        let m = self.remote.inner().put(
+            hsm_manifest::MANIFEST_KEY,
+            manifest.encode().expect("manifest"),
+        );
+        let f = self.stub(name, key, data, 20);
+        // stub() re-put the object; keep the ETag the manifest names and add the integrity.
+        let mut buf = Vec::new();
+        xattr::fget(f.as_fd(), META_XATTR, &mut buf).expect("meta");
+        let mut meta = Meta::decode(&buf).expect("decode");
+        meta.etag = self.remote.inner().expect_for(key).and_then(|e| e.etag);
+        meta.integrity = Some(hsm_stub::Integrity {
+            algorithm: hsm_stub::DigestAlgorithm::Blake3,
+            chunk_shift: 12,
+            manifest_key: hsm_manifest::MANIFEST_KEY.into(),
+            manifest_etag: m.etag,
+        });
+        xattr::fset(
+            f.as_fd(),
+            META_XATTR,
+            &meta.encode().expect("meta"),
+            SetMode::Replace,
+        )
+        .expect("set");
+        let _ = info;
+        f
+    }
+
     async fn access(&self, f: &File, offset: u64, count: u64, access: Access) -> Verdict {
         self.core
             .handle(AccessEvent {
@@ -722,4 +792,50 @@ async fn collapse_or_insert_range_needs_everything_after_it() {
     let map = stored_map(&f).expect("map");
     assert!(map.locally_modified());
     assert!(!map.is_resident(0), "granule 0 is not touched by the shift");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_stubs_check_every_chunk_before_writing() {
+    let r = rig(fast_opts());
+    let data = pattern((2 << 20) + 100, 6);
+    let f = r.verified_stub("f", "k", data.clone(), None);
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::Allow);
+    assert_bytes(&read_at(&f, 0, 1 << 20), &data[..1 << 20]);
+    // The body is corrupted on the way: nothing written, nothing resident, EIO.
+    r.remote.fail_next(1, Fault::Corrupt);
+    assert_eq!(
+        r.read(&f, 1 << 20, 4096).await,
+        Verdict::Deny(DenyErrno::Eio)
+    );
+    assert_bytes(&read_at(&f, 1 << 20, 4096), &[0u8; 4096]);
+    // The fault gone, the same read works and the tail chunk verifies too.
+    assert_eq!(r.read(&f, 1 << 20, 8 << 20).await, Verdict::Allow);
+    assert_bytes(&read_at(&f, 0, data.len() + 10), &data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_mismatch_is_eio_and_never_resident() {
+    let r = rig(fast_opts());
+    let data = pattern(1 << 20, 7);
+    let f = r.verified_stub("f", "k", data, Some(5));
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::Deny(DenyErrno::Eio));
+    r.settle().await;
+    assert_eq!(stored_map(&f).expect("map").resident_count(), 0);
+    assert_bytes(&read_at(&f, 0, 8192), &[0u8; 8192]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_remote_gives_eio_after_the_read_timeout() {
+    let r = rig(CoreOptions {
+        read_timeout: Duration::from_millis(200),
+        ..fast_opts()
+    });
+    let f = r.stub("f", "k", pattern(1 << 20, 8), 20);
+    r.remote.pause();
+    let t = std::time::Instant::now();
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::Deny(DenyErrno::Eio));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    r.remote.resume();
+    // Once the remote answers, the fill that kept running completes and reads work.
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::Allow);
 }

@@ -111,6 +111,21 @@ pub enum RemoteError {
     },
     #[error("remote {url:?}: {detail}")]
     Config { url: String, detail: String },
+    #[error(
+        "{url}: chunk {chunk} of {key:?} (bytes {offset}..) does not match its digest in the manifest; not written"
+    )]
+    Corrupt {
+        url: String,
+        key: String,
+        chunk: u64,
+        offset: u64,
+    },
+    #[error("{url}: reading {key:?} took longer than the read timeout ({after_ms} ms)")]
+    Timeout {
+        url: String,
+        key: String,
+        after_ms: u64,
+    },
 }
 
 /// A remote object store, as the agent and populate need it.
