@@ -421,6 +421,61 @@ pub fn chunk_digests(data: &[u8], chunk_size: u64) -> Vec<Digest> {
     data.chunks(chunk_size as usize).map(digest).collect()
 }
 
+/// Chunk digests of a stream fed in pieces of any size (the same digests
+/// [`chunk_digests`] gives for the concatenation).
+#[derive(Debug, Clone)]
+pub struct ChunkDigester {
+    chunk_size: u64,
+    in_chunk: u64,
+    hasher: blake3::Hasher,
+    digests: Vec<Digest>,
+    total: u64,
+}
+
+impl ChunkDigester {
+    pub fn new(chunk_size: u64) -> Self {
+        ChunkDigester {
+            chunk_size,
+            in_chunk: 0,
+            hasher: blake3::Hasher::new(),
+            digests: Vec::new(),
+            total: 0,
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        while !data.is_empty() {
+            let take = ((self.chunk_size - self.in_chunk) as usize).min(data.len());
+            self.hasher.update(&data[..take]);
+            self.in_chunk += take as u64;
+            data = &data[take..];
+            if self.in_chunk == self.chunk_size {
+                self.digests.push(*self.hasher.finalize().as_bytes());
+                self.hasher.reset();
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The digests, one per chunk (the last may cover a short chunk).
+    pub fn finish(mut self) -> Vec<Digest> {
+        if self.in_chunk > 0 {
+            self.digests.push(*self.hasher.finalize().as_bytes());
+        }
+        self.digests
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +488,20 @@ mod tests {
             mtime: (1_700_000_000, 5),
             atime: (1_700_000_001, 0),
         }
+    }
+
+    #[test]
+    fn streaming_digests_match_whole_buffer() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for pieces in [1usize, 7, 4096, 5000, 20_000] {
+            let mut d = ChunkDigester::new(4096);
+            for p in data.chunks(pieces) {
+                d.update(p);
+            }
+            assert_eq!(d.len(), 20_000);
+            assert_eq!(d.finish(), chunk_digests(&data, 4096), "pieces of {pieces}");
+        }
+        assert!(ChunkDigester::new(4096).finish().is_empty());
     }
 
     fn sample() -> Manifest {

@@ -7,6 +7,8 @@
 //! files that are not stubs) are never overwritten or removed without `force`.
 
 pub mod dst;
+pub mod publish;
+pub mod remote;
 pub mod source;
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +28,41 @@ use tracing::warn;
 use crate::dst::{ExistingFile, StubSpec};
 use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry};
 
+pub use publish::{PublishOptions, PublishSummary, publish};
+pub use remote::RemoteSource;
 pub use source::LocalSource;
+
+/// The source for `input`: a local directory is walked unless it holds a published manifest;
+/// an object-store URL is read through its manifest, or its listing when it has none.
+pub fn open_source(
+    input: &str,
+    cfg: &hsm_config::RemoteConfig,
+) -> Result<Box<dyn Source>, PopulateError> {
+    let parsed =
+        hsm_remote::RemoteUrl::parse(input).map_err(|e| PopulateError::Setup(e.to_string()))?;
+    if let Some(root) = parsed.local_root() {
+        if !root.join(hsm_manifest::MANIFEST_KEY).exists() {
+            return Ok(Box::new(
+                LocalSource::open(input).map_err(PopulateError::Setup)?,
+            ));
+        }
+        // Canonical, so stubs name the same URL whichever path reached the tree.
+        let real = std::fs::canonicalize(root)
+            .map_err(|e| PopulateError::Setup(format!("{}: {e}", root.display())))?;
+        let real = real.to_str().ok_or_else(|| {
+            PopulateError::Setup(format!(
+                "{}: the source path must be valid UTF-8",
+                real.display()
+            ))
+        })?;
+        return Ok(Box::new(
+            RemoteSource::open(real, cfg).map_err(PopulateError::Setup)?,
+        ));
+    }
+    Ok(Box::new(
+        RemoteSource::open(input, cfg).map_err(PopulateError::Setup)?,
+    ))
+}
 
 /// How to populate.
 #[derive(Debug, Clone)]
@@ -267,6 +303,9 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
 
     let st = &ctx.stats;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    for (key, why) in source.refused() {
+        ctx.error(Path::new(&key), format!("refused: {why}"));
+    }
     let mut errors = std::mem::take(&mut *lock(&ctx.errors));
     errors.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Summary {
@@ -464,7 +503,10 @@ fn place_file(
         } else {
             Vec::new()
         },
-        min_granule_shift: ctx.opts.min_granule_shift,
+        min_granule_shift: ctx
+            .opts
+            .min_granule_shift
+            .max(ctx.source.min_granule_shift()),
         integrity: info.integrity.clone(),
     };
     let replace = match prepare_slot(ctx, dir, rel, &e.name, libc::S_IFREG, present) {

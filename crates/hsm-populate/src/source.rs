@@ -1,7 +1,7 @@
 //! What populate copies from: a tree of directories, files, symlinks and their metadata.
 //!
-//! The local walker is the only source in this version; listing- and manifest-based object
-//! store sources produce the same [`SourceEntry`] model.
+//! The local walker ([`LocalSource`]) and the object-store source ([`crate::remote::RemoteSource`],
+//! from a manifest or a listing) produce the same [`SourceEntry`] model.
 
 use std::ffi::OsString;
 use std::ops::Range;
@@ -78,6 +78,16 @@ pub trait Source: Sync {
     /// The ETag `key` has now, if it exists (used for hard-linked files, whose stubs name
     /// whichever of their paths was seen first).
     fn current_etag(&self, key: &str) -> Option<String>;
+    /// log2 of the smallest granule the source needs (a manifest's chunk size, so every
+    /// fetch covers whole verifiable chunks).
+    fn min_granule_shift(&self) -> u8 {
+        hsm_stub::MIN_GRANULE_SHIFT
+    }
+    /// Entries of the source that cannot be created (keys that would escape DST, names
+    /// that clash): (key, why). Reported as errors; never created.
+    fn refused(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// A local directory, served to the agent through object_store's local backend.

@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Create or update a stub tree at DST mirroring SRC.
     Populate {
-        /// Source: a local directory or a file:// URL.
+        /// Source: a local directory, or a URL (file://, s3://, az://, gs://, http(s)://)
+        /// holding a published tree (.hsm-manifest) or, for object stores, any objects.
         src: String,
         /// Destination directory (created if missing) on ext4, xfs or btrfs.
         dst: PathBuf,
@@ -41,6 +42,29 @@ enum Command {
         /// Smallest granule, a power of two (default: [populate] min_granule).
         #[arg(long)]
         min_granule: Option<ByteSize>,
+        /// Never draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Upload a local tree to a store and write its manifest (re-runs skip unchanged files).
+    Publish {
+        /// The local directory to publish.
+        src: PathBuf,
+        /// Where: file://, s3://, az://, gs:// or http(s):// (WebDAV) URL with a prefix.
+        url: String,
+        /// Files uploaded at once.
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// Bytes per digest chunk, a power of two from 4 KiB to 1 GiB; it is also the
+        /// smallest granule of stubs populated from this manifest.
+        #[arg(long, default_value = "1MiB")]
+        chunk_size: ByteSize,
+        /// Write the manifest even if some entries failed (they are left out of it).
+        #[arg(long)]
+        allow_errors: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
         /// Never draw a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -104,6 +128,27 @@ fn main() -> ExitCode {
             }
             populate(&cfg, &src, &dst, force, json, !no_progress)
         }
+        Command::Publish {
+            src,
+            url,
+            jobs,
+            chunk_size,
+            allow_errors,
+            json,
+            no_progress,
+        } => publish(
+            &cfg,
+            &src,
+            &url,
+            &hsm_populate::PublishOptions {
+                jobs,
+                chunk_size: chunk_size.0,
+                progress: !no_progress,
+                allow_errors,
+                ..Default::default()
+            },
+            json,
+        ),
         Command::Agent {
             dst,
             mark,
@@ -147,7 +192,7 @@ fn populate(
 ) -> anyhow::Result<ExitCode> {
     cfg.validate(std::path::Path::new("command line"))
         .context("invalid option")?;
-    let source = hsm_populate::LocalSource::open(src).map_err(anyhow::Error::msg)?;
+    let source = hsm_populate::open_source(src, &cfg.remote)?;
     let opts = hsm_populate::Options {
         min_granule_shift: cfg.populate.min_granule.0.trailing_zeros() as u8,
         jobs: cfg.populate.jobs,
@@ -155,9 +200,37 @@ fn populate(
         progress,
         require_served_fs: true,
     };
-    let summary = hsm_populate::populate(&source, dst, &opts)?;
+    let summary = hsm_populate::populate(source.as_ref(), dst, &opts)?;
     for e in &summary.errors {
         eprintln!("hsm: populate: {}: {}", e.path, e.error);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!("{summary}");
+    }
+    Ok(if summary.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn publish(
+    cfg: &Config,
+    src: &std::path::Path,
+    url: &str,
+    opts: &hsm_populate::PublishOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    cfg.validate(std::path::Path::new("command line"))
+        .context("invalid option")?;
+    let src = src
+        .to_str()
+        .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
+    let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
+    for e in &summary.errors {
+        eprintln!("hsm: publish: {}: {}", e.path, e.error);
     }
     if json {
         println!("{}", serde_json::to_string(&summary)?);

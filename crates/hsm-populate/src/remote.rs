@@ -1,0 +1,458 @@
+//! Sources behind object-store URLs: a published manifest when there is one at the prefix
+//! (full metadata and digests), otherwise a listing (sizes, ETags, directories implied by
+//! key prefixes, default modes). Everything is read up front; `list` serves from memory.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use hsm_config::RemoteConfig;
+use hsm_kernel::stat::Timestamp;
+use hsm_manifest::{MANIFEST_KEY, Manifest};
+use hsm_remote::{RemoteUrl, check_key, open_store};
+use hsm_stub::{DigestAlgorithm, Integrity};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry};
+
+/// A tree read from an object store.
+#[derive(Debug)]
+pub struct RemoteSource {
+    url: String,
+    root: Attrs,
+    dirs: HashMap<PathBuf, Vec<SourceEntry>>,
+    etags: HashMap<String, Option<String>>,
+    holes: HashMap<PathBuf, Vec<Range<u64>>>,
+    chunk_shift: Option<u8>,
+    /// Keys refused (they would escape DST, or cannot be names): reported, never created.
+    pub refused: Vec<(String, String)>,
+    /// Whether the tree came from a manifest (else from a listing).
+    pub from_manifest: bool,
+    local_root: Option<PathBuf>,
+}
+
+fn ts(sec: i64, nsec: u32) -> Timestamp {
+    Timestamp { sec, nsec }
+}
+
+fn to_attrs(a: &hsm_manifest::Attrs) -> Attrs {
+    Attrs {
+        mode: a.mode & 0o7777,
+        uid: a.uid,
+        gid: a.gid,
+        atime: ts(a.atime.0, a.atime.1),
+        mtime: ts(a.mtime.0, a.mtime.1),
+    }
+}
+
+/// The ETags the store reports now for the manifest's objects, when they differ from the
+/// ones the manifest recorded (a static server or CDN in front of the published copy computes
+/// its own): from a listing when the store can list, else from one HEAD per object unless a
+/// probe shows the recorded ETags hold. `None` means the recorded ETags are right.
+async fn current_etags(
+    store: &dyn ObjectStore,
+    url: &str,
+    m: &Manifest,
+) -> Result<Option<HashMap<String, Option<String>>>, String> {
+    use futures::StreamExt;
+    let files: Vec<&hsm_manifest::FileObject> = m.files_by_key().into_values().collect();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(list) = store.list(None).try_collect::<Vec<_>>().await {
+        return Ok(Some(
+            list.into_iter()
+                .map(|o| (o.location.as_ref().to_string(), o.e_tag))
+                .collect(),
+        ));
+    }
+    let probe = files
+        .iter()
+        .min_by_key(|f| f.key.as_str())
+        .expect("not empty");
+    if let Ok(meta) = store.head(&ObjectPath::from(probe.key.as_str())).await {
+        if meta.e_tag.is_some() && meta.e_tag == probe.etag {
+            return Ok(None);
+        }
+    }
+    tracing::info!(
+        "{url}: the store cannot list and reports other ETags than the manifest; \
+         asking it for each of {} objects",
+        files.len()
+    );
+    let heads: Vec<(String, Option<Option<String>>)> = futures::stream::iter(files)
+        .map(|f| async move {
+            let r = store.head(&ObjectPath::from(f.key.as_str())).await;
+            match r {
+                Ok(meta) => Ok((f.key.clone(), Some(meta.e_tag))),
+                Err(object_store::Error::NotFound { .. }) => Ok((f.key.clone(), None)),
+                Err(e) => Err(format!("{url}: HEAD {:?}: {e}", f.key)),
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    Ok(Some(
+        heads
+            .into_iter()
+            .filter_map(|(k, e)| e.map(|e| (k, e)))
+            .collect(),
+    ))
+}
+
+impl RemoteSource {
+    /// Read the tree at `url`.
+    pub fn open(url: &str, cfg: &RemoteConfig) -> Result<Self, String> {
+        let parsed = RemoteUrl::parse(url).map_err(|e| e.to_string())?;
+        let store = open_store(&parsed, cfg).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        let canonical = parsed.as_str().to_string();
+        let local_root = parsed.local_root().map(Path::to_path_buf);
+        let mut src = rt.block_on(async move {
+            match store.get(&ObjectPath::from(MANIFEST_KEY)).await {
+                Ok(result) => {
+                    let etag = result.meta.e_tag.clone();
+                    let bytes = result
+                        .bytes()
+                        .await
+                        .map_err(|e| format!("{canonical}: reading {MANIFEST_KEY}: {e}"))?;
+                    let manifest = Manifest::decode(&bytes)
+                        .map_err(|e| format!("{canonical}/{MANIFEST_KEY}: {e}"))?;
+                    let current = current_etags(store.as_ref(), &canonical, &manifest).await?;
+                    Ok(Self::from_manifest(
+                        canonical,
+                        &manifest,
+                        etag,
+                        current.as_ref(),
+                    ))
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    Self::from_listing(canonical, store.as_ref()).await
+                }
+                Err(e) => Err(format!("{canonical}: reading {MANIFEST_KEY}: {e}")),
+            }
+        })?;
+        src.local_root = local_root;
+        Ok(src)
+    }
+
+    fn empty(url: String, root: Attrs, from_manifest: bool) -> Self {
+        RemoteSource {
+            url,
+            root,
+            dirs: HashMap::from([(PathBuf::new(), Vec::new())]),
+            etags: HashMap::new(),
+            holes: HashMap::new(),
+            chunk_shift: None,
+            refused: Vec::new(),
+            from_manifest,
+            local_root: None,
+        }
+    }
+
+    /// Add `entry` at `rel`, creating implied parent directories with `dir_attrs`.
+    fn insert(&mut self, rel: &Path, entry: SourceEntry, dir_attrs: Attrs) {
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        let mut missing = Vec::new();
+        let mut p = parent.clone();
+        while !self.dirs.contains_key(&p) {
+            missing.push(p.clone());
+            match p.parent() {
+                Some(pp) => p = pp.to_path_buf(),
+                None => break,
+            }
+        }
+        for d in missing.into_iter().rev() {
+            self.dirs.insert(d.clone(), Vec::new());
+            let up = d.parent().unwrap_or(Path::new("")).to_path_buf();
+            let name = d.file_name().map(OsString::from).unwrap_or_default();
+            if let Some(list) = self.dirs.get_mut(&up) {
+                list.push(SourceEntry {
+                    name,
+                    kind: Kind::Dir,
+                    attrs: dir_attrs,
+                });
+            }
+        }
+        if entry.kind == Kind::Dir {
+            // Explicit directory: replace implied attributes if it was implied already.
+            if self.dirs.contains_key(rel) {
+                if let Some(list) = self.dirs.get_mut(&parent) {
+                    if let Some(e) = list.iter_mut().find(|e| e.name == entry.name) {
+                        e.attrs = entry.attrs;
+                        return;
+                    }
+                }
+            }
+            self.dirs.insert(rel.to_path_buf(), Vec::new());
+        }
+        if let Some(list) = self.dirs.get_mut(&parent) {
+            list.push(entry);
+        }
+    }
+
+    fn from_manifest(
+        url: String,
+        m: &Manifest,
+        etag: Option<String>,
+        current: Option<&HashMap<String, Option<String>>>,
+    ) -> Self {
+        let root = m
+            .entries
+            .iter()
+            .find(|e| e.path.is_empty())
+            .map(|e| to_attrs(&e.attrs))
+            .unwrap_or(Attrs {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                atime: ts(0, 0),
+                mtime: ts(0, 0),
+            });
+        let mut src = Self::empty(url, root, true);
+        let chunk_shift = m.chunk_size.trailing_zeros() as u8;
+        src.chunk_shift = Some(chunk_shift);
+        let integrity = Integrity {
+            algorithm: DigestAlgorithm::Blake3,
+            chunk_shift,
+            manifest_key: MANIFEST_KEY.to_string(),
+            manifest_etag: etag,
+        };
+        // Files that have other names share a link id (the target's index).
+        let index: HashMap<&str, usize> = m
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.as_str(), i))
+            .collect();
+        let linked: std::collections::HashSet<usize> = m
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                hsm_manifest::Kind::HardLink { to } => index.get(to.as_str()).copied(),
+                _ => None,
+            })
+            .collect();
+        let zero_full = hsm_manifest::digest(&vec![0u8; m.chunk_size as usize]);
+        let default_dir = root;
+        // Directories first, so implied parents get their real attributes.
+        let mut order: Vec<&hsm_manifest::Entry> =
+            m.entries.iter().filter(|e| !e.path.is_empty()).collect();
+        order.sort_by_key(|e| !matches!(e.kind, hsm_manifest::Kind::Dir));
+        for e in order {
+            let rel = PathBuf::from(&e.path);
+            let name = rel.file_name().map(OsString::from).unwrap_or_default();
+            let attrs = to_attrs(&e.attrs);
+            // The ETag the store reports now (or the recorded one); None if the object is gone.
+            let etag_now = |f: &hsm_manifest::FileObject| match current {
+                None => Some(f.etag.clone()),
+                Some(c) => c.get(&f.key).cloned(),
+            };
+            let file_info = |f: &hsm_manifest::FileObject, id: Option<usize>, etag| FileInfo {
+                size: f.size,
+                key: Ok(f.key.clone()),
+                etag,
+                version: f.version.clone(),
+                link_id: id.map(|i| (u64::MAX, i as u64)),
+                maybe_sparse: true,
+                integrity: Some(integrity.clone()),
+            };
+            let kind = match &e.kind {
+                hsm_manifest::Kind::Dir => Kind::Dir,
+                hsm_manifest::Kind::Symlink { target } => Kind::Symlink {
+                    target: OsString::from(target),
+                },
+                hsm_manifest::Kind::File(f) => {
+                    let i = index[e.path.as_str()];
+                    let Some(etag) = etag_now(f) else {
+                        src.refused.push((
+                            e.path.clone(),
+                            format!("object {:?} is in the manifest but not in the store", f.key),
+                        ));
+                        continue;
+                    };
+                    src.etags.insert(f.key.clone(), etag.clone());
+                    src.holes
+                        .insert(rel.clone(), zero_ranges(f, m.chunk_size, &zero_full));
+                    Kind::File(file_info(f, linked.contains(&i).then_some(i), etag))
+                }
+                hsm_manifest::Kind::HardLink { to } => {
+                    // Decode checked the target is a file of this manifest.
+                    let i = index[to.as_str()];
+                    let hsm_manifest::Kind::File(f) = &m.entries[i].kind else {
+                        continue;
+                    };
+                    let Some(etag) = etag_now(f) else { continue }; // refused with its target
+                    src.holes
+                        .insert(rel.clone(), zero_ranges(f, m.chunk_size, &zero_full));
+                    Kind::File(file_info(f, Some(i), etag))
+                }
+            };
+            src.insert(&rel, SourceEntry { name, kind, attrs }, default_dir);
+        }
+        src.sort();
+        src
+    }
+
+    async fn from_listing(url: String, store: &dyn ObjectStore) -> Result<Self, String> {
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let dir_attrs = Attrs {
+            mode: 0o755,
+            uid,
+            gid,
+            atime: ts(now, 0),
+            mtime: ts(now, 0),
+        };
+        let mut src = Self::empty(url.clone(), dir_attrs, false);
+        let objects: Vec<object_store::ObjectMeta> = store
+            .list(None)
+            .try_collect()
+            .await
+            .map_err(|e| format!("{url}: listing: {e}"))?;
+        for o in objects {
+            let key = o.location.as_ref().to_string();
+            if key.starts_with(".hsm-") {
+                continue; // our own files (a partial manifest)
+            }
+            if let Err(why) = check_key(&key) {
+                src.refused.push((key, why));
+                continue;
+            }
+            let t = ts(
+                o.last_modified.timestamp(),
+                o.last_modified.timestamp_subsec_nanos(),
+            );
+            let rel = PathBuf::from(&key);
+            let name = rel.file_name().map(OsString::from).unwrap_or_default();
+            src.etags.insert(key.clone(), o.e_tag.clone());
+            let entry = SourceEntry {
+                name,
+                kind: Kind::File(FileInfo {
+                    size: o.size,
+                    key: Ok(key.clone()),
+                    etag: o.e_tag,
+                    version: o.version,
+                    link_id: None,
+                    maybe_sparse: false,
+                    integrity: None,
+                }),
+                attrs: Attrs {
+                    mode: 0o644,
+                    uid,
+                    gid,
+                    atime: t,
+                    mtime: t,
+                },
+            };
+            src.insert(&rel, entry, dir_attrs);
+        }
+        // A key that is both an object and a prefix ("a" and "a/b") cannot be both a file
+        // and a directory: refuse the object.
+        let dirs: std::collections::HashSet<PathBuf> = src.dirs.keys().cloned().collect();
+        for (parent, list) in src.dirs.iter_mut() {
+            list.retain(|e| {
+                let clash = matches!(e.kind, Kind::File(_)) && dirs.contains(&parent.join(&e.name));
+                if clash {
+                    let key = parent.join(&e.name).display().to_string();
+                    src.refused.push((
+                        key.clone(),
+                        format!("key {key:?} is also a prefix of other keys; refused"),
+                    ));
+                }
+                !clash
+            });
+        }
+        src.sort();
+        Ok(src)
+    }
+
+    fn sort(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        for list in self.dirs.values_mut() {
+            list.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+            list.dedup_by(|a, b| a.name == b.name);
+        }
+    }
+}
+
+/// Byte ranges whose chunks are all zeros (holes to keep as holes).
+fn zero_ranges(
+    f: &hsm_manifest::FileObject,
+    chunk: u64,
+    zero_full: &hsm_manifest::Digest,
+) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (i, d) in f.digests.iter().enumerate() {
+        let start = i as u64 * chunk;
+        let end = (start + chunk).min(f.size);
+        let zero = if end - start == chunk {
+            d == zero_full
+        } else {
+            *d == hsm_manifest::digest(&vec![0u8; (end - start) as usize])
+        };
+        if zero {
+            match out.last_mut() {
+                Some(r) if r.end == start => r.end = end,
+                _ => out.push(start..end),
+            }
+        }
+    }
+    out
+}
+
+impl Source for RemoteSource {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})",
+            self.url,
+            if self.from_manifest {
+                "manifest"
+            } else {
+                "listing"
+            }
+        )
+    }
+
+    fn root_attrs(&self) -> Result<Attrs, String> {
+        Ok(self.root)
+    }
+
+    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, String> {
+        Ok(self.dirs.get(rel).cloned().unwrap_or_default())
+    }
+
+    fn holes(&self, rel: &Path, _size: u64) -> Vec<Range<u64>> {
+        self.holes.get(rel).cloned().unwrap_or_default()
+    }
+
+    fn current_etag(&self, key: &str) -> Option<String> {
+        self.etags.get(key).cloned().flatten()
+    }
+
+    fn min_granule_shift(&self) -> u8 {
+        self.chunk_shift.unwrap_or(hsm_stub::MIN_GRANULE_SHIFT)
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        self.local_root.as_deref()
+    }
+
+    fn refused(&self) -> Vec<(String, String)> {
+        self.refused.clone()
+    }
+}
