@@ -272,13 +272,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-type ManifestId = (String, String, Option<String>);
+/// (remote URL, manifest key).
+type ManifestId = (String, String);
 
 /// The digests a manifest lists, by object key.
 #[derive(Debug)]
 struct ManifestDigests {
     chunk_size: u64,
     by_key: HashMap<String, Arc<Vec<hsm_manifest::Digest>>>,
+    /// The manifest object's ETag and size when it was read.
+    etag: Option<String>,
+    size: u64,
 }
 
 /// Granules an inline fill has claimed. Released exactly once: by `release`, or, if the
@@ -398,8 +402,9 @@ pub struct AgentCore {
     /// Held by the persister while it works on a batch (whose snapshots are no longer
     /// marked dirty), so a final flush waits for it instead of skipping those stubs.
     persist_gate: tokio::sync::Mutex<()>,
-    /// Digests of published objects, one entry per (remote URL, manifest key, ETag).
-    manifests: Mutex<HashMap<ManifestId, Arc<tokio::sync::OnceCell<Arc<ManifestDigests>>>>>,
+    /// The latest manifest read per (remote URL, manifest key). The async lock makes
+    /// concurrent first fills wait for one fetch instead of each fetching.
+    manifests: tokio::sync::Mutex<HashMap<ManifestId, Arc<ManifestDigests>>>,
     epoch: Instant,
     /// For spawning from threads outside the runtime (the adapter's event threads).
     rt: tokio::runtime::Handle,
@@ -428,7 +433,7 @@ impl AgentCore {
             fills_running: AtomicU64::new(0),
             fills_done: tokio::sync::Notify::new(),
             persist_gate: tokio::sync::Mutex::new(()),
-            manifests: Mutex::new(HashMap::new()),
+            manifests: tokio::sync::Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             rt: tokio::runtime::Handle::current(),
         });
@@ -657,48 +662,54 @@ impl AgentCore {
         }
     }
 
-    /// The digests listed by the manifest `integrity` names, fetched once per (URL, key,
-    /// ETag) with the ETag recorded at populate time as a precondition.
+    /// The manifest `integrity` names: the one read last, or with `refresh` the current
+    /// one (a HEAD tells whether the cached one still is). The body is read with the ETag
+    /// its HEAD gave as a precondition, so a manifest replaced mid-read is an error, never
+    /// a mix.
     async fn manifest(
         &self,
         remote: &Arc<dyn Remote>,
         integrity: &hsm_stub::Integrity,
+        refresh: bool,
     ) -> Result<Arc<ManifestDigests>, ServeError> {
-        let id = (
-            remote.url().to_string(),
-            integrity.manifest_key.clone(),
-            integrity.manifest_etag.clone(),
-        );
-        let cell = lock(&self.manifests).entry(id).or_default().clone();
-        let m = cell
-            .get_or_try_init(|| async {
-                let info = remote.head(&integrity.manifest_key).await?;
-                let expect = Expect {
-                    etag: integrity.manifest_etag.clone(),
-                    version: None,
-                    size: info.size,
-                };
-                let bytes = remote
-                    .get_range(&integrity.manifest_key, 0..info.size, &expect)
-                    .await?;
-                let manifest = hsm_manifest::Manifest::decode(&bytes).map_err(|e| {
-                    ServeError::Inconsistent(format!("manifest {}: {e}", integrity.manifest_key))
-                })?;
-                let by_key = manifest
-                    .entries
-                    .into_iter()
-                    .filter_map(|e| match e.kind {
-                        hsm_manifest::Kind::File(f) => Some((f.key, Arc::new(f.digests))),
-                        _ => None,
-                    })
-                    .collect();
-                Ok::<_, ServeError>(Arc::new(ManifestDigests {
-                    chunk_size: manifest.chunk_size,
-                    by_key,
-                }))
+        let id = (remote.url().to_string(), integrity.manifest_key.clone());
+        let mut cache = self.manifests.lock().await;
+        if let Some(m) = cache.get(&id) {
+            if !refresh {
+                return Ok(m.clone());
+            }
+        }
+        let key = &integrity.manifest_key;
+        let info = remote.head(key).await?;
+        if let Some(m) = cache.get(&id) {
+            if info.etag.is_some() && m.etag == info.etag && m.size == info.size {
+                return Ok(m.clone());
+            }
+        }
+        let expect = Expect {
+            etag: info.etag.clone(),
+            version: info.version.clone(),
+            size: info.size,
+        };
+        let bytes = remote.get_range(key, 0..info.size, &expect).await?;
+        let manifest = hsm_manifest::Manifest::decode(&bytes)
+            .map_err(|e| ServeError::Inconsistent(format!("manifest {key}: {e}")))?;
+        let by_key = manifest
+            .entries
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                hsm_manifest::Kind::File(f) => Some((f.key, Arc::new(f.digests))),
+                _ => None,
             })
-            .await?;
-        Ok(m.clone())
+            .collect();
+        let m = Arc::new(ManifestDigests {
+            chunk_size: manifest.chunk_size,
+            by_key,
+            etag: info.etag.clone(),
+            size: info.size,
+        });
+        cache.insert(id, m.clone());
+        Ok(m)
     }
 
     /// Stop starting fetches: accesses that need one are denied with EIO from now on.
@@ -1340,7 +1351,9 @@ impl Stub {
     }
 
     /// The digests of this object and their chunk size, when its metadata names a manifest:
-    /// loaded once (the manifest once per agent), checked against what the metadata says.
+    /// the ones whose hash the metadata pins, from the manifest read last or, if that one
+    /// lists others (the package was republished since), from a fresh read. A manifest
+    /// that no longer lists these digests means the object was replaced: the stub is stale.
     async fn digests(
         &self,
         core: &Arc<AgentCore>,
@@ -1349,34 +1362,36 @@ impl Stub {
             return Ok(None);
         };
         let chunk = 1u64 << integrity.chunk_shift;
+        let pick = |m: &ManifestDigests| {
+            m.by_key
+                .get(&self.meta.key)
+                .filter(|list| {
+                    m.chunk_size == chunk
+                        && list.len() as u64
+                            == hsm_manifest::chunk_count(self.meta.remote_size, chunk)
+                        && hsm_manifest::list_hash(list) == integrity.list_hash
+                })
+                .cloned()
+        };
         let list = self
             .digests
             .get_or_try_init(|| async {
-                let manifest = core.manifest(&self.remote, integrity).await?;
-                if manifest.chunk_size != chunk {
-                    return Err(ServeError::Inconsistent(format!(
-                        "manifest chunk size {} differs from the stub's {chunk}",
-                        manifest.chunk_size
-                    )));
+                let m = core.manifest(&self.remote, integrity, false).await?;
+                if let Some(list) = pick(&m) {
+                    return Ok::<_, ServeError>(list);
                 }
-                let list = manifest
-                    .by_key
-                    .get(&self.meta.key)
-                    .cloned()
-                    .ok_or_else(|| {
-                        ServeError::Inconsistent(format!(
-                            "manifest {} has no digests for {:?}",
-                            integrity.manifest_key, self.meta.key
-                        ))
-                    })?;
-                if list.len() as u64 != hsm_manifest::chunk_count(self.meta.remote_size, chunk) {
-                    return Err(ServeError::Inconsistent(format!(
-                        "manifest lists {} digests for {} bytes",
-                        list.len(),
-                        self.meta.remote_size
-                    )));
-                }
-                Ok(list)
+                let m = core.manifest(&self.remote, integrity, true).await?;
+                pick(&m).ok_or_else(|| {
+                    RemoteError::Changed {
+                        url: self.remote.url().to_string(),
+                        key: self.meta.key.clone(),
+                        detail: format!(
+                            "{} no longer lists the digests it had at populate time",
+                            integrity.manifest_key
+                        ),
+                    }
+                    .into()
+                })
             })
             .await?;
         Ok(Some((list.clone(), chunk)))

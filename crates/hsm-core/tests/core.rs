@@ -164,6 +164,7 @@ impl Rig {
         if let Some(i) = wrong_chunk {
             digests[i][0] ^= 1;
         }
+        let list_hash = hsm_manifest::list_hash(&digests);
         let attrs = hsm_manifest::Attrs {
             mode: 0o644,
             uid: 0,
@@ -193,7 +194,7 @@ impl Rig {
                 },
             ],
         };
-        let m = self.remote.inner().put(
+        self.remote.inner().put(
             hsm_manifest::MANIFEST_KEY,
             manifest.encode().expect("manifest"),
         );
@@ -207,7 +208,7 @@ impl Rig {
             algorithm: hsm_stub::DigestAlgorithm::Blake3,
             chunk_shift: 12,
             manifest_key: hsm_manifest::MANIFEST_KEY.into(),
-            manifest_etag: m.etag,
+            list_hash,
         });
         xattr::fset(
             f.as_fd(),

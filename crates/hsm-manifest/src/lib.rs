@@ -416,6 +416,15 @@ fn from_line(l: Line, chunk_size: u64) -> Result<Entry, String> {
     })
 }
 
+/// What a stub pins its digests by: the BLAKE3 of the object's chunk digests concatenated.
+pub fn list_hash(digests: &[Digest]) -> Digest {
+    let mut h = blake3::Hasher::new();
+    for d in digests {
+        h.update(d);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Digests of `data` cut into `chunk_size` chunks (the last may be short).
 pub fn chunk_digests(data: &[u8], chunk_size: u64) -> Vec<Digest> {
     data.chunks(chunk_size as usize).map(digest).collect()

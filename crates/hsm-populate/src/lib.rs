@@ -304,7 +304,7 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     let st = &ctx.stats;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     for (key, why) in source.refused() {
-        ctx.error(Path::new(&key), format!("refused: {why}"));
+        ctx.error(Path::new(&key), why);
     }
     let mut errors = std::mem::take(&mut *lock(&ctx.errors));
     errors.sort_by(|a, b| a.path.cmp(&b.path));

@@ -37,6 +37,13 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// The partial manifest's key.
 pub const PARTIAL_KEY: &str = ".hsm-manifest.partial";
 
+/// The object location for `key`, taken literally (`Path::from` would percent-encode
+/// characters such as `%`, `#` or non-ASCII, so the object would not have the key the
+/// manifest records).
+pub(crate) fn location(key: &str) -> Result<ObjectPath, String> {
+    ObjectPath::parse(key).map_err(|e| format!("key {key:?} cannot be an object name: {e}"))
+}
+
 /// How to publish.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
@@ -283,11 +290,21 @@ pub fn publish(
     Ok(summary)
 }
 
+/// Whether two ETags name the same object version. Stores are not consistent about quoting
+/// (Azure's listing gives `0x8D...` where its put returned `"0x8D..."`).
+fn same_etag(a: &str, b: &str) -> bool {
+    fn bare(e: &str) -> &str {
+        e.strip_prefix("W/").unwrap_or(e).trim_matches('"')
+    }
+    bare(a) == bare(b)
+}
+
 /// What an earlier run recorded for a path, keyed by path.
 type Previous = HashMap<String, (FileObject, (i64, u32))>;
 
 async fn read_manifest(store: &dyn ObjectStore, key: &str, url: &str) -> Option<Manifest> {
-    let result = match store.get(&ObjectPath::from(key)).await {
+    let Ok(loc) = location(key) else { return None };
+    let result = match store.get(&loc).await {
         Ok(r) => r,
         Err(object_store::Error::NotFound { .. }) => return None,
         Err(e) => {
@@ -362,7 +379,7 @@ async fn upload_file(
     chunk_size: u64,
     progress: ProgressBar,
 ) -> Result<FileObject, String> {
-    let location = ObjectPath::from(key.as_str());
+    let location = location(&key)?;
     let file = std::fs::File::open(&path).map_err(|e| format!("open: {e}"))?;
     let changed = |f: &std::fs::File| -> Result<(), String> {
         let md = f.metadata().map_err(|e| format!("stat: {e}"))?;
@@ -373,82 +390,91 @@ async fn upload_file(
     };
     changed(&file)?;
     let size = want.0;
-    let (file, digests, result) = if size < MULTIPART_THRESHOLD {
-        let (file, data, digests) = tokio::task::spawn_blocking(move || {
-            let mut data = Vec::with_capacity(size as usize);
-            use std::io::Read;
-            (&file)
-                .take(size + 1)
-                .read_to_end(&mut data)
-                .map_err(|e| format!("read: {e}"))?;
-            let digests = hsm_manifest::chunk_digests(&data, chunk_size);
-            Ok::<_, String>((file, data, digests))
-        })
-        .await
-        .map_err(|e| format!("reader: {e}"))??;
-        if data.len() as u64 != size {
-            return Err("file changed while being published; publish again".into());
-        }
-        let result = store
-            .put(&location, PutPayload::from(data))
-            .await
-            .map_err(|e| format!("upload to {key:?}: {e}"))?;
-        progress.inc(size);
-        (file, digests, result)
+    let multipart = if size < MULTIPART_THRESHOLD {
+        None
     } else {
-        let upload = store
-            .put_multipart(&location)
+        match store.put_multipart(&location).await {
+            Ok(upload) => Some(upload),
+            // Plain HTTP (WebDAV) has no multipart upload: one PUT of the whole file.
+            Err(object_store::Error::NotImplemented { .. }) => None,
+            Err(e) => return Err(format!("start multipart upload of {key:?}: {e}")),
+        }
+    };
+    let (file, digests, result) = match multipart {
+        None => {
+            let (file, data, digests) = tokio::task::spawn_blocking(move || {
+                let mut data = Vec::with_capacity(size as usize);
+                use std::io::Read;
+                (&file)
+                    .take(size + 1)
+                    .read_to_end(&mut data)
+                    .map_err(|e| format!("read: {e}"))?;
+                let digests = hsm_manifest::chunk_digests(&data, chunk_size);
+                Ok::<_, String>((file, data, digests))
+            })
             .await
-            .map_err(|e| format!("start multipart upload of {key:?}: {e}"))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut digester = Some(ChunkDigester::new(chunk_size));
-        let mut file = Some(file);
-        let mut offset = 0u64;
-        let outcome: Result<(), String> = async {
-            while offset < size {
-                let f = file.take().expect("file is returned by every read");
-                let mut d = digester.take().expect("digester is returned by every read");
-                let len = (size - offset).min(PART_SIZE as u64) as usize;
-                let (f, buf, d) = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; len];
-                    let r = f.read_exact_at(&mut buf, offset);
-                    if r.is_ok() {
-                        d.update(&buf);
-                    }
-                    (f, r.map(|()| buf), d)
-                })
-                .await
-                .map_err(|e| format!("reader: {e}"))?;
-                file = Some(f);
-                digester = Some(d);
-                let buf = buf.map_err(|e| format!("read at {offset}: {e}"))?;
-                writer
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| format!("upload to {key:?}: {e}"))?;
-                writer.put(Bytes::from(buf));
-                offset += len as u64;
-                progress.inc(len as u64);
+            .map_err(|e| format!("reader: {e}"))??;
+            if data.len() as u64 != size {
+                return Err("file changed while being published; publish again".into());
             }
-            Ok(())
+            let result = store
+                .put(&location, PutPayload::from(data))
+                .await
+                .map_err(|e| format!("upload to {key:?}: {e}"))?;
+            progress.inc(size);
+            (file, digests, result)
         }
-        .await;
-        if let Err(e) = outcome {
-            let _ = writer.abort().await;
-            return Err(e);
+        Some(upload) => {
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut digester = Some(ChunkDigester::new(chunk_size));
+            let mut file = Some(file);
+            let mut offset = 0u64;
+            let outcome: Result<(), String> = async {
+                while offset < size {
+                    let f = file.take().expect("file is returned by every read");
+                    let mut d = digester.take().expect("digester is returned by every read");
+                    let len = (size - offset).min(PART_SIZE as u64) as usize;
+                    let (f, buf, d) = tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        let mut buf = vec![0u8; len];
+                        let r = f.read_exact_at(&mut buf, offset);
+                        if r.is_ok() {
+                            d.update(&buf);
+                        }
+                        (f, r.map(|()| buf), d)
+                    })
+                    .await
+                    .map_err(|e| format!("reader: {e}"))?;
+                    file = Some(f);
+                    digester = Some(d);
+                    let buf = buf.map_err(|e| format!("read at {offset}: {e}"))?;
+                    writer
+                        .wait_for_capacity(PARTS_IN_FLIGHT)
+                        .await
+                        .map_err(|e| format!("upload to {key:?}: {e}"))?;
+                    writer.put(Bytes::from(buf));
+                    offset += len as u64;
+                    progress.inc(len as u64);
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = outcome {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+            let result = writer
+                .finish()
+                .await
+                .map_err(|e| format!("finish upload of {key:?}: {e}"))?;
+            (
+                file.expect("file is returned by every read"),
+                digester
+                    .expect("digester is returned by every read")
+                    .finish(),
+                result,
+            )
         }
-        let result = writer
-            .finish()
-            .await
-            .map_err(|e| format!("finish upload of {key:?}: {e}"))?;
-        (
-            file.expect("file is returned by every read"),
-            digester
-                .expect("digester is returned by every read")
-                .finish(),
-            result,
-        )
     };
     changed(&file)?;
     let (etag, version) = if result.e_tag.is_some() {
@@ -478,7 +504,7 @@ async fn put_manifest(
 ) -> Result<(), String> {
     let bytes = manifest.encode().map_err(|e| e.to_string())?;
     store
-        .put(&ObjectPath::from(key), PutPayload::from(bytes))
+        .put(&location(key)?, PutPayload::from(bytes))
         .await
         .map(|_| ())
         .map_err(|e| format!("writing {key}: {e}"))
@@ -561,14 +587,14 @@ async fn upload_all(
             Some((obj, m)) if obj.size == f.size && *m == mtime && obj.key == f.rel => {
                 let now = match &listing {
                     Some(l) => l.get(&obj.key).cloned(),
-                    None => store
-                        .head(&ObjectPath::from(obj.key.as_str()))
-                        .await
-                        .ok()
-                        .map(|m| (m.size, m.e_tag)),
+                    None => match location(&obj.key) {
+                        Ok(loc) => store.head(&loc).await.ok().map(|m| (m.size, m.e_tag)),
+                        Err(_) => None,
+                    },
                 };
-                matches!(now, Some((size, Some(etag))) if size == obj.size && obj.etag.as_ref() == Some(&etag))
-                    .then(|| obj.clone())
+                matches!(now, Some((size, Some(etag))) if size == obj.size
+                    && obj.etag.as_deref().is_some_and(|e| same_etag(e, &etag)))
+                .then(|| obj.clone())
             }
             _ => None,
         };
@@ -599,9 +625,20 @@ async fn upload_all(
     let mut last_checkpoint = Instant::now();
     let mut dirty = false;
     let jobs = opts.jobs.max(1);
+    let mut retry: Vec<usize> = Vec::new();
+    let mut retried = std::collections::HashSet::new();
     loop {
-        while set.len() < jobs {
-            let Some(i) = next.next() else { break };
+        let limit = if retried.is_empty() { jobs } else { 1 };
+        while set.len() < limit {
+            let i = match next.next() {
+                Some(i) => i,
+                None if set.is_empty() && !retry.is_empty() => {
+                    retried.extend(retry.iter().copied());
+                    next = std::mem::take(&mut retry).into_iter();
+                    continue;
+                }
+                None => break,
+            };
             let f = &walked.files[i];
             let fut = upload_file(
                 store.clone(),
@@ -624,6 +661,14 @@ async fn upload_all(
                 s.bytes_uploaded += f.size;
                 done[i] = Some(obj);
                 dirty = true;
+            }
+            Err(e) if !retried.contains(&i) => {
+                // Once more at the end, alone: concurrent uploads can trip over each other
+                // (WebDAV servers lock a collection another PUT is creating).
+                progress.suspend(
+                    || info!(path = %f.rel, error = %e, "upload failed; retrying at the end"),
+                );
+                retry.push(i);
             }
             Err(e) => {
                 progress.suspend(|| warn!(path = %f.rel, error = %e, "publish error"));
@@ -662,4 +707,16 @@ async fn upload_all(
     }
     s.errors.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_etag;
+
+    #[test]
+    fn etags_compare_without_quotes() {
+        assert!(same_etag("\"0x8D1\"", "0x8D1"));
+        assert!(same_etag("W/\"abc\"", "\"abc\""));
+        assert!(!same_etag("\"abc\"", "\"abd\""));
+    }
 }

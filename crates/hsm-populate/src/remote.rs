@@ -73,7 +73,8 @@ async fn current_etags(
         .iter()
         .min_by_key(|f| f.key.as_str())
         .expect("not empty");
-    if let Ok(meta) = store.head(&ObjectPath::from(probe.key.as_str())).await {
+    let probe_loc = crate::publish::location(&probe.key)?;
+    if let Ok(meta) = store.head(&probe_loc).await {
         if meta.e_tag.is_some() && meta.e_tag == probe.etag {
             return Ok(None);
         }
@@ -85,7 +86,7 @@ async fn current_etags(
     );
     let heads: Vec<(String, Option<Option<String>>)> = futures::stream::iter(files)
         .map(|f| async move {
-            let r = store.head(&ObjectPath::from(f.key.as_str())).await;
+            let r = store.head(&crate::publish::location(&f.key)?).await;
             match r {
                 Ok(meta) => Ok((f.key.clone(), Some(meta.e_tag))),
                 Err(object_store::Error::NotFound { .. }) => Ok((f.key.clone(), None)),
@@ -117,7 +118,6 @@ impl RemoteSource {
         let mut src = rt.block_on(async move {
             match store.get(&ObjectPath::from(MANIFEST_KEY)).await {
                 Ok(result) => {
-                    let etag = result.meta.e_tag.clone();
                     let bytes = result
                         .bytes()
                         .await
@@ -125,12 +125,7 @@ impl RemoteSource {
                     let manifest = Manifest::decode(&bytes)
                         .map_err(|e| format!("{canonical}/{MANIFEST_KEY}: {e}"))?;
                     let current = current_etags(store.as_ref(), &canonical, &manifest).await?;
-                    Ok(Self::from_manifest(
-                        canonical,
-                        &manifest,
-                        etag,
-                        current.as_ref(),
-                    ))
+                    Ok(Self::from_manifest(canonical, &manifest, current.as_ref()))
                 }
                 Err(object_store::Error::NotFound { .. }) => {
                     Self::from_listing(canonical, store.as_ref()).await
@@ -200,7 +195,6 @@ impl RemoteSource {
     fn from_manifest(
         url: String,
         m: &Manifest,
-        etag: Option<String>,
         current: Option<&HashMap<String, Option<String>>>,
     ) -> Self {
         let root = m
@@ -218,11 +212,11 @@ impl RemoteSource {
         let mut src = Self::empty(url, root, true);
         let chunk_shift = m.chunk_size.trailing_zeros() as u8;
         src.chunk_shift = Some(chunk_shift);
-        let integrity = Integrity {
+        let integrity = |f: &hsm_manifest::FileObject| Integrity {
             algorithm: DigestAlgorithm::Blake3,
             chunk_shift,
             manifest_key: MANIFEST_KEY.to_string(),
-            manifest_etag: etag,
+            list_hash: hsm_manifest::list_hash(&f.digests),
         };
         // Files that have other names share a link id (the target's index).
         let index: HashMap<&str, usize> = m
@@ -261,7 +255,7 @@ impl RemoteSource {
                 version: f.version.clone(),
                 link_id: id.map(|i| (u64::MAX, i as u64)),
                 maybe_sparse: true,
-                integrity: Some(integrity.clone()),
+                integrity: Some(integrity(f)),
             };
             let kind = match &e.kind {
                 hsm_manifest::Kind::Dir => Kind::Dir,
@@ -273,7 +267,10 @@ impl RemoteSource {
                     let Some(etag) = etag_now(f) else {
                         src.refused.push((
                             e.path.clone(),
-                            format!("object {:?} is in the manifest but not in the store", f.key),
+                            format!(
+                                "object {:?} is in the manifest but not in the store; not created",
+                                f.key
+                            ),
                         ));
                         continue;
                     };
@@ -315,11 +312,17 @@ impl RemoteSource {
             mtime: ts(now, 0),
         };
         let mut src = Self::empty(url.clone(), dir_attrs, false);
-        let objects: Vec<object_store::ObjectMeta> = store
-            .list(None)
-            .try_collect()
-            .await
-            .map_err(|e| format!("{url}: listing: {e}"))?;
+        let objects: Vec<object_store::ObjectMeta> =
+            store.list(None).try_collect().await.map_err(|e| match e {
+                // object_store rejects a whole listing page over one such key, so nothing
+                // of it can be used: refuse it all, naming the key.
+                object_store::Error::InvalidPath { source } => format!(
+                    "{url}: the store holds a key that cannot be a path below DST ({source}); \
+                     refused, nothing was created. Remove the key, or publish the tree with \
+                     `hsm publish` so populate reads its manifest instead of a listing"
+                ),
+                e => format!("{url}: listing: {e}"),
+            })?;
         for o in objects {
             let key = o.location.as_ref().to_string();
             if key.starts_with(".hsm-") {

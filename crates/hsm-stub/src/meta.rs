@@ -88,7 +88,11 @@ impl DigestAlgorithm {
 
 /// Where the digests that verify a stub's fetched bytes are, and how they were cut: one
 /// digest per `1 << chunk_shift` bytes of the object, listed in the manifest at
-/// `manifest_key` (relative to the stub's remote URL) whose ETag was `manifest_etag`.
+/// `manifest_key` (relative to the stub's remote URL). `list_hash` pins which digests: the
+/// BLAKE3 of the object's digests concatenated, as the manifest listed them at populate
+/// time. Any later manifest that lists the same digests for the key serves (republishing
+/// other files does not disturb this stub); one that lists others means the object was
+/// republished and the stub is stale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Integrity {
     /// How chunks are hashed.
@@ -97,22 +101,19 @@ pub struct Integrity {
     pub chunk_shift: u8,
     /// The manifest's key, relative to the stub's remote URL.
     pub manifest_key: String,
-    /// The manifest's ETag when populate read it.
-    pub manifest_etag: Option<String>,
+    /// BLAKE3 of the object's chunk digests, concatenated.
+    pub list_hash: [u8; 32],
 }
 
 impl Integrity {
     fn encoded_len(&self) -> usize {
-        let etag = self.manifest_etag.as_deref().unwrap_or("");
-        2 + varint::len(etag.len() as u64) + etag.len() + self.manifest_key.len()
+        2 + self.list_hash.len() + self.manifest_key.len()
     }
 
     fn encode(&self, buf: &mut Vec<u8>) {
-        let etag = self.manifest_etag.as_deref().unwrap_or("");
         buf.push(self.algorithm.code());
         buf.push(self.chunk_shift);
-        varint::push(buf, etag.len() as u64);
-        buf.extend_from_slice(etag.as_bytes());
+        buf.extend_from_slice(&self.list_hash);
         buf.extend_from_slice(self.manifest_key.as_bytes());
     }
 
@@ -124,16 +125,15 @@ impl Integrity {
         if !(12..=30).contains(&chunk_shift) {
             return Err(invalid("chunk size out of range"));
         }
-        let etag_len =
-            usize::try_from(r.varint()?).map_err(|_| FormatError::Truncated { what: WHAT })?;
-        let etag = utf8(r.bytes(etag_len)?)?;
+        let mut list_hash = [0u8; 32];
+        list_hash.copy_from_slice(r.bytes(32)?);
         let key = utf8(r.rest())?;
         check_key(&key)?;
         Ok(Integrity {
             algorithm,
             chunk_shift,
             manifest_key: key,
-            manifest_etag: (!etag.is_empty()).then_some(etag),
+            list_hash,
         })
     }
 }
@@ -398,7 +398,7 @@ mod tests {
             algorithm: DigestAlgorithm::Blake3,
             chunk_shift: 20,
             manifest_key: ".hsm-manifest".into(),
-            manifest_etag: Some("\"e1\"".into()),
+            list_hash: [7; 32],
         });
         let e = m.encode().expect("encode");
         assert_eq!(e.len(), m.encoded_len());

@@ -37,7 +37,7 @@ fn meta() -> impl Strategy<Value = Meta> {
                     algorithm: hsm_stub::DigestAlgorithm::Blake3,
                     chunk_shift: 20,
                     manifest_key: ".hsm-manifest".into(),
-                    manifest_etag: (stub_id % 2 == 0).then(|| "\"etag\"".to_string()),
+                    list_hash: [(stub_id % 251) as u8; 32],
                 }),
                 extra: extra
                     .into_iter()
