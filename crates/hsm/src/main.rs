@@ -201,19 +201,7 @@ fn populate(
         require_served_fs: true,
     };
     let summary = hsm_populate::populate(source.as_ref(), dst, &opts)?;
-    for e in &summary.errors {
-        eprintln!("hsm: populate: {}: {}", e.path, e.error);
-    }
-    if json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        eprintln!("{summary}");
-    }
-    Ok(if summary.errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report("populate", &summary, &summary.errors, json)
 }
 
 fn publish(
@@ -229,15 +217,26 @@ fn publish(
         .to_str()
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
     let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
-    for e in &summary.errors {
-        eprintln!("hsm: publish: {}: {}", e.path, e.error);
+    report("publish", &summary, &summary.errors, json)
+}
+
+/// Print each entry error and the summary (as JSON on stdout with `json`); exit status 1
+/// if any entry failed.
+fn report(
+    verb: &str,
+    summary: &(impl serde::Serialize + std::fmt::Display),
+    errors: &[hsm_populate::EntryError],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    for e in errors {
+        eprintln!("hsm: {verb}: {}: {}", e.path, e.error);
     }
     if json {
-        println!("{}", serde_json::to_string(&summary)?);
+        println!("{}", serde_json::to_string(summary)?);
     } else {
         eprintln!("{summary}");
     }
-    Ok(if summary.errors.is_empty() {
+    Ok(if errors.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
