@@ -165,14 +165,19 @@ pub fn copy_range(
     Ok(written)
 }
 
+/// The remote file is shorter than its range: it changed under us.
+fn ended_early(op: &'static str) -> LocalError {
+    LocalError::Other {
+        op,
+        message: "file ended early (it changed)".into(),
+    }
+}
+
 fn pread_exact(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> Result<(), LocalError> {
     while !buf.is_empty() {
         match nix::sys::uio::pread(fd, buf, offset as libc::off_t) {
             Ok(0) => {
-                return Err(LocalError::Other {
-                    op: "read remote file",
-                    message: "file ended early (it changed)".into(),
-                });
+                return Err(ended_early("read remote file"));
             }
             Ok(n) => {
                 buf = &mut buf[n..];
@@ -205,10 +210,7 @@ fn copy_all(
             left as usize,
         ) {
             Ok(0) => {
-                return Err(LocalError::Other {
-                    op: "copy from remote file",
-                    message: "file ended early (it changed)".into(),
-                });
+                return Err(ended_early("copy from remote file"));
             }
             Ok(n) => left -= n as u64,
             Err(nix::errno::Errno::EINTR) => {}
@@ -260,10 +262,7 @@ fn splice_all(
             }
         };
         if n == 0 {
-            return Err(LocalError::Other {
-                op: "copy from remote file",
-                message: "file ended early (it changed)".into(),
-            });
+            return Err(ended_early("copy from remote file"));
         }
         left -= n as u64;
         while n > 0 {

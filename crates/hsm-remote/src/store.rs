@@ -64,52 +64,31 @@ pub fn open_store(
     }
     let options = cfg.options_for(url.as_str());
     let bad_key = |k: &str, e: object_store::Error| err(format!("option {k:?}: {e}"));
-    let store: Arc<dyn ObjectStore> = match kind {
+    // Every builder takes the same settings; only the type (and its option keys) differ.
+    macro_rules! configured {
+        ($builder:expr) => {{
+            let mut b = $builder.with_retry(retry).with_client_options(client);
+            for (k, v) in options {
+                let key = k.parse().map_err(|e| bad_key(&k, e))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| err(e.to_string()))?) as Arc<dyn ObjectStore>
+        }};
+    }
+    let store = match kind {
         StoreKind::S3 => {
-            let mut b = object_store::aws::AmazonS3Builder::from_env()
-                .with_url(store_url.as_str())
-                .with_retry(retry)
-                .with_client_options(client);
-            for (k, v) in options {
-                let key = k.parse().map_err(|e| bad_key(&k, e))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+            configured!(object_store::aws::AmazonS3Builder::from_env().with_url(store_url.as_str()))
         }
-        StoreKind::Azure => {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(store_url.as_str())
-                .with_retry(retry)
-                .with_client_options(client);
-            for (k, v) in options {
-                let key = k.parse().map_err(|e| bad_key(&k, e))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
-        }
-        StoreKind::Gcs => {
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(store_url.as_str())
-                .with_retry(retry)
-                .with_client_options(client);
-            for (k, v) in options {
-                let key = k.parse().map_err(|e| bad_key(&k, e))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
-        }
-        StoreKind::Http => {
-            let base = &store_url[..url::Position::BeforePath];
-            let mut b = object_store::http::HttpBuilder::new()
-                .with_url(base)
-                .with_retry(retry)
-                .with_client_options(client);
-            for (k, v) in options {
-                let key = k.parse().map_err(|e| bad_key(&k, e))?;
-                b = b.with_config(key, v);
-            }
-            Arc::new(b.build().map_err(|e| err(e.to_string()))?)
-        }
+        StoreKind::Azure => configured!(
+            object_store::azure::MicrosoftAzureBuilder::from_env().with_url(store_url.as_str())
+        ),
+        StoreKind::Gcs => configured!(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(store_url.as_str())
+        ),
+        StoreKind::Http => configured!(
+            object_store::http::HttpBuilder::new()
+                .with_url(&store_url[..url::Position::BeforePath])
+        ),
     };
     if prefix.as_ref().is_empty() {
         Ok(store)
