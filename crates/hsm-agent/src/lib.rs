@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hsm_config::{AgentConfig, MarkKind};
+use hsm_config::{AgentConfig, GuardMode, MarkKind};
 use hsm_core::metrics::Metrics;
 use hsm_core::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, UrlRemotes, Verdict,
@@ -174,6 +174,64 @@ fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), A
     Ok(())
 }
 
+/// Install the BPF LSM stub guard as `mode` says. `Ok(true)` when it is in place.
+fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
+    if mode == GuardMode::Off {
+        debug!("stub guard off by configuration");
+        return Ok(false);
+    }
+    match hsm_bpf::install_guard() {
+        Ok(hsm_bpf::GuardInstall::Installed { skipped_hooks }) => {
+            info!(
+                pinned = hsm_bpf::PIN_DIR,
+                ?skipped_hooks,
+                "stub guard installed (BPF LSM): stubs nobody serves fail with EIO"
+            );
+            Ok(true)
+        }
+        Ok(hsm_bpf::GuardInstall::AlreadyInstalled) => {
+            info!(pinned = hsm_bpf::PIN_DIR, "stub guard already installed");
+            Ok(true)
+        }
+        Err(e) if mode == GuardMode::Require => Err(AgentError::Startup(format!(
+            "[agent] guard = \"require\", but the stub guard cannot be installed: {e}"
+        ))),
+        Err(e) => {
+            warn!(
+                reason = %e,
+                "stub guard unavailable on this kernel; serving without it (a stub read while no agent serves it returns zeros)"
+            );
+            Ok(false)
+        }
+    }
+}
+
+fn register_with_guard(
+    mode: GuardMode,
+    trees: &[PathBuf],
+) -> Result<Option<hsm_bpf::Registration>, AgentError> {
+    let mut devs = Vec::new();
+    for t in trees {
+        let dir = std::fs::File::open(t)?;
+        devs.push(stat::fstatx(dir.as_fd())?.dev);
+    }
+    devs.sort_unstable();
+    devs.dedup();
+    match hsm_bpf::Registration::register(hsm_bpf::HolderKind::Agent, &devs) {
+        Ok(r) => {
+            info!(filesystems = devs.len(), "registered with the stub guard");
+            Ok(Some(r))
+        }
+        Err(e) if mode == GuardMode::Require => Err(AgentError::Startup(format!(
+            "could not register with the stub guard: {e}"
+        ))),
+        Err(e) => {
+            warn!(error = %e, "could not register with the stub guard: its stubs will fail with EIO");
+            Ok(None)
+        }
+    }
+}
+
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
@@ -256,7 +314,31 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         }),
         metrics.clone(),
     );
+    let guard_installed = install_guard(cfg.guard)?;
     place_marks(&group, &trees, cfg.mark)?;
+    // Registration comes after the marks: a stub opened once we are registered must raise
+    // events (docs/BPF.md, "Order at start-up").
+    let registration = if guard_installed {
+        register_with_guard(cfg.guard, &trees)?
+    } else {
+        None
+    };
+    let _fastpath = if cfg.fastpath {
+        match hsm_bpf::fastpath::attach(&group) {
+            hsm_bpf::fastpath::Fastpath::Attached(h) => {
+                info!(
+                    "fanotify fastpath handler attached: events for non-stubs stay in the kernel"
+                );
+                Some(h)
+            }
+            hsm_bpf::fastpath::Fastpath::Absent(why) => {
+                info!(reason = %why, "fanotify fastpath unavailable; ignore marks keep files that are not stubs away from the agent");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     let pending = Arc::new(Pending::new(group.clone()));
     let started = Instant::now();
@@ -329,6 +411,13 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
         write_stats(pending.len());
+    }
+    // From here on the guard (if installed) fails stub reads with EIO instead of letting
+    // them reach a group that is about to close.
+    if let Some(r) = registration {
+        if let Err(e) = r.release() {
+            warn!(error = %e, "could not deregister from the stub guard");
+        }
     }
     // Stop the event threads; each drains what is queued before it exits. Anything raised
     // after the group closes is allowed by the kernel (see docs/SEMANTICS.md).

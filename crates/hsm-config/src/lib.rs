@@ -44,6 +44,34 @@ impl FromStr for MarkKind {
     }
 }
 
+/// Whether the agent installs the BPF LSM stub guard (docs/BPF.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardMode {
+    /// Install it when the kernel allows; otherwise say so once and serve without it.
+    #[default]
+    Auto,
+    /// Refuse to start unless the guard is installed.
+    Require,
+    /// Neither install nor register with it (an installed guard then fails stub reads).
+    Off,
+}
+
+impl FromStr for GuardMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(GuardMode::Auto),
+            "require" => Ok(GuardMode::Require),
+            "off" => Ok(GuardMode::Off),
+            other => Err(format!(
+                "{other:?}: expected \"auto\", \"require\" or \"off\""
+            )),
+        }
+    }
+}
+
 /// `[agent]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,6 +103,11 @@ pub struct AgentConfig {
     /// Metrics as JSON, rewritten every `stats_interval` and at exit.
     pub stats_file: Option<PathBuf>,
     pub stats_interval: HumanDuration,
+    /// The BPF LSM stub guard: "auto", "require" or "off".
+    pub guard: GuardMode,
+    /// Load the fanotify fastpath handler when the kernel has the hook ("auto"/"off" as
+    /// a boolean: true tries, false never does).
+    pub fastpath: bool,
 }
 
 impl Default for AgentConfig {
@@ -93,6 +126,8 @@ impl Default for AgentConfig {
             ready_file: None,
             stats_file: None,
             stats_interval: HumanDuration(Duration::from_secs(5)),
+            guard: GuardMode::Auto,
+            fastpath: true,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! `hsm`: make a directory tree look complete while its bytes live in an object store.
 
+mod doctor;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,6 +71,14 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Report what this kernel and its filesystems can do, and what the agent will use.
+    /// Exits 1 when the agent cannot serve stubs here.
+    Doctor,
+    /// Inspect, install or remove the BPF LSM stub guard (pinned in /sys/fs/bpf/hsm).
+    Guard {
+        #[command(subcommand)]
+        action: GuardAction,
+    },
     /// Serve stub trees: fetch bytes on first access (runs until SIGTERM).
     Agent {
         /// Stub trees to serve (added to [agent] trees).
@@ -83,6 +93,16 @@ enum Command {
         #[arg(long)]
         stats_file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuardAction {
+    /// Show whether the guard is installed, who is registered and its counters.
+    Status,
+    /// Load, attach and pin the guard (the agent does this itself with guard = "auto").
+    Install,
+    /// Detach and unpin the guard; nothing is left in bpffs.
+    Remove,
 }
 
 fn init_logging(cfg: &Config) {
@@ -149,6 +169,16 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Doctor => {
+            let (text, ok) = doctor::report();
+            print!("{text}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Guard { action } => guard(action),
         Command::Agent {
             dst,
             mark,
@@ -178,6 +208,74 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("hsm: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
+    match action {
+        GuardAction::Status => {
+            let st = hsm_bpf::guard_status();
+            if !st.present {
+                println!("guard: not installed ({} is absent)", hsm_bpf::PIN_DIR);
+                return Ok(ExitCode::from(3));
+            }
+            println!(
+                "guard: {} at {}",
+                if st.installed {
+                    "installed"
+                } else {
+                    "INCOMPLETE"
+                },
+                hsm_bpf::PIN_DIR
+            );
+            println!("links: {}", st.links.join(" "));
+            println!("maps: {}", st.maps.join(" "));
+            println!("generation: {}", st.generation);
+            for h in &st.holders {
+                println!(
+                    "holder: {} pid {} {}",
+                    h.kind,
+                    h.tgid,
+                    if h.alive { "alive" } else { "dead" }
+                );
+            }
+            for (major, minor) in &st.served {
+                println!("served: {major}:{minor}");
+            }
+            for (name, v) in &st.stats {
+                println!("{name}: {v}");
+            }
+            Ok(if st.installed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        GuardAction::Install => match hsm_bpf::install_guard()? {
+            hsm_bpf::GuardInstall::Installed { skipped_hooks } => {
+                println!("guard: installed at {}", hsm_bpf::PIN_DIR);
+                if !skipped_hooks.is_empty() {
+                    println!(
+                        "guard: this kernel lacks the optional hooks {}",
+                        skipped_hooks.join(", ")
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            hsm_bpf::GuardInstall::AlreadyInstalled => {
+                println!("guard: already installed at {}", hsm_bpf::PIN_DIR);
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        GuardAction::Remove => {
+            let n = hsm_bpf::remove_guard()?;
+            if n == 0 {
+                println!("guard: nothing to remove");
+            } else {
+                println!("guard: removed ({n} pins)");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,0 +1,601 @@
+//! Installing, inspecting and removing the pinned guard, and registering the agent with it.
+//!
+//! Pins (all under [`PIN_DIR`]):
+//! - `links/<program>`: one BPF link per LSM hook; while pinned, the program stays attached.
+//! - `maps/<map>`: the maps the agent and `hsm guard status` read and write.
+//!
+//! Install pins into a private directory and renames it into place, so a reader of
+//! [`PIN_DIR`] sees a complete guard or none.
+
+use std::mem::{MaybeUninit, offset_of, size_of};
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
+
+use crate::skel::guard::{GuardSkelBuilder, types};
+use crate::{BpfError, LsmProbe, PIN_DIR, ensure_bpffs, libbpf_log, skel};
+
+/// Maps the guard pins, by the names in guard.bpf.c.
+pub const MAPS: [&str; 5] = [
+    "hsm_inodes",
+    "hsm_ctl",
+    "hsm_served",
+    "hsm_files",
+    "hsm_stats",
+];
+
+/// Programs (one pinned link each) and the kernel's BTF name of the hook each attaches to.
+/// The last two are optional: without them a marker set or removed after a file was first
+/// opened is noticed at the next open of an uncached inode, not at once.
+const PROGRAMS: [(&str, &str, bool); 8] = [
+    ("hsm_file_open", "bpf_lsm_file_open", true),
+    ("hsm_file_free", "bpf_lsm_file_free_security", true),
+    ("hsm_file_permission", "bpf_lsm_file_permission", true),
+    ("hsm_mmap_file", "bpf_lsm_mmap_file", true),
+    ("hsm_file_truncate", "bpf_lsm_file_truncate", true),
+    ("hsm_path_truncate", "bpf_lsm_path_truncate", true),
+    ("hsm_post_setxattr", "bpf_lsm_inode_post_setxattr", false),
+    (
+        "hsm_post_removexattr",
+        "bpf_lsm_inode_post_removexattr",
+        false,
+    ),
+];
+
+/// Counters kept by the guard (`enum hsm_stat` in hsm_shared.h).
+const STATS: [&str; 5] = [
+    "classified",
+    "stub_opens",
+    "denied",
+    "allowed",
+    "files_table_full",
+];
+
+fn pin_root() -> PathBuf {
+    PathBuf::from(PIN_DIR)
+}
+
+fn map_path(name: &str) -> PathBuf {
+    pin_root().join("maps").join(name)
+}
+
+/// What [`install`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardInstall {
+    Installed {
+        /// Optional hooks this kernel lacks (see `PROGRAMS`).
+        skipped_hooks: Vec<String>,
+    },
+    AlreadyInstalled,
+}
+
+fn require_root(what: &str) -> Result<(), BpfError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(BpfError::Permission(format!(
+            "{what} needs root (CAP_BPF, CAP_SYS_ADMIN and CAP_MAC_ADMIN)"
+        )))
+    }
+}
+
+/// Load, attach and pin the guard. An unsupported kernel is `Err(BpfError::Unsupported)`;
+/// a kernel that refuses the program is `Err(BpfError::Load)` with libbpf's explanation.
+pub fn install() -> Result<GuardInstall, BpfError> {
+    require_root("installing the guard")?;
+    if let Some(why) = LsmProbe::read().missing() {
+        return Err(BpfError::Unsupported(why));
+    }
+    ensure_bpffs()?;
+    let current = status();
+    if current.installed {
+        return Ok(GuardInstall::AlreadyInstalled);
+    }
+    if current.present {
+        // A partial install (a crash between pins, or an older layout): start afresh.
+        remove()?;
+    }
+    let btf = skel::vmlinux_btf()
+        .ok_or_else(|| BpfError::Unsupported("cannot read the kernel's BTF".into()))?;
+    libbpf_log::start();
+    let mut storage = MaybeUninit::uninit();
+    let mut open = GuardSkelBuilder::default()
+        .open(&mut storage)
+        .map_err(|e| BpfError::load("opening the guard object", e))?;
+    let mut skipped = Vec::new();
+    for mut prog in open.open_object_mut().progs_mut() {
+        let name = prog.name().to_string_lossy().into_owned();
+        let Some(&(_, hook, required)) = PROGRAMS.iter().find(|(p, _, _)| *p == name) else {
+            continue;
+        };
+        if !skel::btf_has_func(&btf, hook) {
+            if required {
+                return Err(BpfError::Unsupported(format!(
+                    "the kernel has no LSM hook {hook} that the guard needs"
+                )));
+            }
+            prog.set_autoload(false);
+            skipped.push(hook.trim_start_matches("bpf_lsm_").to_string());
+        }
+    }
+    let mut loaded = open
+        .load()
+        .map_err(|e| BpfError::load("loading the guard (BPF LSM)", e))?;
+    loaded
+        .attach()
+        .map_err(|e| BpfError::load("attaching the guard to the LSM hooks", e))?;
+
+    let staging = pin_root().with_file_name(format!("hsm.installing-{}", std::process::id()));
+    let result = (|| {
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(staging.join("maps")).map_err(|e| BpfError::pin(&staging, e))?;
+        std::fs::create_dir_all(staging.join("links")).map_err(|e| BpfError::pin(&staging, e))?;
+        for mut map in loaded.object_mut().maps_mut() {
+            let name = map.name().to_string_lossy().into_owned();
+            if MAPS.contains(&name.as_str()) {
+                let path = staging.join("maps").join(&name);
+                map.pin(&path)
+                    .map_err(|e| BpfError::load(format!("pinning {}", path.display()), e))?;
+            }
+        }
+        let links = &mut loaded.links;
+        let all: [(&str, &mut Option<Link>); 8] = [
+            ("hsm_file_open", &mut links.hsm_file_open),
+            ("hsm_file_free", &mut links.hsm_file_free),
+            ("hsm_file_permission", &mut links.hsm_file_permission),
+            ("hsm_mmap_file", &mut links.hsm_mmap_file),
+            ("hsm_file_truncate", &mut links.hsm_file_truncate),
+            ("hsm_path_truncate", &mut links.hsm_path_truncate),
+            ("hsm_post_setxattr", &mut links.hsm_post_setxattr),
+            ("hsm_post_removexattr", &mut links.hsm_post_removexattr),
+        ];
+        for (name, link) in all {
+            if let Some(link) = link.as_mut() {
+                let path = staging.join("links").join(name);
+                link.pin(&path)
+                    .map_err(|e| BpfError::load(format!("pinning {}", path.display()), e))?;
+            }
+        }
+        std::fs::rename(&staging, pin_root()).map_err(|e| BpfError::pin(&pin_root(), e))
+    })();
+    if let Err(e) = result {
+        let _ = remove_tree(&staging);
+        return Err(e);
+    }
+    // Dropping the skeleton now closes our fds: the pins alone keep the guard attached,
+    // so `hsm guard remove` detaches it even while this process lives on.
+    drop(loaded);
+    Ok(GuardInstall::Installed {
+        skipped_hooks: skipped,
+    })
+}
+
+/// Unpin everything under `dir` (links first, so the programs detach before their maps
+/// go) and remove the directories. Returns how many pins were removed.
+fn remove_tree(dir: &Path) -> Result<usize, BpfError> {
+    let mut removed = 0;
+    for sub in ["links", "maps"] {
+        let d = dir.join(sub);
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(BpfError::pin(&d, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| BpfError::pin(&d, e))?;
+            std::fs::remove_file(entry.path()).map_err(|e| BpfError::pin(&entry.path(), e))?;
+            removed += 1;
+        }
+        std::fs::remove_dir(&d).map_err(|e| BpfError::pin(&d, e))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(removed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
+        Err(e) => Err(BpfError::pin(dir, e)),
+    }
+}
+
+/// Detach and unpin the guard. Returns the number of pins removed (0 if none was there).
+pub fn remove() -> Result<usize, BpfError> {
+    require_root("removing the guard")?;
+    remove_tree(&pin_root())
+}
+
+/// One registered holder, as `hsm guard status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
+    pub tgid: u32,
+    pub kind: &'static str,
+    pub alive: bool,
+}
+
+/// The guard as seen through its pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuardStatus {
+    /// Something is pinned at [`PIN_DIR`].
+    pub present: bool,
+    /// Every required link and every map is pinned.
+    pub installed: bool,
+    /// Pinned links, by program name.
+    pub links: Vec<String>,
+    /// Pinned maps.
+    pub maps: Vec<String>,
+    pub generation: u64,
+    pub holders: Vec<HolderInfo>,
+    /// Served filesystems as (major, minor).
+    pub served: Vec<(u32, u32)>,
+    /// Counter name and value, summed over CPUs.
+    pub stats: Vec<(&'static str, u64)>,
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Read the guard's pins and maps. Never fails: what cannot be read is absent.
+pub fn status() -> GuardStatus {
+    let root = pin_root();
+    let mut st = GuardStatus {
+        present: root.exists(),
+        links: list(&root.join("links")),
+        maps: list(&root.join("maps")),
+        ..Default::default()
+    };
+    st.installed = PROGRAMS
+        .iter()
+        .filter(|(_, _, required)| *required)
+        .all(|(p, _, _)| st.links.iter().any(|l| l == p))
+        && MAPS.iter().all(|m| st.maps.iter().any(|x| x == m));
+    if !st.installed {
+        return st;
+    }
+    if let Ok(ctl) = read_ctl() {
+        st.generation = ctl.generation;
+        st.holders = ctl
+            .holders
+            .iter()
+            .filter(|h| h.tgid != 0)
+            .map(|h| HolderInfo {
+                tgid: h.tgid,
+                kind: match h.flags {
+                    HOLDER_AGENT => "agent",
+                    HOLDER_KEEPER => "keeper",
+                    _ => "unknown",
+                },
+                alive: process_start_ticks(h.tgid) == Some(h.start_ticks),
+            })
+            .collect();
+    }
+    if let Ok(served) = MapHandle::from_pinned_path(map_path("hsm_served")) {
+        st.served = served
+            .keys()
+            .filter_map(|k| k.try_into().ok().map(u32::from_ne_bytes))
+            .map(|dev| (dev >> 20, dev & 0xfffff))
+            .collect();
+        st.served.sort_unstable();
+    }
+    if let Ok(stats) = MapHandle::from_pinned_path(map_path("hsm_stats")) {
+        for (i, name) in STATS.iter().enumerate() {
+            let key = (i as u32).to_ne_bytes();
+            let total = stats
+                .lookup_percpu(&key, MapFlags::ANY)
+                .ok()
+                .flatten()
+                .map(|cpus| {
+                    cpus.iter()
+                        .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                        .map(u64::from_ne_bytes)
+                        .sum()
+                })
+                .unwrap_or(0);
+            st.stats.push((name, total));
+        }
+    }
+    st
+}
+
+const HOLDER_AGENT: u32 = 1;
+const HOLDER_KEEPER: u32 = 2;
+
+/// What kind of process registers as a holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderKind {
+    Agent,
+    Keeper,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Holder {
+    tgid: u32,
+    flags: u32,
+    start_ticks: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Ctl {
+    holders: Vec<Holder>,
+    generation: u64,
+}
+
+const MAX_HOLDERS: usize = size_of::<[types::hsm_holder; 4]>() / size_of::<types::hsm_holder>();
+
+fn put_u32(buf: &mut [u8], at: usize, v: u32) {
+    buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+}
+fn put_u64(buf: &mut [u8], at: usize, v: u64) {
+    buf[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+}
+fn get_u32(buf: &[u8], at: usize) -> u32 {
+    buf.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .unwrap_or(0)
+}
+fn get_u64(buf: &[u8], at: usize) -> u64 {
+    buf.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_ne_bytes)
+        .unwrap_or(0)
+}
+
+fn holder_at(i: usize) -> usize {
+    offset_of!(types::hsm_ctl, holders) + i * size_of::<types::hsm_holder>()
+}
+
+/// Encode with the offsets of the Rust types generated from the program's BTF.
+fn encode_ctl(ctl: &Ctl) -> Vec<u8> {
+    let mut buf = vec![0u8; size_of::<types::hsm_ctl>()];
+    for (i, h) in ctl.holders.iter().take(MAX_HOLDERS).enumerate() {
+        let base = holder_at(i);
+        put_u32(&mut buf, base + offset_of!(types::hsm_holder, tgid), h.tgid);
+        put_u32(
+            &mut buf,
+            base + offset_of!(types::hsm_holder, flags),
+            h.flags,
+        );
+        put_u64(
+            &mut buf,
+            base + offset_of!(types::hsm_holder, start_ticks),
+            h.start_ticks,
+        );
+    }
+    put_u64(
+        &mut buf,
+        offset_of!(types::hsm_ctl, generation),
+        ctl.generation,
+    );
+    buf
+}
+
+fn decode_ctl(buf: &[u8]) -> Ctl {
+    let holders = (0..MAX_HOLDERS)
+        .map(|i| {
+            let base = holder_at(i);
+            Holder {
+                tgid: get_u32(buf, base + offset_of!(types::hsm_holder, tgid)),
+                flags: get_u32(buf, base + offset_of!(types::hsm_holder, flags)),
+                start_ticks: get_u64(buf, base + offset_of!(types::hsm_holder, start_ticks)),
+            }
+        })
+        .collect();
+    Ctl {
+        holders,
+        generation: get_u64(buf, offset_of!(types::hsm_ctl, generation)),
+    }
+}
+
+fn ctl_map() -> Result<MapHandle, BpfError> {
+    MapHandle::from_pinned_path(map_path("hsm_ctl"))
+        .map_err(|e| BpfError::load(format!("opening {}", map_path("hsm_ctl").display()), e))
+}
+
+fn read_ctl() -> Result<Ctl, BpfError> {
+    let map = ctl_map()?;
+    let value = map
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|e| BpfError::load("reading hsm_ctl", e))?
+        .unwrap_or_default();
+    Ok(decode_ctl(&value))
+}
+
+fn write_ctl(ctl: &Ctl) -> Result<(), BpfError> {
+    ctl_map()?
+        .update(&0u32.to_ne_bytes(), &encode_ctl(ctl), MapFlags::ANY)
+        .map_err(|e| BpfError::load("writing hsm_ctl", e))
+}
+
+/// Start time of a process in clock ticks (field 22 of /proc/PID/stat), which the guard
+/// compares with the kernel's `task->start_boottime` to tell a live holder from a reused pid.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The kernel's dev_t encoding of a device number (MKDEV: major << 20 | minor), which is
+/// what the guard sees in `inode->i_sb->s_dev`.
+pub fn kernel_dev(dev: u64) -> u32 {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    (major << 20) | (minor & 0xfffff)
+}
+
+/// This process's registration with the pinned guard: while it is alive and registered,
+/// stubs on the served filesystems may be read by others. Dropping it deregisters.
+#[derive(Debug)]
+pub struct Registration {
+    tgid: u32,
+    devs: Vec<u32>,
+}
+
+impl Registration {
+    /// Register this process as a holder serving the filesystems with device numbers `devs`
+    /// (`st_dev` values). Call it only once the fanotify marks are in place: a stub opened
+    /// after registration but before the marks would be allowed and read as zeros.
+    pub fn register(kind: HolderKind, devs: &[u64]) -> Result<Registration, BpfError> {
+        let tgid = std::process::id();
+        let start_ticks = process_start_ticks(tgid).ok_or_else(|| {
+            BpfError::Unsupported("cannot read this process's start time from /proc".into())
+        })?;
+        let mut ctl = read_ctl()?;
+        ctl.holders.resize(MAX_HOLDERS, Holder::default());
+        let me = Holder {
+            tgid,
+            flags: match kind {
+                HolderKind::Agent => HOLDER_AGENT,
+                HolderKind::Keeper => HOLDER_KEEPER,
+            },
+            start_ticks,
+        };
+        let slot = ctl
+            .holders
+            .iter()
+            .position(|h| h.tgid == tgid)
+            .or_else(|| ctl.holders.iter().position(|h| h.tgid == 0))
+            .or_else(|| {
+                ctl.holders
+                    .iter()
+                    .position(|h| process_start_ticks(h.tgid) != Some(h.start_ticks))
+            })
+            .ok_or_else(|| {
+                BpfError::Unsupported(format!(
+                    "the guard already has {MAX_HOLDERS} live holders registered"
+                ))
+            })?;
+        ctl.holders[slot] = me;
+        ctl.generation += 1;
+        let served = MapHandle::from_pinned_path(map_path("hsm_served"))
+            .map_err(|e| BpfError::load("opening hsm_served", e))?;
+        let mut value = vec![0u8; size_of::<types::hsm_served>()];
+        put_u64(
+            &mut value,
+            offset_of!(types::hsm_served, generation),
+            ctl.generation,
+        );
+        let devs: Vec<u32> = devs.iter().map(|&d| kernel_dev(d)).collect();
+        for dev in &devs {
+            served
+                .update(&dev.to_ne_bytes(), &value, MapFlags::ANY)
+                .map_err(|e| BpfError::load("writing hsm_served", e))?;
+        }
+        write_ctl(&ctl)?;
+        Ok(Registration { tgid, devs })
+    }
+
+    /// Deregister: readers of stubs on the served filesystems get EIO from now on (unless
+    /// another live holder serves them).
+    pub fn release(mut self) -> Result<(), BpfError> {
+        self.release_inner()
+    }
+
+    fn release_inner(&mut self) -> Result<(), BpfError> {
+        if self.tgid == 0 {
+            return Ok(());
+        }
+        let mut ctl = read_ctl()?;
+        for h in ctl.holders.iter_mut().filter(|h| h.tgid == self.tgid) {
+            *h = Holder::default();
+        }
+        let others_alive = ctl
+            .holders
+            .iter()
+            .any(|h| h.tgid != 0 && process_start_ticks(h.tgid) == Some(h.start_ticks));
+        write_ctl(&ctl)?;
+        if !others_alive {
+            if let Ok(served) = MapHandle::from_pinned_path(map_path("hsm_served")) {
+                for dev in &self.devs {
+                    let _ = served.delete(&dev.to_ne_bytes());
+                }
+            }
+        }
+        self.tgid = 0;
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.release_inner();
+    }
+}
+
+/// Load the guard into the kernel and unload it at once (nothing attached or pinned):
+/// the honest answer to "would install work here?", used by `hsm doctor`.
+pub fn try_load() -> Result<(), BpfError> {
+    require_root("loading the guard")?;
+    if let Some(why) = LsmProbe::read().missing() {
+        return Err(BpfError::Unsupported(why));
+    }
+    libbpf_log::start();
+    let mut storage = MaybeUninit::uninit();
+    let open = GuardSkelBuilder::default()
+        .open(&mut storage)
+        .map_err(|e| BpfError::load("opening the guard object", e))?;
+    let loaded = open
+        .load()
+        .map_err(|e| BpfError::load("loading the guard (BPF LSM)", e))?;
+    drop(loaded);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctl_round_trips_through_the_generated_layout() {
+        let ctl = Ctl {
+            holders: vec![
+                Holder {
+                    tgid: 42,
+                    flags: HOLDER_AGENT,
+                    start_ticks: 123_456,
+                },
+                Holder::default(),
+                Holder {
+                    tgid: 7,
+                    flags: HOLDER_KEEPER,
+                    start_ticks: 9,
+                },
+                Holder::default(),
+            ],
+            generation: 5,
+        };
+        let bytes = encode_ctl(&ctl);
+        assert_eq!(bytes.len(), size_of::<types::hsm_ctl>());
+        assert_eq!(decode_ctl(&bytes), ctl);
+    }
+
+    #[test]
+    fn shared_layouts_have_the_sizes_the_c_header_promises() {
+        // hsm_shared.h: holder {u32, u32, u64}, four holders then a u64.
+        assert_eq!(size_of::<types::hsm_holder>(), 16);
+        assert_eq!(MAX_HOLDERS, 4);
+        assert_eq!(size_of::<types::hsm_ctl>(), 4 * 16 + 8);
+        assert_eq!(size_of::<types::hsm_served>(), 8);
+        assert_eq!(size_of::<types::hsm_file_state>(), 8);
+        assert_eq!(size_of::<types::hsm_inode_state>(), 8);
+    }
+
+    #[test]
+    fn own_start_time_is_readable() {
+        assert!(process_start_ticks(std::process::id()).is_some());
+        assert_eq!(process_start_ticks(0), None);
+    }
+
+    #[test]
+    fn kernel_dev_matches_mkdev() {
+        let dev = libc::makedev(7, 3);
+        assert_eq!(kernel_dev(dev), (7 << 20) | 3);
+        let dev = libc::makedev(259, 70000);
+        assert_eq!(kernel_dev(dev), (259 << 20) | 70000);
+    }
+}

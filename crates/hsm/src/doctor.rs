@@ -1,0 +1,266 @@
+//! `hsm doctor`: what this kernel and its filesystems can do, and what the agent will use.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use hsm_kernel::fanotify::{FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget};
+
+/// Pseudo filesystems that never hold stubs; listing them would only bury the answer.
+const PSEUDO: &[&str] = &[
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "pstore",
+    "configfs",
+    "fusectl",
+    "mqueue",
+    "hugetlbfs",
+    "binfmt_misc",
+    "autofs",
+    "efivarfs",
+    "nsfs",
+    "rpc_pipefs",
+    "ramfs",
+];
+
+/// One line of /proc/self/mountinfo that matters here.
+#[derive(Debug)]
+struct Mount {
+    dev: String,
+    point: PathBuf,
+    fstype: String,
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn mounts() -> Vec<Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(dev), Some(point), Some(fstype)) =
+            (fields.get(2), fields.get(4), fields.get(sep + 1))
+        else {
+            continue;
+        };
+        if PSEUDO.contains(fstype) || !seen.insert(dev.to_string()) {
+            continue;
+        }
+        out.push(Mount {
+            dev: dev.to_string(),
+            point: PathBuf::from(unescape(point)),
+            fstype: fstype.to_string(),
+        });
+    }
+    out
+}
+
+/// Can this filesystem raise pre-content events? Probed with an inode mark on the mount
+/// point directory, which raises no events for the files below it (so nothing can block
+/// on this short-lived group), then removed.
+fn probe_fs(group: &Group, m: &Mount) -> Result<(), String> {
+    match group.add_mark(MarkTarget::Inode, FAN_PRE_ACCESS, &m.point) {
+        Ok(()) => {
+            let _ = group.remove_mark(MarkTarget::Inode, FAN_PRE_ACCESS, &m.point);
+            Ok(())
+        }
+        Err(e) => Err(match e.errno() {
+            Some(libc::EOPNOTSUPP) => "this filesystem type does not support them".into(),
+            Some(libc::EINVAL) => "the kernel refused FAN_PRE_ACCESS".into(),
+            _ => e.to_string(),
+        }),
+    }
+}
+
+/// The report, and whether the agent can run here.
+pub fn report() -> (String, bool) {
+    let mut out = String::new();
+    let root = nix::unistd::geteuid().is_root();
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let version = hsm_kernel::sys::kernel_version();
+    let new_enough = version.is_some_and(|v| v >= (6, 14));
+    let _ = writeln!(
+        out,
+        "kernel:      {release}: {}",
+        if new_enough {
+            "has fanotify pre-content events (6.14 or newer)"
+        } else {
+            "NO fanotify pre-content events (they need Linux 6.14 or newer)"
+        }
+    );
+    if !root {
+        let _ = writeln!(
+            out,
+            "note:        not root: fanotify and BPF cannot be probed; run as root for a full report"
+        );
+    }
+
+    let mut any_fs = false;
+    let group = if root {
+        match Group::new(GroupOptions::default()) {
+            Ok(g) => {
+                let _ = writeln!(out, "fanotify:    pre-content group: ok");
+                Some(g)
+            }
+            Err(e) => {
+                let _ = writeln!(out, "fanotify:    pre-content group refused: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let _ = writeln!(
+        out,
+        "filesystems (pre-content events per mounted filesystem):"
+    );
+    for m in mounts() {
+        let verdict = match &group {
+            Some(g) => match probe_fs(g, &m) {
+                Ok(()) => {
+                    any_fs = true;
+                    "yes".to_string()
+                }
+                Err(why) => format!("no ({why})"),
+            },
+            None => "unknown (not probed)".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<8} {:<7} {verdict}",
+            m.point.display(),
+            m.fstype,
+            m.dev
+        );
+    }
+    drop(group);
+
+    let lsm = hsm_bpf::LsmProbe::read();
+    let _ = writeln!(
+        out,
+        "bpf lsm:     active: {}; kernel BTF: {}; bpf_get_file_xattr: {}",
+        yes(lsm.bpf_lsm_active),
+        yes(lsm.btf),
+        yes(lsm.xattr_kfunc)
+    );
+    let status = hsm_bpf::guard_status();
+    let guard_line = if status.installed {
+        "installed (pinned at ".to_string() + hsm_bpf::PIN_DIR + ")"
+    } else if !root {
+        "unknown (not root)".into()
+    } else {
+        match hsm_bpf::try_load_guard() {
+            Ok(()) => "loadable (not installed; the agent installs it)".into(),
+            Err(e) => format!("unavailable: {e}"),
+        }
+    };
+    let guard_ok = guard_line.starts_with("installed") || guard_line.starts_with("loadable");
+    let _ = writeln!(
+        out,
+        "stub guard:  {}",
+        guard_line.replace('\n', "\n             ")
+    );
+    let fastpath = hsm_bpf::fastpath::probe();
+    let _ = writeln!(
+        out,
+        "fastpath:    {}",
+        match &fastpath {
+            Ok(()) => "hook present: the agent loads the handler".to_string(),
+            Err(why) => format!("absent: {why}"),
+        }
+    );
+    let can_serve = new_enough && (any_fs || !root);
+    let _ = writeln!(out, "agent will use:");
+    if can_serve {
+        let _ = writeln!(
+            out,
+            "  - fanotify FAN_PRE_ACCESS marks on the filesystems of the trees it serves"
+        );
+        let _ = writeln!(
+            out,
+            "  - {}",
+            if fastpath.is_ok() {
+                "the BPF fastpath handler, and ignore marks, for files that are not stubs"
+            } else {
+                "ignore marks for files that are not stubs (no fastpath hook)"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "  - {}",
+            if guard_ok {
+                "the stub guard: stubs nobody serves fail with EIO"
+            } else {
+                "no stub guard: a stub read while no agent runs returns zeros"
+            }
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  nothing: the agent refuses to start here{}",
+            if new_enough {
+                " (no mounted filesystem accepts pre-content marks)"
+            } else {
+                " (the kernel has no pre-content events; stubs would read as zeros)"
+            }
+        );
+    }
+    (out, can_serve)
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/x\\134y"), "/x\\y");
+    }
+
+    #[test]
+    fn lists_the_root_filesystem() {
+        assert!(
+            mounts()
+                .iter()
+                .any(|m| m.point == std::path::Path::new("/"))
+        );
+    }
+}
