@@ -11,8 +11,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hsm_kernel::fanotify::{DenyErrno, Group, Response};
-use tracing::error;
+use hsm_kernel::fanotify::{DenyErrno, FileRange, Group, Response};
+use tracing::{error, warn};
+
+use crate::journal::Journal;
 
 /// One event awaiting its answer.
 #[derive(Debug)]
@@ -32,6 +34,9 @@ impl EventSlot {
 pub struct Pending {
     group: Arc<Group>,
     slots: Mutex<HashMap<RawFd, Arc<EventSlot>>>,
+    /// With a keeper, every event is journaled from read to answer (docs/SEMANTICS.md).
+    journal: Option<Arc<Journal>>,
+    journal_failed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -39,15 +44,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pending {
-    pub fn new(group: Arc<Group>) -> Self {
+    pub fn new(group: Arc<Group>, journal: Option<Arc<Journal>>) -> Self {
         Pending {
             group,
             slots: Mutex::new(HashMap::new()),
+            journal,
+            journal_failed: AtomicBool::new(false),
         }
     }
 
-    /// Register an event; the returned guard answers it EIO if dropped unanswered.
-    pub fn register(self: &Arc<Self>, fd: OwnedFd) -> EventGuard {
+    /// Register an event (journaling it first, with a keeper); the returned guard answers
+    /// it EIO if dropped unanswered.
+    pub fn register(
+        self: &Arc<Self>,
+        fd: OwnedFd,
+        tid: i32,
+        range: Option<FileRange>,
+    ) -> EventGuard {
+        if let Some(j) = &self.journal {
+            let handle = hsm_kernel::fdio::handle_of(fd.as_fd()).ok();
+            let written = j.begin(
+                fd.as_raw_fd(),
+                tid,
+                range,
+                handle.as_ref().map(|(h, m)| (h, *m)),
+            );
+            if let Err(e) = written {
+                if !self.journal_failed.swap(true, Ordering::Relaxed) {
+                    warn!(error = %e, "cannot journal events: a restart after a crash would answer them EIO");
+                }
+            }
+        }
         let slot = Arc::new(EventSlot {
             fd,
             answered: AtomicBool::new(false),
@@ -67,6 +94,10 @@ impl Pending {
         if let Err(e) = self.group.respond(slot.fd.as_fd(), response) {
             error!(fd = slot.fd.as_raw_fd(), error = %e, "could not answer a fanotify event");
         }
+        // Before the fd can close: a stale slot must never outlive its number's event.
+        if let Some(j) = &self.journal {
+            j.end(slot.fd.as_raw_fd());
+        }
         true
     }
 
@@ -77,6 +108,14 @@ impl Pending {
             .iter()
             .filter(|s| self.answer(s, Response::Deny(errno)))
             .count()
+    }
+
+    /// Bring the journal's high-water mark down to the events in flight now.
+    pub fn refresh_journal_high_water(&self) {
+        if let Some(j) = &self.journal {
+            let max = lock(&self.slots).keys().copied().max().unwrap_or(-1);
+            j.reset_high_water(max);
+        }
     }
 
     /// Events registered and not yet finished.

@@ -5,6 +5,9 @@
 //! files with nothing to fetch. Policy lives in `hsm-core`; this crate only translates.
 
 pub mod events;
+pub mod journal;
+pub mod keeper;
+pub mod restart;
 
 use std::collections::HashSet;
 use std::os::fd::AsFd;
@@ -18,9 +21,7 @@ use hsm_core::metrics::Metrics;
 use hsm_core::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, UrlRemotes, Verdict,
 };
-use hsm_kernel::fanotify::{
-    DenyErrno, Event, FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget, Response,
-};
+use hsm_kernel::fanotify::{DenyErrno, Event, FAN_PRE_ACCESS, Group, MarkTarget, Response};
 use hsm_kernel::stat;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -209,6 +210,7 @@ fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
 fn register_with_guard(
     mode: GuardMode,
     trees: &[PathBuf],
+    keeper_pid: Option<u32>,
 ) -> Result<Option<hsm_bpf::Registration>, AgentError> {
     let mut devs = Vec::new();
     for t in trees {
@@ -217,6 +219,13 @@ fn register_with_guard(
     }
     devs.sort_unstable();
     devs.dedup();
+    if let Some(pid) = keeper_pid {
+        // While the keeper holds the group, readers wait for the next agent instead of
+        // failing: the keeper counts as a holder.
+        if let Err(e) = hsm_bpf::guard::register_other(hsm_bpf::HolderKind::Keeper, pid, &devs) {
+            warn!(error = %e, "could not register the keeper with the stub guard");
+        }
+    }
     match hsm_bpf::Registration::register(hsm_bpf::HolderKind::Agent, &devs) {
         Ok(r) => {
             info!(filesystems = devs.len(), "registered with the stub guard");
@@ -286,16 +295,78 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     let nofile = hsm_kernel::sys::raise_nofile_limit()?;
     debug!(nofile, "open file limit");
 
-    let group = Arc::new(Group::new(GroupOptions::default()).map_err(|e| {
-        AgentError::Startup(match e.errno() {
-            Some(libc::EPERM) => "fanotify_init: permission denied (needs CAP_SYS_ADMIN)".into(),
-            Some(libc::EINVAL) => {
-                "fanotify_init refused FAN_CLASS_PRE_CONTENT: the kernel lacks pre-content support"
-                    .into()
+    // The group: kept by the keeper or systemd across restarts, or new.
+    let obtained = restart::obtain_group(cfg)?;
+    let group = obtained.group.clone();
+    let holder = obtained.holder;
+    // A previous agent still running hands over: it stops reading before we start.
+    let olds = if holder.is_some() {
+        restart::take_over(&cfg.state_dir, Duration::from_secs(10))
+    } else {
+        Vec::new()
+    };
+    let (live_olds, dead_olds): (Vec<_>, Vec<_>) = olds.into_iter().partition(|j| j.writer_alive());
+    debug!(
+        restored = obtained.restored,
+        live = live_olds.len(),
+        dead = dead_olds.len(),
+        "group obtained; earlier journals read"
+    );
+    // Hold every fd number an earlier agent's unanswered events may carry, before we read
+    // a single event (docs/SEMANTICS.md, "Agent restarts").
+    let earlier_bound = live_olds
+        .iter()
+        .chain(&dead_olds)
+        .map(|j| j.number_bound())
+        .max();
+    let reserve_to = if obtained.restored || earlier_bound.is_some() {
+        let wanted = earlier_bound.unwrap_or(restart::margin(cfg));
+        // Leave room for our own descriptors above the reservation.
+        let cap = (nofile as i64 - 4096).clamp(1024, i32::MAX as i64) as i32;
+        if wanted > cap {
+            error!(
+                wanted,
+                cap,
+                nofile,
+                "an earlier agent's events may carry fd numbers beyond what the open-file limit lets us hold: raise RLIMIT_NOFILE (a collision could answer the wrong event)"
+            );
+        }
+        Some(wanted.min(cap))
+    } else {
+        None
+    };
+    let mut reserved = match reserve_to {
+        Some(limit) => Some(restart::reserve(limit)?),
+        None => None,
+    };
+    debug!(?reserve_to, "fd numbers held");
+    // Events a dead agent read but never journaled can only be answered blind: EIO, at
+    // once. Then only the journaled numbers (and a running predecessor's) stay held, so
+    // this agent's own events are numbered low again.
+    if let (Some(limit), Some(held)) = (reserve_to, reserved.as_mut()) {
+        if live_olds.is_empty() {
+            let swept = restart::sweep_unjournaled(&group, &dead_olds, limit);
+            if swept > 0 {
+                warn!(
+                    swept,
+                    "answered EIO to events a crashed agent had read but not journaled"
+                );
             }
-            _ => e.to_string(),
-        })
-    })?);
+            let journaled: std::collections::HashSet<i32> = dead_olds
+                .iter()
+                .flat_map(|j| j.entries.iter().map(|e| e.fd))
+                .collect();
+            held.retain(|n| journaled.contains(&n));
+        }
+    }
+    debug!("unjournaled events answered");
+    let journal = if holder.is_some() {
+        Some(Arc::new(journal::Journal::create(&cfg.state_dir).map_err(
+            |e| AgentError::Startup(format!("journal in {}: {e}", cfg.state_dir.display())),
+        )?))
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::default());
     let core = AgentCore::new(
         CoreOptions {
@@ -316,10 +387,17 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     );
     let guard_installed = install_guard(cfg.guard)?;
     place_marks(&group, &trees, cfg.mark)?;
+    if !obtained.restored {
+        restart::hand_over_group(&holder, &group)?;
+    }
     // Registration comes after the marks: a stub opened once we are registered must raise
     // events (docs/BPF.md, "Order at start-up").
     let registration = if guard_installed {
-        register_with_guard(cfg.guard, &trees)?
+        let keeper_pid = match &holder {
+            restart::Holder::Keeper(c) => c.keeper_pid(),
+            _ => None,
+        };
+        register_with_guard(cfg.guard, &trees, keeper_pid)?
     } else {
         None
     };
@@ -340,7 +418,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         None
     };
 
-    let pending = Arc::new(Pending::new(group.clone()));
+    let pending = Arc::new(Pending::new(group.clone(), journal.clone()));
     let started = Instant::now();
     let ctx = Arc::new(Ctx {
         core: core.clone(),
@@ -364,6 +442,40 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
                 .spawn(move || event_thread(&ctx, &stop))?,
         );
     }
+    // Answer what earlier agents left waiting, while new events are already served (they
+    // are numbered above the reservation).
+    if reserved.is_some() {
+        let (core, group, state_dir) = (core.clone(), group.clone(), cfg.state_dir.clone());
+        tokio::spawn(async move {
+            let r = restart::recover(core.clone(), group.clone(), dead_olds).await;
+            info!(
+                answered = r.answered,
+                already_answered = r.stale,
+                failed = r.failed,
+                "answered the events earlier agents left waiting"
+            );
+            // A running predecessor keeps answering its own events by number until it
+            // exits: hold the numbers until then.
+            let mut live = live_olds;
+            while !live.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                live.retain(|j| j.writer_alive());
+            }
+            let leftover: Vec<_> = journal::scan(&state_dir)
+                .into_iter()
+                .filter(|j| !j.writer_alive())
+                .collect();
+            if !leftover.is_empty() {
+                // It stopped reading before it died, so every event it read is journaled.
+                let r = restart::recover(core, group, leftover).await;
+                warn!(
+                    answered = r.answered,
+                    "a predecessor died during its hand-over; answered what it left"
+                );
+            }
+            drop(reserved);
+        });
+    }
     if let Some(p) = &cfg.ready_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| AgentError::Startup(format!("ready file {}: {e}", p.display())))?;
@@ -378,6 +490,8 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigusr2 =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
     let mut stats_tick =
         tokio::time::interval(cfg.stats_interval.0.max(Duration::from_millis(100)));
     let write_stats = |pending: usize| {
@@ -387,12 +501,56 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             }
         }
     };
-    loop {
+    let handover = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: finishing fetches in flight"); break; }
-            _ = sigint.recv() => { info!("SIGINT: finishing fetches in flight"); break; }
-            _ = stats_tick.tick() => write_stats(pending.len()),
+            _ = sigterm.recv() => { info!("SIGTERM: finishing fetches in flight"); break false; }
+            _ = sigint.recv() => { info!("SIGINT: finishing fetches in flight"); break false; }
+            _ = sigusr2.recv() => {
+                info!("SIGUSR2: handing over to a new agent; reading no more events");
+                break true;
+            }
+            _ = stats_tick.tick() => {
+                write_stats(pending.len());
+                pending.refresh_journal_high_water();
+            }
         }
+    };
+    if handover {
+        // The successor waits for our journal to say we stopped reading, then reads the
+        // same group. We finish what we read, then leave without releasing anything.
+        ctx.stopping.store(true, Ordering::SeqCst);
+        let _ = stop.write(1);
+        for t in threads {
+            if t.join().is_err() {
+                error!("an event thread panicked");
+            }
+        }
+        if let Some(j) = &journal {
+            if let Err(e) = j.mark_stopped_reading() {
+                warn!(error = %e, "could not record the hand-over in the journal");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout.0;
+        while !(pending.is_empty() && core.wait_fills(Duration::ZERO).await) {
+            if tokio::time::Instant::now() >= deadline {
+                let denied = pending.deny_all(DenyErrno::Eio);
+                warn!(denied, "hand-over timeout: denied events still waiting");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let failed = core.flush_all().await;
+        write_stats(0);
+        drop(registration);
+        if let Some(j) = journal {
+            drop(pending);
+            drop(ctx);
+            if let Ok(j) = Arc::try_unwrap(j) {
+                j.remove();
+            }
+        }
+        info!(unflushed = failed, "hsm agent handed over and stopped");
+        return Ok(());
     }
 
     // Shutdown: no new fetches. The event threads keep answering (resident ranges and
@@ -419,6 +577,12 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             warn!(error = %e, "could not deregister from the stub guard");
         }
     }
+    // No new events from here on: anything touching a stub now is either denied by the
+    // guard or (without one) reads what is resident, but never waits on a group that is
+    // about to be released.
+    for t in [MarkTarget::Filesystem, MarkTarget::Mount, MarkTarget::Inode] {
+        let _ = group.flush_marks(t);
+    }
     // Stop the event threads; each drains what is queued before it exits. Anything raised
     // after the group closes is allowed by the kernel (see docs/SEMANTICS.md).
     ctx.stopping.store(true, Ordering::SeqCst);
@@ -440,6 +604,14 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     }
     let failed = core.flush_all().await;
     write_stats(0);
+    restart::release_group(&holder);
+    if let Some(j) = journal {
+        drop(pending);
+        drop(ctx);
+        if let Ok(j) = Arc::try_unwrap(j) {
+            j.remove();
+        }
+    }
     info!(metrics = %core.metrics().to_json(), unflushed = failed, "hsm agent stopped");
     if let Some(p) = &cfg.ready_file {
         let _ = std::fs::remove_file(p);
@@ -536,7 +708,7 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
         }
         return;
     };
-    let guard = ctx.pending.register(fd);
+    let guard = ctx.pending.register(fd, ev.pid, ev.range);
     if ev.mask & FAN_PRE_ACCESS == 0 || ctx.own.contains(ev.pid) {
         Metrics::inc(&ctx.metrics.events_own);
         guard.respond(Response::Allow);

@@ -442,8 +442,30 @@ impl Registration {
     /// after registration but before the marks would be allowed and read as zeros.
     pub fn register(kind: HolderKind, devs: &[u64]) -> Result<Registration, BpfError> {
         let tgid = std::process::id();
+        register_pid(kind, tgid, devs)?;
+        Ok(Registration {
+            tgid,
+            devs: devs.iter().map(|&d| kernel_dev(d)).collect(),
+        })
+    }
+
+    /// Deregister: readers of stubs on the served filesystems get EIO from now on (unless
+    /// another live holder serves them).
+    pub fn release(mut self) -> Result<(), BpfError> {
+        self.release_inner()
+    }
+}
+
+/// Register another process (the keeper) as a holder serving `devs`. It is not
+/// deregistered by anyone: once it exits, the guard sees it dead.
+pub fn register_other(kind: HolderKind, pid: u32, devs: &[u64]) -> Result<(), BpfError> {
+    register_pid(kind, pid, devs)
+}
+
+fn register_pid(kind: HolderKind, tgid: u32, devs: &[u64]) -> Result<(), BpfError> {
+    {
         let start_ticks = process_start_ticks(tgid).ok_or_else(|| {
-            BpfError::Unsupported("cannot read this process's start time from /proc".into())
+            BpfError::Unsupported(format!("cannot read the start time of process {tgid}"))
         })?;
         let mut ctl = read_ctl()?;
         ctl.holders.resize(MAX_HOLDERS, Holder::default());
@@ -487,15 +509,11 @@ impl Registration {
                 .map_err(|e| BpfError::load("writing hsm_served", e))?;
         }
         write_ctl(&ctl)?;
-        Ok(Registration { tgid, devs })
+        Ok(())
     }
+}
 
-    /// Deregister: readers of stubs on the served filesystems get EIO from now on (unless
-    /// another live holder serves them).
-    pub fn release(mut self) -> Result<(), BpfError> {
-        self.release_inner()
-    }
-
+impl Registration {
     fn release_inner(&mut self) -> Result<(), BpfError> {
         if self.tgid == 0 {
             return Ok(());

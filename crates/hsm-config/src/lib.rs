@@ -105,9 +105,38 @@ pub struct AgentConfig {
     pub stats_interval: HumanDuration,
     /// The BPF LSM stub guard: "auto", "require" or "off".
     pub guard: GuardMode,
-    /// Load the fanotify fastpath handler when the kernel has the hook ("auto"/"off" as
-    /// a boolean: true tries, false never does).
+    /// Load the fanotify fastpath handler when the running kernel has the hook.
     pub fastpath: bool,
+    /// Keep the fanotify group alive across agent restarts: "auto" hands it to systemd's
+    /// fd store under systemd, otherwise to an `hsm keeper` process; "off" lets it die
+    /// with the agent (readers waiting then get zeros, see docs/SEMANTICS.md).
+    pub keeper: KeeperMode,
+    /// Where the keeper's socket and the event journal live (a tmpfs such as /run).
+    pub state_dir: PathBuf,
+    /// How long the keeper holds the group with no agent connected before it answers
+    /// every waiting reader with EIO and releases it.
+    pub keeper_grace: HumanDuration,
+}
+
+/// See [`AgentConfig::keeper`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeeperMode {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl FromStr for KeeperMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KeeperMode::Auto),
+            "off" => Ok(KeeperMode::Off),
+            other => Err(format!("{other:?}: expected \"auto\" or \"off\"")),
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -128,6 +157,9 @@ impl Default for AgentConfig {
             stats_interval: HumanDuration(Duration::from_secs(5)),
             guard: GuardMode::Auto,
             fastpath: true,
+            keeper: KeeperMode::Auto,
+            state_dir: PathBuf::from("/run/hsm"),
+            keeper_grace: HumanDuration(Duration::from_secs(300)),
         }
     }
 }

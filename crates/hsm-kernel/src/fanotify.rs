@@ -238,6 +238,26 @@ impl Group {
         Ok(())
     }
 
+    /// Remove every mark of `target`'s kind from the group (`FAN_MARK_FLUSH`): no new
+    /// events are raised for them. Used before a group is released on purpose, so that
+    /// nothing raised meanwhile is allowed unserved.
+    pub fn flush_marks(&self, target: MarkTarget) -> Result<()> {
+        // SAFETY: the group fd is valid; FAN_MARK_FLUSH takes no mask or path.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_FLUSH | target.flag(),
+                0,
+                libc::AT_FDCWD,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(KernelError::last("fanotify_mark FAN_MARK_FLUSH"));
+        }
+        Ok(())
+    }
+
     /// Attach a registered fanotify fastpath handler (struct_ops) to this group by name,
     /// with the `FAN_IOC_ADD_FP` ioctl of the interface proposed upstream in late 2024.
     /// No released kernel has it: callers check the kernel's BTF first (hsm-bpf), and the
@@ -352,8 +372,17 @@ impl Group {
     /// The caller must keep the event's fd open until this returns `Ok`, and must answer
     /// each event once: the kernel matches responses by fd number alone.
     pub fn respond(&self, event_fd: BorrowedFd<'_>, response: Response) -> Result<()> {
+        self.respond_number(event_fd.as_raw_fd(), response)
+    }
+
+    /// Answer the event whose fd number was `number` in the process that read it, which
+    /// may be gone: an agent restarted after a crash answers the events its predecessor had
+    /// read but not answered (the kernel keeps them pending while the group lives). The
+    /// caller must make sure no event of its own holds that number (docs/SEMANTICS.md,
+    /// "Agent restarts"). `ENOENT` means no event with that number is pending.
+    pub fn respond_number(&self, number: RawFd, response: Response) -> Result<()> {
         let msg = libc::fanotify_response {
-            fd: event_fd.as_raw_fd(),
+            fd: number,
             response: response.encode(),
         };
         let len = std::mem::size_of::<libc::fanotify_response>();
@@ -367,8 +396,7 @@ impl Group {
         };
         if n < 0 {
             return Err(KernelError::last(format!(
-                "fanotify response for fd {}",
-                event_fd.as_raw_fd()
+                "fanotify response for fd {number}"
             )));
         }
         if n as usize != len {

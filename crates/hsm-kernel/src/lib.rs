@@ -14,6 +14,7 @@
 #![allow(unsafe_code)]
 
 pub mod fanotify;
+pub mod fdio;
 pub mod intent;
 pub mod stat;
 pub mod sys;

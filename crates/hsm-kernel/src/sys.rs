@@ -38,6 +38,16 @@ pub fn raise_nofile_limit() -> Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)
         .map_err(|e| KernelError::from_errno("getrlimit(RLIMIT_NOFILE)", e))?;
+    // Root may go past the hard limit, up to fs.nr_open: event fds, cached stubs and the
+    // fd numbers held across a restart all count against it.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard)
+        .min(1 << 20);
+    if ceiling > hard && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return Ok(ceiling);
+    }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
         .map_err(|e| KernelError::from_errno("setrlimit(RLIMIT_NOFILE)", e))?;
     Ok(hard)

@@ -79,7 +79,19 @@ enum Command {
         #[command(subcommand)]
         action: GuardAction,
     },
-    /// Serve stub trees: fetch bytes on first access (runs until SIGTERM).
+    /// Hold the agent's fanotify group across agent restarts. The agent starts it; it does
+    /// nothing else (docs/SEMANTICS.md, "Agent restarts").
+    Keeper {
+        /// The unix socket agents connect to (default: [agent] state_dir/keeper.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// With no agent connected this long, answer waiting readers EIO and exit.
+        #[arg(long)]
+        #[arg(value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+    },
+    /// Serve stub trees: fetch bytes on first access (runs until SIGTERM; a second agent
+    /// started on the same state directory takes over from the first without a gap).
     Agent {
         /// Stub trees to serve (added to [agent] trees).
         dst: Vec<PathBuf>,
@@ -92,6 +104,12 @@ enum Command {
         /// Write metrics as JSON here periodically and at exit.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Keeper socket and event journal directory (default: [agent] state_dir).
+        #[arg(long, env = "HSM_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// "auto" or "off" (default: [agent] keeper).
+        #[arg(long, env = "HSM_KEEPER")]
+        keeper: Option<hsm_config::KeeperMode>,
     },
 }
 
@@ -179,12 +197,31 @@ fn main() -> ExitCode {
             })
         }
         Command::Guard { action } => guard(action),
+        Command::Keeper { socket, grace } => {
+            if let Ok(d) = std::env::var("HSM_STATE_DIR") {
+                cfg.agent.state_dir = PathBuf::from(d);
+            }
+            let socket =
+                socket.unwrap_or_else(|| hsm_agent::keeper::socket_path(&cfg.agent.state_dir));
+            let grace = grace.unwrap_or(cfg.agent.keeper_grace.0);
+            hsm_agent::keeper::run(&socket, grace)
+                .map(|()| ExitCode::SUCCESS)
+                .with_context(|| format!("keeper on {}", socket.display()))
+        }
         Command::Agent {
             dst,
             mark,
             ready_file,
             stats_file,
+            state_dir,
+            keeper,
         } => {
+            if let Some(d) = state_dir {
+                cfg.agent.state_dir = d;
+            }
+            if let Some(k) = keeper {
+                cfg.agent.keeper = k;
+            }
             if let Some(m) = mark {
                 cfg.agent.mark = m;
             }

@@ -1,0 +1,401 @@
+//! Agent restarts without stranding readers (docs/SEMANTICS.md, "Agent restarts").
+//!
+//! - [`obtain_group`]: the fanotify group comes from systemd's fd store, from the keeper,
+//!   or is created (and then handed to the keeper or the fd store).
+//! - [`take_over`]: a previous agent that is still running is asked to stop reading events
+//!   (SIGUSR2) before this one starts: two processes must never read the same group at
+//!   once, since the kernel matches answers by fd number alone.
+//! - [`reserve`]: every fd number a previous agent's unanswered events may carry is held
+//!   by a placeholder, so no event this agent reads can be given one of them.
+//! - [`recover`]: the journaled events are answered (the file reopened by handle, the
+//!   range filled, the verdict written by number); then every other number the dead agent
+//!   could have used is answered EIO (events it read but had not journaled yet).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hsm_config::{AgentConfig, KeeperMode};
+use hsm_core::{AccessEvent, AgentCore, IntentSource, Verdict};
+use hsm_kernel::fanotify::{DenyErrno, Group, GroupOptions, Response};
+use hsm_kernel::fdio::ReservedFds;
+use tracing::{info, warn};
+
+use crate::AgentError;
+use crate::journal::{self, OldJournal};
+use crate::keeper;
+
+/// systemd's name for the group in its fd store.
+pub const FDSTORE_NAME: &str = "hsm-fanotify";
+
+/// Who keeps the group alive across restarts.
+#[derive(Debug)]
+pub enum Holder {
+    /// Nobody: the group dies with this process.
+    None,
+    /// systemd's fd store (`FDSTORE=1`).
+    Systemd,
+    /// Our keeper process, over this connection.
+    Keeper(keeper::Client),
+}
+
+impl Holder {
+    pub fn is_some(&self) -> bool {
+        !matches!(self, Holder::None)
+    }
+}
+
+/// The group and where it came from.
+#[derive(Debug)]
+pub struct Obtained {
+    pub group: Arc<Group>,
+    /// It was held across a restart (marks and waiting events included).
+    pub restored: bool,
+    pub holder: Holder,
+}
+
+fn new_group() -> Result<Group, AgentError> {
+    Group::new(GroupOptions::default()).map_err(|e| {
+        AgentError::Startup(match e.errno() {
+            Some(libc::EPERM) => "fanotify_init: permission denied (needs CAP_SYS_ADMIN)".into(),
+            Some(libc::EINVAL) => {
+                "fanotify_init refused FAN_CLASS_PRE_CONTENT: the kernel lacks pre-content support"
+                    .into()
+            }
+            _ => e.to_string(),
+        })
+    })
+}
+
+/// The group from the fd store or the keeper, or a new one.
+pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
+    if cfg.keeper == KeeperMode::Off {
+        return Ok(Obtained {
+            group: Arc::new(new_group()?),
+            restored: false,
+            holder: Holder::None,
+        });
+    }
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let restored = fdstore_restore();
+        let restored_some = restored.is_some();
+        let group = match restored {
+            Some(fd) => Group::from_owned_fd(fd),
+            None => new_group()?,
+        };
+        return Ok(Obtained {
+            group: Arc::new(group),
+            restored: restored_some,
+            holder: Holder::Systemd,
+        });
+    }
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        AgentError::Startup(format!("state directory {}: {e}", cfg.state_dir.display()))
+    })?;
+    let socket = keeper::socket_path(&cfg.state_dir);
+    let client = keeper::Client::connect_or_spawn(
+        &socket,
+        cfg.keeper_grace.0,
+        &cfg.state_dir.join("keeper.log"),
+    )
+    .map_err(|e| AgentError::Startup(format!("keeper at {}: {e}", socket.display())))?;
+    let held = client
+        .get()
+        .map_err(|e| AgentError::Startup(format!("keeper at {}: {e}", socket.display())))?;
+    let restored = held.is_some();
+    let group = match held {
+        Some(fd) => Group::from_owned_fd(fd),
+        None => new_group()?,
+    };
+    Ok(Obtained {
+        group: Arc::new(group),
+        restored,
+        holder: Holder::Keeper(client),
+    })
+}
+
+/// Hand a new group to its holder (after the marks are placed).
+pub fn hand_over_group(holder: &Holder, group: &Group) -> Result<(), AgentError> {
+    match holder {
+        Holder::None => Ok(()),
+        Holder::Systemd => fdstore_put(group.as_fd())
+            .map_err(|e| AgentError::Startup(format!("systemd fd store: {e}"))),
+        Holder::Keeper(c) => c
+            .put(group.as_fd())
+            .map_err(|e| AgentError::Startup(format!("keeper: {e}"))),
+    }
+}
+
+/// Release the group for good (a clean stop): the holder drops its copy.
+pub fn release_group(holder: &Holder) {
+    let r = match holder {
+        Holder::None => Ok(()),
+        Holder::Systemd => fdstore_remove(),
+        Holder::Keeper(c) => c.close(),
+    };
+    if let Err(e) = r {
+        warn!(error = %e, "could not tell the group's holder to release it");
+    }
+}
+
+/// Ask each running previous agent to stop reading events, and wait until it says it has.
+/// Returns the journals as they stand afterwards.
+pub fn take_over(state_dir: &Path, wait: Duration) -> Vec<OldJournal> {
+    let olds = journal::scan(state_dir);
+    for j in olds
+        .iter()
+        .filter(|j| j.writer_alive() && !j.stopped_reading)
+    {
+        info!(
+            pid = j.pid,
+            "asking the running agent to hand over (SIGUSR2)"
+        );
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(j.pid as i32),
+            nix::sys::signal::Signal::SIGUSR2,
+        ) {
+            warn!(pid = j.pid, error = %e, "could not signal the running agent");
+        }
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let olds = journal::scan(state_dir);
+        let waiting: Vec<u32> = olds
+            .iter()
+            .filter(|j| j.writer_alive() && !j.stopped_reading)
+            .map(|j| j.pid)
+            .collect();
+        if waiting.is_empty() || Instant::now() >= deadline {
+            if !waiting.is_empty() {
+                warn!(
+                    ?waiting,
+                    "agents still reading events after the hand-over wait"
+                );
+            }
+            return olds;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Numbers above a previous agent's highest journaled event fd that its unjournaled
+/// events may still have had (events are numbered lowest-free, so they stay below the
+/// number of descriptors it had open).
+pub fn margin(cfg: &AgentConfig) -> RawFd {
+    (cfg.cache_entries.min(1 << 20) as RawFd).saturating_add(4096)
+}
+
+/// Hold every fd number up to `limit`.
+pub fn reserve(limit: RawFd) -> Result<ReservedFds, AgentError> {
+    let placeholder = std::fs::File::open("/dev/null")?;
+    ReservedFds::fill_up_to(placeholder.as_fd(), limit)
+        .map_err(|e| AgentError::Startup(format!("reserving fd numbers: {e}")))
+}
+
+/// Mount ids to mount points, from /proc/self/mountinfo.
+fn mount_points() -> HashMap<i32, PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let id = f.next()?.parse().ok()?;
+            let point = f.nth(3)?;
+            Some((id, PathBuf::from(point.replace("\\040", " "))))
+        })
+        .collect()
+}
+
+/// Counts from [`recover`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Recovered {
+    /// Journaled events answered after filling what they needed.
+    pub answered: usize,
+    /// Journaled events that had been answered already (no event with that number).
+    pub stale: usize,
+    /// Journaled events that could not be served (file gone, no handle): answered EIO.
+    pub failed: usize,
+}
+
+/// Answer EIO every number up to `limit` that no journal entry claims: events a dead
+/// agent had read but not journaled. Only when no earlier agent is still running (its
+/// numbers are its own until it exits). Returns how many events that answered.
+pub fn sweep_unjournaled(group: &Group, dead: &[OldJournal], limit: RawFd) -> usize {
+    let journaled: std::collections::HashSet<RawFd> = dead
+        .iter()
+        .flat_map(|j| j.entries.iter().map(|e| e.fd))
+        .collect();
+    (0..=limit)
+        .filter(|n| !journaled.contains(n))
+        .filter(|&n| {
+            group
+                .respond_number(n, Response::Deny(DenyErrno::Eio))
+                .is_ok()
+        })
+        .count()
+}
+
+/// Answer the journaled events dead agents left waiting, each in its own task (one slow
+/// fill must not hold up the others), then delete their journals.
+pub async fn recover(core: Arc<AgentCore>, group: Arc<Group>, dead: Vec<OldJournal>) -> Recovered {
+    let mounts = mount_points();
+    let mut mount_fds: HashMap<i32, Option<Arc<OwnedFd>>> = HashMap::new();
+    let mut tasks = Vec::new();
+    for j in &dead {
+        for e in j.entries.iter().cloned() {
+            let mount = mount_fds
+                .entry(e.mount_id)
+                .or_insert_with(|| {
+                    mounts
+                        .get(&e.mount_id)
+                        .and_then(|p| std::fs::File::open(p).ok())
+                        .map(|f| Arc::new(OwnedFd::from(f)))
+                })
+                .clone();
+            let (core, group, pid) = (core.clone(), group.clone(), j.pid);
+            tasks.push(tokio::spawn(async move {
+                answer_entry(&core, &group, pid, &e, mount.as_deref()).await
+            }));
+        }
+    }
+    let mut r = Recovered::default();
+    for t in tasks {
+        match t.await {
+            Ok(Outcome::Answered) => r.answered += 1,
+            Ok(Outcome::Stale) => r.stale += 1,
+            Ok(Outcome::Failed) => r.failed += 1,
+            Err(_) => r.failed += 1,
+        }
+    }
+    for j in &dead {
+        let _ = std::fs::remove_file(&j.path);
+    }
+    r
+}
+
+enum Outcome {
+    Answered,
+    Stale,
+    Failed,
+}
+
+async fn answer_entry(
+    core: &Arc<AgentCore>,
+    group: &Group,
+    pid: u32,
+    e: &journal::Entry,
+    mount: Option<&OwnedFd>,
+) -> Outcome {
+    let file = match (&e.handle, mount) {
+        (Some(h), Some(m)) => {
+            hsm_kernel::fdio::open_by_handle(m.as_fd(), h, libc::O_RDWR | libc::O_LARGEFILE).ok()
+        }
+        _ => None,
+    };
+    let mut failed = false;
+    let response = match file {
+        Some(f) => {
+            let verdict = core
+                .handle(AccessEvent {
+                    fd: f.as_fd(),
+                    range: e.range,
+                    intent: IntentSource::Tid(e.tid),
+                })
+                .await;
+            match verdict {
+                Verdict::Allow | Verdict::AllowAndIgnore => Response::Allow,
+                Verdict::Deny(errno) => Response::Deny(errno),
+            }
+        }
+        None => {
+            failed = true;
+            warn!(
+                fd = e.fd,
+                pid,
+                "cannot reopen the file of an event a previous agent left waiting; answering EIO"
+            );
+            Response::Deny(DenyErrno::Eio)
+        }
+    };
+    match group.respond_number(e.fd, response) {
+        Ok(()) if failed => Outcome::Failed,
+        Ok(()) => Outcome::Answered,
+        Err(err) if err.errno() == Some(libc::ENOENT) => Outcome::Stale,
+        Err(err) => {
+            warn!(fd = e.fd, error = %err, "answering a previous agent's event");
+            Outcome::Failed
+        }
+    }
+}
+
+// --- systemd fd store -------------------------------------------------------------------
+
+/// The group systemd kept for us (LISTEN_FDS / LISTEN_FDNAMES), if any.
+fn fdstore_restore() -> Option<OwnedFd> {
+    hsm_kernel::fdio::take_listen_fd(FDSTORE_NAME)
+}
+
+fn notify_with_fd(msg: &str, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
+    let path = std::env::var_os("NOTIFY_SOCKET")
+        .ok_or_else(|| std::io::Error::other("NOTIFY_SOCKET is not set"))?;
+    notify_at(&path, msg, fd)
+}
+
+fn notify_at(
+    path: &std::ffi::OsStr,
+    msg: &str,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        sock.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(
+            abstract_name,
+        )?)?;
+    } else {
+        sock.connect(Path::new(path))?;
+    }
+    hsm_kernel::fdio::send_fd(sock.as_fd(), msg.as_bytes(), fd).map_err(std::io::Error::other)
+}
+
+fn fdstore_put(group: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    notify_with_fd(&format!("FDSTORE=1\nFDNAME={FDSTORE_NAME}"), Some(group))
+}
+
+fn fdstore_remove() -> std::io::Result<()> {
+    notify_with_fd(&format!("FDSTOREREMOVE=1\nFDNAME={FDSTORE_NAME}"), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_include_root() {
+        assert!(mount_points().values().any(|p| p == Path::new("/")));
+    }
+
+    #[test]
+    fn the_fd_store_message_carries_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let file = tempfile::tempfile().expect("tempfile");
+        notify_at(
+            path.as_os_str(),
+            &format!("FDSTORE=1\nFDNAME={FDSTORE_NAME}"),
+            Some(file.as_fd()),
+        )
+        .expect("notify");
+        let mut buf = [0u8; 128];
+        let (n, fd) = hsm_kernel::fdio::recv_fd(server.as_fd(), &mut buf).expect("recv");
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).expect("utf8"),
+            "FDSTORE=1\nFDNAME=hsm-fanotify"
+        );
+        assert!(fd.is_some());
+    }
+}
