@@ -421,6 +421,11 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     let pending = Arc::new(Pending::new(group.clone(), journal.clone()));
     let started = Instant::now();
     let ctx = Arc::new(Ctx {
+        // Every event thread may be inside one read (up to ~1365 events, each with an fd)
+        // when the budget is reached; 1024 more for sockets, files and the journal.
+        fd_budget: (nofile as usize)
+            .saturating_sub(cfg.event_threads.max(1) * journal::EVENTS_PER_READ as usize + 1024)
+            .max(256),
         core: core.clone(),
         group: group.clone(),
         pending: pending.clone(),
@@ -428,6 +433,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         metrics: metrics.clone(),
         rt: tokio::runtime::Handle::current(),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        paused: std::sync::atomic::AtomicBool::new(false),
     });
     let stop = Arc::new(
         EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -620,6 +626,9 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
 }
 
 struct Ctx {
+    /// Open descriptors the agent may use before it stops reading events (each event
+    /// brings one, each cached stub holds one); the rest is room for everything else.
+    fd_budget: usize,
     core: Arc<AgentCore>,
     group: Arc<Group>,
     pending: Arc<Pending>,
@@ -627,6 +636,7 @@ struct Ctx {
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
     stopping: std::sync::atomic::AtomicBool,
+    paused: std::sync::atomic::AtomicBool,
 }
 
 /// One event thread: wait for events (one thread woken per event, EPOLLEXCLUSIVE), answer
@@ -647,6 +657,23 @@ fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
         let mut batch = Vec::with_capacity(64);
         let mut ready = [EpollEvent::empty(); 2];
         loop {
+            if over_fd_budget(ctx) {
+                // Events wait in the kernel's (unlimited) queue until answers free some
+                // descriptors; reading more now would fail them with EMFILE.
+                if !ctx.paused.swap(true, Ordering::Relaxed) {
+                    Metrics::inc(&ctx.metrics.reads_paused);
+                    warn!(
+                        in_flight = ctx.pending.len(),
+                        "open descriptors near the limit: reading events paused"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                if ctx.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                continue;
+            }
+            ctx.paused.store(false, Ordering::Relaxed);
             match ep.wait(&mut ready, EpollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(format!("epoll_wait: {e}")),
@@ -680,10 +707,19 @@ fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
 /// How long an event thread keeps polling after its last event before it sleeps.
 const SPIN_AFTER_EVENT: Duration = Duration::from_micros(100);
 
-/// Read and answer every queued event; returns how many.
+/// Near the descriptor limit? (events in flight plus cached stubs, each one fd)
+fn over_fd_budget(ctx: &Ctx) -> bool {
+    ctx.pending.len() + ctx.core.cached_stubs() >= ctx.fd_budget
+}
+
+/// Read and answer every queued event (until the descriptor budget is used); returns how
+/// many.
 fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
     let mut n = 0;
     loop {
+        if over_fd_budget(ctx) {
+            return n;
+        }
         batch.clear();
         let r = ctx.group.read_events(buf, batch);
         n += batch.len();
@@ -704,6 +740,7 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
 fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
     let Some(fd) = ev.fd else {
         if ev.mask & hsm_kernel::fanotify::FAN_Q_OVERFLOW != 0 {
+            Metrics::inc(&ctx.metrics.queue_overflows);
             error!("fanotify queue overflow: some accesses were allowed unserved");
         }
         return;

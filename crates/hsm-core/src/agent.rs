@@ -267,6 +267,10 @@ fn requested(range: Option<FileRange>) -> Range<u64> {
 const WRITEBACK_MIN: usize = 1 << 20;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
+/// A ranged request running longer than this no longer counts against
+/// `max_concurrent_fetches` (see `bounded_fetch`).
+const SLOW_REQUEST: Duration = Duration::from_millis(500);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a stub lock is a bug; keep serving rather than poison everything.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -393,6 +397,8 @@ pub struct AgentCore {
     marks: Arc<dyn MarkSink>,
     stubs: Mutex<HashMap<InodeKey, Arc<Stub>>>,
     fetch_slots: Semaphore,
+    /// Slots for requests that outlived SLOW_REQUEST (see `bounded_fetch`).
+    slow_slots: Semaphore,
     bandwidth: Option<RateLimiter>,
     persist_tx: mpsc::UnboundedSender<Arc<Stub>>,
     metrics: Arc<Metrics>,
@@ -422,6 +428,7 @@ impl AgentCore {
         let bandwidth = (opts.max_bandwidth > 0).then(|| RateLimiter::new(opts.max_bandwidth));
         let core = Arc::new(AgentCore {
             fetch_slots: Semaphore::new(opts.max_concurrent_fetches.max(1)),
+            slow_slots: Semaphore::new(opts.max_concurrent_fetches.max(1)),
             opts,
             remotes,
             marks,
@@ -1404,7 +1411,7 @@ impl Stub {
         digests: Option<(Arc<Vec<hsm_manifest::Digest>>, u64)>,
     ) -> Result<(), ServeError> {
         let data = {
-            let _slot = core
+            let slot = core
                 .fetch_slots
                 .acquire()
                 .await
@@ -1413,19 +1420,22 @@ impl Stub {
                 bw.acquire(part.end - part.start).await;
             }
             Metrics::inc(&core.metrics.remote_requests);
-            let data = match &digests {
-                // Verifying needs the bytes themselves.
-                Some(_) => Body::Bytes(
-                    self.remote
-                        .get_range(&self.meta.key, part.clone(), &self.expect)
-                        .await?,
-                ),
-                None => {
-                    self.remote
-                        .get_body(&self.meta.key, part.clone(), &self.expect)
-                        .await?
-                }
+            let fetch = async {
+                Ok::<_, ServeError>(match &digests {
+                    // Verifying needs the bytes themselves.
+                    Some(_) => Body::Bytes(
+                        self.remote
+                            .get_range(&self.meta.key, part.clone(), &self.expect)
+                            .await?,
+                    ),
+                    None => {
+                        self.remote
+                            .get_body(&self.meta.key, part.clone(), &self.expect)
+                            .await?
+                    }
+                })
             };
+            let data = self.bounded_fetch(core, slot, fetch).await?;
             let data = self.accept_body(core, &part, data)?;
             if let (Some((list, chunk)), Body::Bytes(bytes)) = (&digests, &data) {
                 self.verify(bytes, part.start, list, *chunk)?;
@@ -1433,6 +1443,57 @@ impl Stub {
             data
         };
         self.write_part(core, part.start, data).await
+    }
+
+    /// Run one ranged request holding a fetch slot, with two bounds so that a stalled
+    /// server cannot starve the others (docs/RELIABILITY.md):
+    /// - a request still running after [`SLOW_REQUEST`] moves to one of an equal number
+    ///   of slots for slow requests, if one is free, and gives its own slot back: a
+    ///   stalled server can then hold at most half of all requests;
+    /// - a request running longer than the read timeout (plus a second) is abandoned: no
+    ///   reader waits that long, and a later reader starts a fresh fill.
+    async fn bounded_fetch<T>(
+        &self,
+        core: &AgentCore,
+        slot: tokio::sync::SemaphorePermit<'_>,
+        fetch: impl std::future::Future<Output = Result<T, ServeError>>,
+    ) -> Result<T, ServeError> {
+        tokio::pin!(fetch);
+        let mut slot = Some(slot);
+        let mut slow: Option<tokio::sync::SemaphorePermit<'_>> = None;
+        let release = tokio::time::sleep(SLOW_REQUEST);
+        tokio::pin!(release);
+        let limit = core.opts.read_timeout;
+        let give_up = tokio::time::sleep(if limit.is_zero() {
+            Duration::from_secs(86_400 * 365)
+        } else {
+            limit + Duration::from_secs(1)
+        });
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                r = &mut fetch => return r,
+                _ = &mut release, if slot.is_some() && slow.is_none() => {
+                    // Trade the slot for one of the (as many) slots for slow requests, if
+                    // one is free: at most twice max_concurrent_fetches requests ever run,
+                    // and a stalled server holds at most half of them.
+                    if let Ok(p) = core.slow_slots.try_acquire() {
+                        slow = Some(p);
+                        slot = None;
+                        Metrics::inc(&core.metrics.slow_requests);
+                        debug!(path = %self.path(), "request still running after {SLOW_REQUEST:?}; its fetch slot goes to others");
+                    }
+                }
+                _ = &mut give_up => {
+                    return Err(RemoteError::Timeout {
+                        url: self.remote.url().to_string(),
+                        key: self.meta.key.clone(),
+                        after_ms: limit.as_millis() as u64,
+                    }
+                    .into());
+                }
+            }
+        }
     }
 
     /// Write fetched bytes, never beyond the floor or the file's current size, and never

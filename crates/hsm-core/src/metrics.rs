@@ -50,6 +50,14 @@ metrics! {
     readahead_fills = "readahead_fills",
     /// Ranged reads sent to remotes.
     remote_requests = "remote_requests",
+    /// Requests still running after 500 ms that moved to a slot for slow requests.
+    slow_requests = "slow_requests",
+    /// Queue overflow events from the kernel (accesses allowed unserved; never expected
+    /// with the unlimited queue the agent asks for).
+    queue_overflows = "queue_overflows",
+    /// Times the event threads stopped reading because open descriptors neared the limit
+    /// (events then wait in the kernel's queue).
+    reads_paused = "reads_paused",
     /// Bytes received from remotes.
     bytes_fetched = "bytes_fetched",
     /// Bytes written into stubs (zero pages are skipped and not counted).

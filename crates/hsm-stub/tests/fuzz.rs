@@ -9,7 +9,7 @@
 //! method, with any argument, keeps its invariants.
 //!
 //! The case counts are fixed (not taken from `PROPTEST_CASES`) so that CI time is bounded:
-//! about 3 s for the whole file in a debug build on 2 cores. Set `HSM_FUZZ_SCALE` (an
+//! 2-4 s for the whole file in a debug build on 2 cores. Set `HSM_FUZZ_SCALE` (an
 //! integer, default 1) to multiply them for a longer local run.
 
 use hsm_stub::*;
