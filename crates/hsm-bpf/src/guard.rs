@@ -26,9 +26,10 @@ pub const MAPS: [&str; 5] = [
 ];
 
 /// Programs (one pinned link each) and the kernel's BTF name of the hook each attaches to.
-/// The last two are optional: without them a marker set or removed after a file was first
-/// opened is noticed at the next open of an uncached inode, not at once.
-const PROGRAMS: [(&str, &str, bool); 8] = [
+/// The last three are optional: without the xattr hooks a marker set or removed after a
+/// file was first opened is noticed only once its cached verdict is gone; without the
+/// inode hook a verdict can outlive its inode (and a reused inode number inherit it).
+const PROGRAMS: [(&str, &str, bool); 9] = [
     ("hsm_file_open", "bpf_lsm_file_open", true),
     ("hsm_file_free", "bpf_lsm_file_free_security", true),
     ("hsm_file_permission", "bpf_lsm_file_permission", true),
@@ -41,15 +42,19 @@ const PROGRAMS: [(&str, &str, bool); 8] = [
         "bpf_lsm_inode_post_removexattr",
         false,
     ),
+    ("hsm_inode_free", "bpf_lsm_inode_free_security", false),
 ];
 
 /// Counters kept by the guard (`enum hsm_stat` in hsm_shared.h).
-const STATS: [&str; 5] = [
+const STATS: [&str; 8] = [
     "classified",
     "stub_opens",
     "denied",
     "allowed",
     "files_table_full",
+    "no_marker",
+    "marker_unreadable",
+    "last_marker_errno",
 ];
 
 fn pin_root() -> PathBuf {
@@ -126,7 +131,8 @@ pub fn install() -> Result<GuardInstall, BpfError> {
         .attach()
         .map_err(|e| BpfError::load("attaching the guard to the LSM hooks", e))?;
 
-    let staging = pin_root().with_file_name(format!("hsm.installing-{}", std::process::id()));
+    // bpffs refuses names with a dot in them (EPERM).
+    let staging = pin_root().with_file_name(format!("hsm-installing-{}", std::process::id()));
     let result = (|| {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(staging.join("maps")).map_err(|e| BpfError::pin(&staging, e))?;
@@ -140,7 +146,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
             }
         }
         let links = &mut loaded.links;
-        let all: [(&str, &mut Option<Link>); 8] = [
+        let all: [(&str, &mut Option<Link>); 9] = [
             ("hsm_file_open", &mut links.hsm_file_open),
             ("hsm_file_free", &mut links.hsm_file_free),
             ("hsm_file_permission", &mut links.hsm_file_permission),
@@ -149,6 +155,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
             ("hsm_path_truncate", &mut links.hsm_path_truncate),
             ("hsm_post_setxattr", &mut links.hsm_post_setxattr),
             ("hsm_post_removexattr", &mut links.hsm_post_removexattr),
+            ("hsm_inode_free", &mut links.hsm_inode_free),
         ];
         for (name, link) in all {
             if let Some(link) = link.as_mut() {
@@ -601,6 +608,7 @@ mod tests {
         assert_eq!(size_of::<types::hsm_served>(), 8);
         assert_eq!(size_of::<types::hsm_file_state>(), 8);
         assert_eq!(size_of::<types::hsm_inode_state>(), 8);
+        assert_eq!(size_of::<types::hsm_inode_key>(), 16);
     }
 
     #[test]

@@ -7,7 +7,7 @@
  * to 7.3): the loader only loads this object when the running kernel's BTF declares the
  * type, and otherwise the agent relies on ignore marks. See docs/BPF.md.
  *
- * It uses the guard's cached verdicts (the same classifier, the same pinned inode storage):
+ * It uses the guard's cached verdicts (the same classifier, the same pinned verdict map):
  * a struct_ops handler cannot call the sleepable xattr kfunc. Unknown means "send".
  */
 #include "hsm_classify.bpf.h"

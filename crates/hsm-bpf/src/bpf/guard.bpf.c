@@ -9,7 +9,7 @@
  *   - the file was opened while an agent served the stub's filesystem (so the kernel
  *     decided at open time to raise pre-content events for it), and a registered holder
  *     is alive now (so the event will be answered rather than allowed by a dying group).
- * Everything else touching a stub gets EIO. Non-stubs pass after one inode-storage lookup.
+ * Everything else touching a stub gets EIO. Non-stubs pass after one hash-map lookup.
  *
  * The license must be GPL: bpf_get_file_xattr and the LSM attach points are GPL-only.
  */
@@ -54,6 +54,7 @@ struct hsm_ctl hsm_layout_ctl;
 struct hsm_served hsm_layout_served;
 struct hsm_file_state hsm_layout_file;
 struct hsm_inode_state hsm_layout_inode;
+struct hsm_inode_key hsm_layout_inode_key;
 
 static __always_inline void count(__u32 which)
 {
@@ -61,6 +62,15 @@ static __always_inline void count(__u32 which)
 
 	if (c)
 		*c += 1;
+}
+
+static __always_inline void note_errno(int ret)
+{
+	__u32 which = HSM_STAT_LAST_XATTR_ERRNO;
+	__u64 *c = bpf_map_lookup_elem(&hsm_stats, &which);
+
+	if (c && ret < 0)
+		*c = -ret;
 }
 
 /* Does the live process `tgid` still have the start time recorded at registration?
@@ -151,14 +161,23 @@ int BPF_PROG(hsm_file_open, struct file *file, int ret)
 {
 	struct hsm_file_state fs = {};
 	__u64 key = (__u64)file;
+	enum hsm_verdict verdict;
 
 	if (ret)
 		return ret;
 	if (hsm_cached_verdict(file->f_inode) == HSM_NOT_STUB)
 		return 0;
 	count(HSM_STAT_CLASSIFIED);
-	if (hsm_classify_file(file) != HSM_STUB)
+	verdict = hsm_classify_file(file);
+	if (verdict != HSM_STUB) {
+		count(HSM_STAT_NO_MARKER);
+		note_errno(hsm_last_xattr_ret);
 		return 0;
+	}
+	if (hsm_last_xattr_ret < 0) {
+		count(HSM_STAT_MARKER_ERR);
+		note_errno(hsm_last_xattr_ret);
+	}
 	count(HSM_STAT_STUB_OPENS);
 	if (current_is_holder())
 		return 0;
@@ -176,6 +195,12 @@ void BPF_PROG(hsm_file_free, struct file *file)
 	__u64 key = (__u64)file;
 
 	bpf_map_delete_elem(&hsm_files, &key);
+}
+
+SEC("lsm/inode_free_security")
+void BPF_PROG(hsm_inode_free, struct inode *inode)
+{
+	hsm_forget(inode);
 }
 
 SEC("lsm/file_permission")

@@ -19,6 +19,7 @@ struct super_block {
 struct inode {
 	unsigned short i_mode;
 	struct super_block *i_sb;
+	unsigned long i_ino;
 } __core;
 
 struct dentry {

@@ -40,7 +40,14 @@ struct hsm_served {
 	__u64 generation; /* registration that added it */
 };
 
-/* Inode storage: the classifier's cached verdict for one inode. */
+/* Key of the `hsm_inodes` map: an inode by its superblock's kernel dev_t and number. */
+struct hsm_inode_key {
+	__u32 dev;
+	__u32 pad;
+	__u64 ino;
+};
+
+/* Value of the `hsm_inodes` map: the classifier's cached verdict for one inode. */
 struct hsm_inode_state {
 	__u32 stub; /* 1: carries the marker (a stub, or a malformed marker: fail closed) */
 	__u32 marker_len; /* length the classifier read, for diagnostics */
@@ -62,7 +69,10 @@ enum hsm_stat {
 	HSM_STAT_DENIED = 2,       /* data accesses denied with EIO */
 	HSM_STAT_ALLOWED = 3,      /* data accesses to stubs allowed */
 	HSM_STAT_FILES_FULL = 4,   /* stub opens not recorded: hsm_files was full */
-	HSM_STAT_MAX = 5,
+	HSM_STAT_NO_MARKER = 5,    /* classified: no marker (ENODATA / EOPNOTSUPP) */
+	HSM_STAT_MARKER_ERR = 6,   /* classified: the marker could not be read (a stub) */
+	HSM_STAT_LAST_XATTR_ERRNO = 7, /* the errno of the last failed marker read (diagnostics) */
+	HSM_STAT_MAX = 8,
 };
 
 /* Fastpath verdicts (the proposed fanotify fastpath interface). */
