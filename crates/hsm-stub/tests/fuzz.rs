@@ -12,6 +12,9 @@
 //! 2-4 s for the whole file in a debug build on 2 cores. Set `HSM_FUZZ_SCALE` (an
 //! integer, default 1) to multiply them for a longer local run.
 
+mod common;
+
+use common::seal;
 use hsm_stub::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -83,15 +86,6 @@ fn what_of(e: &FormatError) -> Option<&'static str> {
         | FormatError::Mismatch { what } => Some(what),
         FormatError::UnknownCriticalField { .. } | FormatError::TooManyGranules { .. } => None,
     }
-}
-
-fn seal(magic: &[u8; 4], body: &[u8]) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.push(1);
-    v.extend_from_slice(body);
-    let crc = crc32fast::hash(&v);
-    v.extend_from_slice(&crc.to_le_bytes());
-    v
 }
 
 fn varint(mut v: u64) -> Vec<u8> {

@@ -1,6 +1,9 @@
 //! Property tests over the public API: round trips, robustness of decoding
 //! hostile input, and the granule/floor invariants.
 
+mod common;
+
+use common::seal;
 use hsm_stub::*;
 use proptest::prelude::*;
 
@@ -115,16 +118,6 @@ fn build(spec: &MapSpec) -> (ResidentMap, Vec<bool>) {
         m.set_locally_modified();
     }
     (m, model)
-}
-
-/// Seals `body` the way every value is sealed: magic, version 1, body, CRC.
-fn seal(magic: &[u8; 4], body: &[u8]) -> Vec<u8> {
-    let mut v = magic.to_vec();
-    v.push(1);
-    v.extend_from_slice(body);
-    let crc = crc32fast::hash(&v);
-    v.extend_from_slice(&crc.to_le_bytes());
-    v
 }
 
 /// Flips bits of one byte; CRC-32 detects every such error.
