@@ -69,7 +69,7 @@ pub struct OldJournal {
     pub start_ticks: u64,
     pub max_fd: RawFd,
     /// How many descriptors the writer had open when it last recorded it.
-    pub fd_table: u32,
+    pub open_fds: u32,
     pub stopped_reading: bool,
     pub entries: Vec<Entry>,
 }
@@ -80,7 +80,7 @@ impl OldJournal {
     /// twice its last recorded count of open descriptors (room for growth since it was
     /// recorded) plus a read's worth of events for each event thread.
     pub fn number_bound(&self) -> RawFd {
-        let open = (self.fd_table as RawFd).saturating_mul(2);
+        let open = (self.open_fds as RawFd).saturating_mul(2);
         self.max_fd
             .max(open)
             .saturating_add(EVENTS_PER_READ.saturating_mul(8))
@@ -89,14 +89,7 @@ impl OldJournal {
     /// Is the process that wrote it still running (same pid and start time, and not a
     /// zombie waiting to be reaped)?
     pub fn writer_alive(&self) -> bool {
-        let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        !zombie && hsm_bpf::guard::process_start_ticks(self.pid) == Some(self.start_ticks)
+        hsm_kernel::sys::process_alive(self.pid, self.start_ticks)
     }
 }
 
@@ -120,10 +113,10 @@ impl Journal {
         header[0..4].copy_from_slice(MAGIC);
         header[4..8].copy_from_slice(&VERSION.to_le_bytes());
         header[8..12].copy_from_slice(&pid.to_le_bytes());
-        let ticks = hsm_bpf::guard::process_start_ticks(pid).unwrap_or(0);
+        let ticks = hsm_kernel::sys::process_start(pid).map_or(0, |(t, _)| t);
         header[16..24].copy_from_slice(&ticks.to_le_bytes());
         header[24..28].copy_from_slice(&(-1i32).to_le_bytes());
-        header[32..36].copy_from_slice(&fd_table_size().to_le_bytes());
+        header[32..36].copy_from_slice(&open_fd_count().to_le_bytes());
         file.write_all_at(&header, 0)?;
         Ok(Journal {
             file,
@@ -171,7 +164,7 @@ impl Journal {
     pub fn reset_high_water(&self, current: RawFd) {
         self.max_fd.store(current, Ordering::Release);
         let _ = self.file.write_all_at(&current.to_le_bytes(), 24);
-        let _ = self.file.write_all_at(&fd_table_size().to_le_bytes(), 32);
+        let _ = self.file.write_all_at(&open_fd_count().to_le_bytes(), 32);
     }
 
     /// The event at `fd` was answered (call before closing the fd).
@@ -202,7 +195,7 @@ impl Journal {
 /// How many descriptors this process has open. Recorded so that a successor knows how
 /// far a crashed agent's unjournaled event numbers can reach: the kernel numbers event
 /// fds lowest-free, so they stay below the count of open descriptors plus one read's worth.
-pub fn fd_table_size() -> u32 {
+pub fn open_fd_count() -> u32 {
     std::fs::read_dir("/proc/self/fd")
         .map(|rd| rd.count() as u32)
         .unwrap_or(0)
@@ -294,7 +287,7 @@ pub fn read(path: &Path) -> std::io::Result<Option<OldJournal>> {
         pid: u32_at(&data, 8),
         start_ticks: u64_at(&data, 16),
         max_fd: max_fd.max(entries.iter().map(|e| e.fd).max().unwrap_or(-1)),
-        fd_table: u32_at(&data, 32),
+        open_fds: u32_at(&data, 32),
         stopped_reading: u32_at(&data, 28) & FLAG_STOPPED_READING != 0,
         entries,
     }))

@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hsm_kernel::fanotify::{DenyErrno, Group, MarkTarget, Response};
+use hsm_kernel::fanotify::{DenyErrno, Group, Response};
 use hsm_kernel::fdio::{recv_fd, send_fd};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, listen, socket,
@@ -167,9 +167,7 @@ pub fn run(socket_path: &Path, grace: Duration) -> std::io::Result<()> {
 /// (marks flushed), every queued event and every orphan answered EIO, then close.
 fn release(fd: OwnedFd) -> usize {
     let group = Group::from_owned_fd(fd);
-    for t in [MarkTarget::Filesystem, MarkTarget::Mount, MarkTarget::Inode] {
-        let _ = group.flush_marks(t);
-    }
+    let _ = group.flush_all_marks();
     let mut answered = 0;
     let mut buf = vec![0u8; 64 * 1024];
     let mut events = Vec::new();

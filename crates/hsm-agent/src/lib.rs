@@ -259,22 +259,10 @@ fn stats_json(core: &AgentCore, started: Instant, pending: usize) -> String {
 
 /// Tell systemd we are ready, if it asked (`NOTIFY_SOCKET`).
 fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = result {
+    }
+    if let Err(e) = restart::notify_with_fd(state, None) {
         warn!(error = %e, "could not notify systemd");
     }
 }
@@ -586,8 +574,8 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     // No new events from here on: anything touching a stub now is either denied by the
     // guard or (without one) reads what is resident, but never waits on a group that is
     // about to be released.
-    for t in [MarkTarget::Filesystem, MarkTarget::Mount, MarkTarget::Inode] {
-        let _ = group.flush_marks(t);
+    if let Err(e) = group.flush_all_marks() {
+        warn!(error = %e, "could not remove the marks before releasing the group");
     }
     // Stop the event threads; each drains what is queued before it exits. Anything raised
     // after the group closes is allowed by the kernel (see docs/SEMANTICS.md).

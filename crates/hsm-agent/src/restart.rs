@@ -194,17 +194,11 @@ pub fn reserve(limit: RawFd) -> Result<ReservedFds, AgentError> {
         .map_err(|e| AgentError::Startup(format!("reserving fd numbers: {e}")))
 }
 
-/// Mount ids to mount points, from /proc/self/mountinfo.
+/// Mount ids to mount points.
 fn mount_points() -> HashMap<i32, PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let id = f.next()?.parse().ok()?;
-            let point = f.nth(3)?;
-            Some((id, PathBuf::from(point.replace("\\040", " "))))
-        })
+    hsm_kernel::sys::mounts()
+        .into_iter()
+        .map(|m| (m.id, m.point))
         .collect()
 }
 
@@ -337,7 +331,8 @@ fn fdstore_restore() -> Option<OwnedFd> {
     hsm_kernel::fdio::take_listen_fd(FDSTORE_NAME)
 }
 
-fn notify_with_fd(msg: &str, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
+/// Send `msg` (and a descriptor) to systemd's NOTIFY_SOCKET (sd_notify).
+pub fn notify_with_fd(msg: &str, fd: Option<std::os::fd::BorrowedFd<'_>>) -> std::io::Result<()> {
     let path = std::env::var_os("NOTIFY_SOCKET")
         .ok_or_else(|| std::io::Error::other("NOTIFY_SOCKET is not set"))?;
     notify_at(&path, msg, fd)

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
+use hsm_kernel::sys::{process_alive, process_start};
+
 use crate::skel::guard::{GuardSkelBuilder, types};
 use crate::{BpfError, LsmProbe, PIN_DIR, ensure_bpffs, libbpf_log, skel};
 
@@ -278,7 +280,7 @@ pub fn status() -> GuardStatus {
                     HOLDER_KEEPER => "keeper",
                     _ => "unknown",
                 },
-                alive: process_start_ticks(h.tgid) == Some(h.start_ticks),
+                alive: process_alive(h.tgid, h.start_ticks),
             })
             .collect();
     }
@@ -420,14 +422,6 @@ fn write_ctl(ctl: &Ctl) -> Result<(), BpfError> {
         .map_err(|e| BpfError::load("writing hsm_ctl", e))
 }
 
-/// Start time of a process in clock ticks (field 22 of /proc/PID/stat), which the guard
-/// compares with the kernel's `task->start_boottime` to tell a live holder from a reused pid.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// The kernel's dev_t encoding of a device number (MKDEV: major << 20 | minor), which is
 /// what the guard sees in `inode->i_sb->s_dev`.
 pub fn kernel_dev(dev: u64) -> u32 {
@@ -471,7 +465,8 @@ pub fn register_other(kind: HolderKind, pid: u32, devs: &[u64]) -> Result<(), Bp
 
 fn register_pid(kind: HolderKind, tgid: u32, devs: &[u64]) -> Result<(), BpfError> {
     {
-        let start_ticks = process_start_ticks(tgid).ok_or_else(|| {
+        // The guard compares this with the kernel's task->start_boottime.
+        let start_ticks = process_start(tgid).map(|(t, _)| t).ok_or_else(|| {
             BpfError::Unsupported(format!("cannot read the start time of process {tgid}"))
         })?;
         let mut ctl = read_ctl()?;
@@ -492,7 +487,7 @@ fn register_pid(kind: HolderKind, tgid: u32, devs: &[u64]) -> Result<(), BpfErro
             .or_else(|| {
                 ctl.holders
                     .iter()
-                    .position(|h| process_start_ticks(h.tgid) != Some(h.start_ticks))
+                    .position(|h| !process_alive(h.tgid, h.start_ticks))
             })
             .ok_or_else(|| {
                 BpfError::Unsupported(format!(
@@ -532,7 +527,7 @@ impl Registration {
         let others_alive = ctl
             .holders
             .iter()
-            .any(|h| h.tgid != 0 && process_start_ticks(h.tgid) == Some(h.start_ticks));
+            .any(|h| process_alive(h.tgid, h.start_ticks));
         write_ctl(&ctl)?;
         if !others_alive {
             if let Ok(served) = MapHandle::from_pinned_path(map_path("hsm_served")) {
@@ -609,12 +604,6 @@ mod tests {
         assert_eq!(size_of::<types::hsm_file_state>(), 8);
         assert_eq!(size_of::<types::hsm_inode_state>(), 8);
         assert_eq!(size_of::<types::hsm_inode_key>(), 16);
-    }
-
-    #[test]
-    fn own_start_time_is_readable() {
-        assert!(process_start_ticks(std::process::id()).is_some());
-        assert_eq!(process_start_ticks(0), None);
     }
 
     #[test]

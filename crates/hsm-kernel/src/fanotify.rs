@@ -258,6 +258,14 @@ impl Group {
         Ok(())
     }
 
+    /// Remove every mark of every kind: filesystem, mount and inode marks.
+    pub fn flush_all_marks(&self) -> Result<()> {
+        for t in [MarkTarget::Filesystem, MarkTarget::Mount, MarkTarget::Inode] {
+            self.flush_marks(t)?;
+        }
+        Ok(())
+    }
+
     /// Attach a registered fanotify fastpath handler (struct_ops) to this group by name,
     /// with the `FAN_IOC_ADD_FP` ioctl of the interface proposed upstream in late 2024.
     /// No released kernel has it: callers check the kernel's BTF first (hsm-bpf), and the

@@ -84,3 +84,104 @@ mod tests {
         assert!(kernel_version().is_some());
     }
 }
+
+/// A process's start time in clock ticks (field 22 of /proc/PID/stat), and whether it is a
+/// zombie (exited, not yet reaped). Together with the pid, the start time names one process:
+/// a reused pid has another.
+pub fn process_start(pid: u32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let zombie = fields.next()? == "Z";
+    // After the state (field 3), the start time is field 22: 18 fields further.
+    let ticks = fields.nth(18)?.parse().ok()?;
+    Some((ticks, zombie))
+}
+
+/// Is the process `pid` that started at `start_ticks` still running (and not a zombie)?
+pub fn process_alive(pid: u32, start_ticks: u64) -> bool {
+    pid != 0 && process_start(pid) == Some((start_ticks, false))
+}
+
+/// One mounted filesystem, from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The mount id (as `name_to_handle_at` reports it).
+    pub id: i32,
+    /// "major:minor" of the filesystem.
+    pub dev: String,
+    pub point: std::path::PathBuf,
+    pub fstype: String,
+}
+
+/// Every mount this process sees, in mountinfo order.
+pub fn mounts() -> Vec<Mount> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(parse_mountinfo_line)
+        .collect()
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let sep = fields.iter().position(|f| *f == "-")?;
+    Some(Mount {
+        id: fields.first()?.parse().ok()?,
+        dev: fields.get(2)?.to_string(),
+        point: std::path::PathBuf::from(unescape_mountinfo(fields.get(4)?)),
+        fstype: fields.get(sep + 1)?.to_string(),
+    })
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod proc_tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_pid_0_is_not() {
+        let me = std::process::id();
+        let (ticks, zombie) = process_start(me).expect("our own stat");
+        assert!(!zombie);
+        assert!(process_alive(me, ticks));
+        assert!(!process_alive(me, ticks + 1));
+        assert!(!process_alive(0, 0));
+    }
+
+    #[test]
+    fn mountinfo_lines_and_escapes() {
+        let m = parse_mountinfo_line(
+            "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw",
+        )
+        .expect("parses");
+        assert_eq!(m.id, 36);
+        assert_eq!(m.dev, "98:0");
+        assert_eq!(m.point, std::path::Path::new("/mnt/a b"));
+        assert_eq!(m.fstype, "ext3");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+        assert!(
+            mounts()
+                .iter()
+                .any(|m| m.point == std::path::Path::new("/"))
+        );
+    }
+}

@@ -2,9 +2,9 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
 use hsm_kernel::fanotify::{FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget};
+use hsm_kernel::sys::Mount;
 
 /// Pseudo filesystems that never hold stubs; listing them would only bury the answer.
 const PSEUDO: &[&str] = &[
@@ -31,58 +31,13 @@ const PSEUDO: &[&str] = &[
     "ramfs",
 ];
 
-/// One line of /proc/self/mountinfo that matters here.
-#[derive(Debug)]
-struct Mount {
-    dev: String,
-    point: PathBuf,
-    fstype: String,
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space, and so on).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
+/// Mounted filesystems that could hold stubs, one per device.
 fn mounts() -> Vec<Mount> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let (Some(dev), Some(point), Some(fstype)) =
-            (fields.get(2), fields.get(4), fields.get(sep + 1))
-        else {
-            continue;
-        };
-        if PSEUDO.contains(fstype) || !seen.insert(dev.to_string()) {
-            continue;
-        }
-        out.push(Mount {
-            dev: dev.to_string(),
-            point: PathBuf::from(unescape(point)),
-            fstype: fstype.to_string(),
-        });
-    }
-    out
+    hsm_kernel::sys::mounts()
+        .into_iter()
+        .filter(|m| !PSEUDO.contains(&m.fstype.as_str()) && seen.insert(m.dev.clone()))
+        .collect()
 }
 
 /// Can this filesystem raise pre-content events? Probed with an inode mark on the mount
@@ -247,13 +202,6 @@ fn yes(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/x\\134y"), "/x\\y");
-    }
 
     #[test]
     fn lists_the_root_filesystem() {
