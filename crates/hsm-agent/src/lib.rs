@@ -7,6 +7,7 @@
 pub mod events;
 pub mod journal;
 pub mod keeper;
+pub mod mounts;
 pub mod restart;
 
 use std::collections::HashSet;
@@ -21,7 +22,9 @@ use hsm_core::metrics::Metrics;
 use hsm_core::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, UrlRemotes, Verdict,
 };
-use hsm_kernel::fanotify::{DenyErrno, Event, FAN_PRE_ACCESS, Group, MarkTarget, Response};
+use hsm_kernel::fanotify::{
+    AGENT_EVENTS, DenyErrno, Event, FAN_PRE_ACCESS, Group, MarkTarget, Response,
+};
 use hsm_kernel::stat;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -34,6 +37,12 @@ use crate::events::Pending;
 pub enum AgentError {
     #[error("{0}")]
     Startup(String),
+    #[error("{}: {source}", path.display())]
+    Tree {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fanotify: {0}")]
     Kernel(#[from] hsm_kernel::KernelError),
     #[error("{0}")]
@@ -82,7 +91,7 @@ struct GroupMarks {
 
 impl MarkSink for GroupMarks {
     fn ignore(&self, fd: std::os::fd::BorrowedFd<'_>) {
-        match self.group.add_ignore_mark(fd, FAN_PRE_ACCESS) {
+        match self.group.add_ignore_mark(fd, AGENT_EVENTS) {
             Ok(()) => Metrics::inc(&self.metrics.ignore_marks),
             Err(e) => debug!(error = %e, "could not place ignore mark"),
         }
@@ -148,7 +157,7 @@ fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), A
         if !seen.insert(key) {
             continue;
         }
-        if let Err(e) = group.add_mark(target, FAN_PRE_ACCESS, tree) {
+        if let Err(e) = group.add_mark(target, AGENT_EVENTS, tree) {
             let why = match e.errno() {
                 Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => format!(
                     "{}: this filesystem cannot raise pre-content events (ext4, xfs and btrfs can; tmpfs, NFS and overlayfs cannot)",
@@ -356,6 +365,15 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         None
     };
     let metrics = Arc::new(Metrics::default());
+    // Fills go through the agent's own clone of each tree's mount, whatever mount the
+    // reader used (docs/SEMANTICS.md, "Paths to a file").
+    let private = Arc::new(mounts::PrivateMounts::new(&trees)?);
+    private.exclude_from(&group)?;
+    if cfg.mark == MarkKind::Mount {
+        warn!(
+            "mark = \"mount\" covers only the trees' own mounts: overlayfs layers, other mount namespaces and other bind mounts of the trees are not served (their stubs read as holes); use the default filesystem mark"
+        );
+    }
     let core = AgentCore::new(
         CoreOptions {
             max_concurrent_fetches: cfg.max_concurrent_fetches,
@@ -371,6 +389,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
             group: group.clone(),
             metrics: metrics.clone(),
         }),
+        private.clone(),
         metrics.clone(),
     );
     let guard_installed = install_guard(cfg.guard)?;
@@ -417,6 +436,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
         core: core.clone(),
         group: group.clone(),
         pending: pending.clone(),
+        private: private.clone(),
         own,
         metrics: metrics.clone(),
         rt: tokio::runtime::Handle::current(),
@@ -440,8 +460,9 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     // are numbered above the reservation).
     if reserved.is_some() {
         let (core, group, state_dir) = (core.clone(), group.clone(), cfg.state_dir.clone());
+        let private = private.clone();
         tokio::spawn(async move {
-            let r = restart::recover(core.clone(), group.clone(), dead_olds).await;
+            let r = restart::recover(core.clone(), group.clone(), &private, dead_olds).await;
             info!(
                 answered = r.answered,
                 already_answered = r.stale,
@@ -461,7 +482,7 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
                 .collect();
             if !leftover.is_empty() {
                 // It stopped reading before it died, so every event it read is journaled.
-                let r = restart::recover(core, group, leftover).await;
+                let r = restart::recover(core, group, &private, leftover).await;
                 warn!(
                     answered = r.answered,
                     "a predecessor died during its hand-over; answered what it left"
@@ -620,6 +641,7 @@ struct Ctx {
     core: Arc<AgentCore>,
     group: Arc<Group>,
     pending: Arc<Pending>,
+    private: Arc<mounts::PrivateMounts>,
     own: Arc<OwnThreads>,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
@@ -734,18 +756,39 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
         return;
     };
     let guard = ctx.pending.register(fd, ev.pid, ev.range);
-    if ev.mask & FAN_PRE_ACCESS == 0 || ctx.own.contains(ev.pid) {
+    if ev.mask & AGENT_EVENTS == 0 || ctx.own.contains(ev.pid) {
         Metrics::inc(&ctx.metrics.events_own);
         guard.respond(Response::Allow);
         return;
     }
-    let now = ctx.core.try_handle_now(&AccessEvent {
-        fd: guard.fd(),
-        range: ev.range,
-        intent: IntentSource::Tid(ev.pid),
-    });
+    let access = ev.mask & FAN_PRE_ACCESS != 0;
+    let now = if access {
+        ctx.core.try_handle_now(&AccessEvent {
+            fd: guard.fd(),
+            range: ev.range,
+            intent: IntentSource::Tid(ev.pid),
+        })
+    } else {
+        // An open. Fetch the whole stub first when later accesses may raise nothing:
+        // through overlayfs, whose mappings of lower files raise no event (and whose exec
+        // maps segments without one). An exec through a visible mount is served at mmap
+        // time like any mapping.
+        let whole = !ctx.private.reached_directly(guard.fd(), ev.pid);
+        match ctx.core.try_open_now(guard.fd(), ev.pid, whole) {
+            // Could not look at it now: its reads and mappings raise events of their own.
+            Err(Later(_)) if !whole => Ok(Verdict::Allow),
+            other => other,
+        }
+    };
     match now {
         Ok(verdict) => answer(ctx, guard, verdict),
+        Err(Later(_)) if !access => {
+            let ctx2 = ctx.clone();
+            ctx.rt.spawn(async move {
+                let verdict = ctx2.core.handle_open(guard.fd(), ev.pid).await;
+                answer(&ctx2, guard, verdict);
+            });
+        }
         Err(Later(intent)) => {
             let ctx2 = ctx.clone();
             ctx.rt.spawn(async move {
@@ -767,7 +810,7 @@ fn answer(ctx: &Ctx, guard: events::EventGuard, verdict: Verdict) {
     let response = match verdict {
         Verdict::Allow => Response::Allow,
         Verdict::AllowAndIgnore => {
-            match ctx.group.add_ignore_mark(guard.fd(), FAN_PRE_ACCESS) {
+            match ctx.group.add_ignore_mark(guard.fd(), AGENT_EVENTS) {
                 Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
                 Err(e) => debug!(error = %e, "could not place ignore mark"),
             }

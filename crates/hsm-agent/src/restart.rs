@@ -11,9 +11,8 @@
 //!   range filled, the verdict written by number); then every other number the dead agent
 //!   could have used is answered EIO (events it read but had not journaled yet).
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use tracing::{info, warn};
 use crate::AgentError;
 use crate::journal::{self, OldJournal};
 use crate::keeper;
+use crate::mounts::PrivateMounts;
 
 /// systemd's name for the group in its fd store.
 pub const FDSTORE_NAME: &str = "hsm-fanotify";
@@ -194,14 +194,6 @@ pub fn reserve(limit: RawFd) -> Result<ReservedFds, AgentError> {
         .map_err(|e| AgentError::Startup(format!("reserving fd numbers: {e}")))
 }
 
-/// Mount ids to mount points.
-fn mount_points() -> HashMap<i32, PathBuf> {
-    hsm_kernel::sys::mounts()
-        .into_iter()
-        .map(|m| (m.id, m.point))
-        .collect()
-}
-
 /// Counts from [`recover`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Recovered {
@@ -233,24 +225,24 @@ pub fn sweep_unjournaled(group: &Group, dead: &[OldJournal], limit: RawFd) -> us
 
 /// Answer the journaled events dead agents left waiting, each in its own task (one slow
 /// fill must not hold up the others), then delete their journals.
-pub async fn recover(core: Arc<AgentCore>, group: Arc<Group>, dead: Vec<OldJournal>) -> Recovered {
-    let mounts = mount_points();
-    let mut mount_fds: HashMap<i32, Option<Arc<OwnedFd>>> = HashMap::new();
+pub async fn recover(
+    core: Arc<AgentCore>,
+    group: Arc<Group>,
+    private: &PrivateMounts,
+    dead: Vec<OldJournal>,
+) -> Recovered {
     let mut tasks = Vec::new();
     for j in &dead {
         for e in j.entries.iter().cloned() {
-            let mount = mount_fds
-                .entry(e.mount_id)
-                .or_insert_with(|| {
-                    mounts
-                        .get(&e.mount_id)
-                        .and_then(|p| std::fs::File::open(p).ok())
-                        .map(|f| Arc::new(OwnedFd::from(f)))
-                })
-                .clone();
+            // Reopened on the agent's own mount: the reader's may be read-only or an
+            // overlayfs clone that no longer exists.
+            let file = e
+                .handle
+                .as_ref()
+                .and_then(|h| private.open_handle(h, libc::O_RDONLY | libc::O_LARGEFILE));
             let (core, group, pid) = (core.clone(), group.clone(), j.pid);
             tasks.push(tokio::spawn(async move {
-                answer_entry(&core, &group, pid, &e, mount.as_deref()).await
+                answer_entry(&core, &group, pid, &e, file).await
             }));
         }
     }
@@ -280,14 +272,8 @@ async fn answer_entry(
     group: &Group,
     pid: u32,
     e: &journal::Entry,
-    mount: Option<&OwnedFd>,
+    file: Option<OwnedFd>,
 ) -> Outcome {
-    let file = match (&e.handle, mount) {
-        (Some(h), Some(m)) => {
-            hsm_kernel::fdio::open_by_handle(m.as_fd(), h, libc::O_RDWR | libc::O_LARGEFILE).ok()
-        }
-        _ => None,
-    };
     let mut failed = false;
     let response = match file {
         Some(f) => {
@@ -367,11 +353,6 @@ fn fdstore_remove() -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_points_include_root() {
-        assert!(mount_points().values().any(|p| p == Path::new("/")));
-    }
 
     #[test]
     fn the_fd_store_message_carries_the_group() {

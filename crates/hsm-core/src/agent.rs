@@ -94,6 +94,52 @@ pub trait MarkSink: Send + Sync + std::fmt::Debug {
     fn ignore(&self, fd: BorrowedFd<'_>);
 }
 
+/// Opens the agent's own descriptors for the files events name (the adapter provides it).
+///
+/// An event's descriptor is read-only and opened on the mount the reader used, which may be
+/// read-only or overlayfs's private clone of a layer. The core keeps a descriptor of its own
+/// for each stub (xattrs, sync, times) and opens a writable one for each fill, both on a
+/// mount that raises no events and takes writes whatever mount the reader used.
+pub trait Reopener: Send + Sync + std::fmt::Debug {
+    /// A descriptor for the same inode as `file` (whose stat is `st`), opened with `flags`.
+    fn reopen(
+        &self,
+        file: BorrowedFd<'_>,
+        st: &FileStat,
+        flags: i32,
+    ) -> Result<OwnedFd, LocalError>;
+    /// Its path for log lines.
+    fn path_of(&self, file: BorrowedFd<'_>) -> String {
+        stubio::path_of(file)
+    }
+}
+
+/// Reopens through `/proc/self/fd`: for tests and tools that serve plain files without
+/// fanotify (such opens raise events where a group watches the file).
+#[derive(Debug, Default)]
+pub struct ProcReopener;
+
+impl Reopener for ProcReopener {
+    fn reopen(
+        &self,
+        file: BorrowedFd<'_>,
+        _st: &FileStat,
+        flags: i32,
+    ) -> Result<OwnedFd, LocalError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let write = flags & libc::O_ACCMODE == libc::O_RDWR;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags & !libc::O_ACCMODE)
+            .open(path)
+            .map(OwnedFd::from)
+            .map_err(|e| LocalError::from_io("reopen", &e))
+    }
+}
+
 /// How to learn what the accessing thread is doing.
 #[derive(Debug, Clone, Copy)]
 pub enum IntentSource {
@@ -368,9 +414,11 @@ impl StubState {
 #[derive(Debug)]
 struct Stub {
     key: InodeKey,
-    /// A dup of the first event's descriptor: read-write and raising no events. Holding it
-    /// does not count as a writer, so exec of the stub still works.
+    /// The agent's own read-only descriptor (see [`Reopener`]): xattrs, sync, times. Not
+    /// a writer, so exec of the stub still works while it is cached.
     fd: OwnedFd,
+    /// Opens the writable descriptor each fill writes through (closed after the fill).
+    reopener: Arc<dyn Reopener>,
     meta: Meta,
     expect: Expect,
     remote: Arc<dyn Remote>,
@@ -395,6 +443,7 @@ pub struct AgentCore {
     opts: CoreOptions,
     remotes: Arc<dyn RemoteOpener>,
     marks: Arc<dyn MarkSink>,
+    reopener: Arc<dyn Reopener>,
     stubs: Mutex<HashMap<InodeKey, Arc<Stub>>>,
     fetch_slots: Semaphore,
     /// Slots for requests that outlived SLOW_REQUEST (see `bounded_fetch`).
@@ -422,6 +471,7 @@ impl AgentCore {
         opts: CoreOptions,
         remotes: Arc<dyn RemoteOpener>,
         marks: Arc<dyn MarkSink>,
+        reopener: Arc<dyn Reopener>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -432,6 +482,7 @@ impl AgentCore {
             opts,
             remotes,
             marks,
+            reopener,
             stubs: Mutex::new(HashMap::new()),
             bandwidth,
             persist_tx: tx,
@@ -498,9 +549,9 @@ impl AgentCore {
         if let Some(s) = self.cached(st) {
             return Ok(Lookup::Stub(s));
         }
-        let dup = fd
-            .try_clone_to_owned()
-            .map_err(|e| LocalError::from_io("dup event fd", &e))?;
+        let dup = self
+            .reopener
+            .reopen(fd, st, libc::O_RDONLY | libc::O_LARGEFILE)?;
         let core = self.clone();
         let st = *st;
         tokio::task::spawn_blocking(move || core.load_blocking(dup, &st))
@@ -525,11 +576,19 @@ impl AgentCore {
             stubio::finalize(dup.as_fd())?;
             self.marks.ignore(dup.as_fd());
             Metrics::inc(&self.metrics.hydrated);
-            info!(path = %stubio::path_of(&dup), "stub fully resident; now an ordinary file");
+            info!(path = %self.reopener.path_of(dup.as_fd()), "stub fully resident; now an ordinary file");
             return Ok(Lookup::Hydrated);
         }
         let remote = self.remotes.open(&meta.remote_url)?;
-        let stub = Arc::new(Stub::new(key, dup, *meta, map, remote, st.mtime));
+        let stub = Arc::new(Stub::new(
+            key,
+            dup,
+            self.reopener.clone(),
+            *meta,
+            map,
+            remote,
+            st.mtime,
+        ));
         let (stub, inserted, over) = {
             let mut stubs = lock(&self.stubs);
             let mut inserted = false;
@@ -568,7 +627,10 @@ impl AgentCore {
         let stub = match self.cached(&st) {
             Some(s) => s,
             None => {
-                let Ok(dup) = ev.fd.try_clone_to_owned() else {
+                let Ok(dup) = self
+                    .reopener
+                    .reopen(ev.fd, &st, libc::O_RDONLY | libc::O_LARGEFILE)
+                else {
                     return Err(Later(ev.intent));
                 };
                 match self.load_blocking(dup, &st) {
@@ -587,6 +649,89 @@ impl AgentCore {
             Metrics::inc(&self.metrics.denies);
         }
         Ok(verdict)
+    }
+
+    /// Serve an open (`FAN_OPEN_PERM` or `FAN_OPEN_EXEC_PERM`) on the calling thread when
+    /// that needs no waiting, like [`AgentCore::try_handle_now`]. With `whole`, a stub must
+    /// be entirely resident, and an ordinary file again, before the open may proceed: the
+    /// adapter asks for that where later accesses may raise no event of their own (an open
+    /// through overlayfs, whose mappings of lower files raise none). That work is
+    /// [`AgentCore::handle_open`]'s;
+    /// here a stub then returns [`Later`]. Without `whole` a stub's open is allowed at once
+    /// and its reads are served range by range. A file that is not a stub is allowed and
+    /// ignore-marked.
+    pub fn try_open_now(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        tid: i32,
+        whole: bool,
+    ) -> Result<Verdict, Later> {
+        Metrics::inc(&self.metrics.events_open);
+        let intent = IntentSource::Seen {
+            tid,
+            access: Access::Read,
+        };
+        let Ok(st) = stat::fstatx(fd) else {
+            return Err(Later(intent));
+        };
+        if !st.is_file() {
+            return Ok(Verdict::Allow);
+        }
+        let lookup = match self.cached(&st) {
+            Some(s) => Ok(Lookup::Stub(s)),
+            None => match self
+                .reopener
+                .reopen(fd, &st, libc::O_RDONLY | libc::O_LARGEFILE)
+            {
+                Ok(dup) => self.load_blocking(dup, &st),
+                Err(_) => return Err(Later(intent)),
+            },
+        };
+        match lookup {
+            Ok(Lookup::Stub(_)) if whole => Err(Later(intent)),
+            other => {
+                let ev = AccessEvent {
+                    fd,
+                    range: None,
+                    intent,
+                };
+                Ok(self.verdict_for_lookup(other, &ev, &st))
+            }
+        }
+    }
+
+    /// Make the stub opened at `fd` entirely resident and an ordinary file (its map made
+    /// durable, its stub xattrs removed), then allow the open. Removing the xattrs first
+    /// matters for overlayfs: a copy-up copies the lower file's xattrs, and a copy that
+    /// still carried them would look like a stub.
+    pub async fn handle_open(self: &Arc<Self>, fd: BorrowedFd<'_>, tid: i32) -> Verdict {
+        Metrics::inc(&self.metrics.open_hydrations);
+        let verdict = self
+            .handle(AccessEvent {
+                fd,
+                range: None,
+                intent: IntentSource::Seen {
+                    tid,
+                    access: Access::Read,
+                },
+            })
+            .await;
+        if let Verdict::Deny(_) = verdict {
+            return verdict;
+        }
+        let Ok(st) = stat::fstatx(fd) else {
+            return verdict;
+        };
+        if let Some(stub) = self.cached(&st) {
+            if let Err(e) = stub.persist(self, false).await {
+                Metrics::inc(&self.metrics.denies);
+                let errno = deny_errno(&e);
+                warn!(path = %stub.path(), errno = errno.name(), error = %e,
+                      "could not make a stub opened through overlayfs an ordinary file");
+                return Verdict::Deny(errno);
+            }
+        }
+        verdict
     }
 
     /// The verdict for a lookup that did not produce a stub to serve.
@@ -617,7 +762,7 @@ impl AgentCore {
                 Metrics::inc(&self.metrics.bad_stubs);
                 Metrics::inc(&self.metrics.denies);
                 let errno = deny_errno(&e);
-                warn!(path = %stubio::path_of(ev.fd), errno = errno.name(), error = %e,
+                warn!(path = %self.reopener.path_of(ev.fd), errno = errno.name(), error = %e,
                       "cannot serve stub");
                 Verdict::Deny(errno)
             }
@@ -767,12 +912,15 @@ enum Lookup {
 
 impl Stub {
     fn path(&self) -> &str {
-        self.path.get_or_init(|| stubio::path_of(&self.fd))
+        self.path
+            .get_or_init(|| self.reopener.path_of(self.fd.as_fd()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         key: InodeKey,
         fd: OwnedFd,
+        reopener: Arc<dyn Reopener>,
         meta: Meta,
         map: ResidentMap,
         remote: Arc<dyn Remote>,
@@ -787,6 +935,7 @@ impl Stub {
         Stub {
             key,
             fd,
+            reopener,
             expect,
             remote,
             path: std::sync::OnceLock::new(),
@@ -1526,10 +1675,8 @@ impl Stub {
     }
 
     fn write_blocking(&self, offset: u64, body: &Body) -> Result<u64, ServeError> {
-        let fd = self.fd.as_fd();
-        let size = stat::fstatx(fd)
-            .map_err(|e| LocalError::from_kernel("statx", &e))?
-            .size;
+        let st = stat::fstatx(self.fd.as_fd()).map_err(|e| LocalError::from_kernel("statx", &e))?;
+        let size = st.size;
         let limit = {
             let mut s = lock(&self.state);
             if size < s.resident.floor() {
@@ -1543,6 +1690,12 @@ impl Stub {
             return Ok(0);
         }
         let n = end - offset;
+        // Opened per fill and closed after it: a cached writer would make exec of the file
+        // fail with ETXTBSY.
+        let writer =
+            self.reopener
+                .reopen(self.fd.as_fd(), &st, libc::O_RDWR | libc::O_LARGEFILE)?;
+        let fd = writer.as_fd();
         let written = match body {
             Body::Bytes(data) => stubio::write_data(fd, offset, &data[..n as usize])?,
             Body::File { file, range } => {

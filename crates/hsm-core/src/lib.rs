@@ -9,8 +9,8 @@ pub mod metrics;
 pub mod stubio;
 
 pub use agent::{
-    AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, RemoteOpener, UrlRemotes,
-    Verdict,
+    AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, ProcReopener, RemoteOpener,
+    Reopener, UrlRemotes, Verdict,
 };
 pub use error::{LocalError, ServeError, deny_errno};
 pub use metrics::Metrics;

@@ -36,6 +36,10 @@ metrics! {
     events_building = "events_building",
     /// Events for stubs.
     events_stub = "events_stub",
+    /// Open permission events (`FAN_OPEN_PERM`, `FAN_OPEN_EXEC_PERM`).
+    events_open = "events_open",
+    /// Opens that had the whole file fetched before they could proceed (through overlayfs).
+    open_hydrations = "open_hydrations",
     /// Stub events answered without fetching (range already resident or beyond the floor).
     events_resident = "events_resident",
     /// Events answered with a deny.

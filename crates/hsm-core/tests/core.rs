@@ -84,6 +84,7 @@ fn rig_with(opts: CoreOptions, inline: bool) -> Rig {
             inline,
         }),
         marks.clone(),
+        Arc::new(hsm_core::ProcReopener),
         metrics.clone(),
     );
     Rig {

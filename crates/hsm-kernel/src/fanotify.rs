@@ -16,6 +16,13 @@ use crate::{KernelError, Result};
 /// `FAN_PRE_ACCESS` (include/uapi/linux/fanotify.h, Linux 6.14): a read, write, truncate,
 /// fallocate or mmap is about to touch the file's data.
 pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// `FAN_OPEN_PERM`: a file is being opened (before the open returns).
+pub const FAN_OPEN_PERM: u64 = libc::FAN_OPEN_PERM;
+/// `FAN_OPEN_EXEC_PERM`: a file is being opened for execution.
+pub const FAN_OPEN_EXEC_PERM: u64 = libc::FAN_OPEN_EXEC_PERM;
+/// Every event the agent marks for: the data access itself, and opens, which are where a
+/// stub reached through overlayfs must be fetched whole (its mappings raise nothing).
+pub const AGENT_EVENTS: u64 = FAN_PRE_ACCESS | FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM;
 /// Info record carrying the byte range of a pre-content event (`FAN_EVENT_INFO_TYPE_RANGE`).
 pub const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
 /// `FANOTIFY_METADATA_VERSION`; the only layout this parser understands.
@@ -177,8 +184,11 @@ pub struct Group {
 
 impl Group {
     /// `fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_UNLIMITED_QUEUE | FAN_CLOEXEC ...,
-    /// O_RDWR | O_LARGEFILE)`. Event fds are opened read-write so fills can be written
-    /// through them (writes through an event fd raise no events).
+    /// O_RDONLY | O_LARGEFILE)`. Event fds are read-only: the kernel opens them on the
+    /// mount the reader used, and on a read-only mount (a read-only bind mount, or the
+    /// private clone through which overlayfs reads a lower layer) a read-write event fd
+    /// cannot be opened, so the kernel would deny the access with EPERM. Fills are written
+    /// through the agent's own mount instead (`mounts::PrivateMount`).
     pub fn new(opts: GroupOptions) -> Result<Self> {
         let mut flags = libc::FAN_CLASS_PRE_CONTENT | libc::FAN_UNLIMITED_QUEUE | libc::FAN_CLOEXEC;
         if opts.report_tid {
@@ -187,7 +197,7 @@ impl Group {
         if opts.nonblock {
             flags |= libc::FAN_NONBLOCK;
         }
-        let event_flags = (libc::O_RDWR | libc::O_LARGEFILE) as libc::c_uint;
+        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE) as libc::c_uint;
         // SAFETY: fanotify_init takes two integer arguments and returns a new fd or -1.
         let fd = unsafe { libc::fanotify_init(flags, event_flags) };
         if fd < 0 {
@@ -323,6 +333,30 @@ impl Group {
         };
         if rc < 0 {
             return Err(KernelError::last("fanotify_mark ignore"));
+        }
+        Ok(())
+    }
+
+    /// Ignore `mask` for every access made through the mount of `dir` (a mount mark with
+    /// an ignore mask). The agent puts one on its private clone of each served filesystem,
+    /// so its own opens and fills there raise nothing: an agent waiting on its own event
+    /// would deadlock.
+    pub fn ignore_mount(&self, dir: BorrowedFd<'_>, mask: u64) -> Result<()> {
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_MOUNT | libc::FAN_MARK_IGNORE_SURV;
+        // SAFETY: the group fd and dir are valid for the call; "." is a NUL-terminated
+        // path resolved relative to dir (a NULL path would need a non-O_PATH dirfd too,
+        // but "." also works for an O_PATH one).
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags,
+                mask,
+                dir.as_raw_fd(),
+                c".".as_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(KernelError::last("fanotify_mark mount ignore"));
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! - [`xattr`]: extended attributes on descriptors (the stub marker and metadata).
 //! - [`stat`]: `statx` on descriptors and directory entries.
 //! - [`intent`]: what the blocked thread is doing, read from `/proc/TID/syscall`.
+//! - [`mounts`]: the agent's private writable mount of a tree; mount visibility.
 //! - [`sys`]: the remaining odds and ends (`syncfs`, `sync_file_range`, limits).
 //!
 //! Kernel constants that `libc` lacks are defined once, in [`fanotify`], with their source.
@@ -16,6 +17,7 @@
 pub mod fanotify;
 pub mod fdio;
 pub mod intent;
+pub mod mounts;
 pub mod stat;
 pub mod sys;
 pub mod xattr;
