@@ -10,7 +10,7 @@
  *         noignore as range, without the ignore mark on the clone mount
  *         rw       read-write event fds (fanotify_init O_RDWR), no fills: shows EROFS
  * Prints "ready" once the marks are in place, then one line per event:
- *   KIND NAME mount=visible|hidden [stub] [range=OFF+COUNT]   (hidden: the event fd's mount id is not in the opener's
+ *   KIND NAME mount=visible|hidden [stub] [range=OFF+COUNT] path=PATH   (hidden: the event fd's mount id is not in the opener's
  *                                      mountinfo, e.g. overlayfs' private mount of a lower layer)
  * followed by what it did. Every event is answered FAN_ALLOW. */
 #include "probe.h"
@@ -120,7 +120,9 @@ int main(int argc, char **argv) {
       snprintf(lp, sizeof lp, "/proc/self/fd/%d", m->fd);
       ssize_t l = readlink(lp, path, sizeof path - 1);
       if (l > 0) path[l] = 0;
-      const char *name = basename(path);
+      char base[1024];
+      strcpy(base, path);
+      const char *name = basename(base);
       int vis = visible(m->pid, mnt_id(m->fd));
       struct stat st;
       fstat(m->fd, &st);
@@ -129,8 +131,8 @@ int main(int argc, char **argv) {
       probe_event_range(m, &off, &cnt);
       char range[64] = "";
       if (m->mask & FAN_PRE_ACCESS) snprintf(range, sizeof range, " range=%llu+%llu", (unsigned long long)off, (unsigned long long)cnt);
-      printf("%s %s mount=%s%s%s\n", probe_kind(m->mask), name, vis == 1 ? "visible" : vis == 0 ? "hidden" : "unknown",
-             stub ? " stub" : "", range);
+      printf("%s %s mount=%s%s%s path=%s\n", probe_kind(m->mask), name, vis == 1 ? "visible" : vis == 0 ? "hidden" : "unknown",
+             stub ? " stub" : "", range, path);
       if (st.st_mode & S_IXUSR) {
         int w = open_for_fill(m->fd);
         printf("  open O_RDWR by handle during this event: %s\n", w < 0 ? probe_errname(errno) : "ok");
