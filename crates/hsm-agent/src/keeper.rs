@@ -1,6 +1,6 @@
 //! The keeper: a process that does nothing but hold the fanotify group while agents come
 //! and go, so that an agent crash or upgrade never releases the group (which would answer
-//! every waiting reader ALLOW: zeros, KERNEL.md).
+//! every waiting reader ALLOW: zeros, docs/KERNEL.md#when-the-group-is-released).
 //!
 //! It is deliberately small: one thread, blocking `poll`, no async runtime, no remote
 //! access, no parsing beyond a few fixed words. Protocol, on a SOCK_SEQPACKET unix socket
