@@ -257,14 +257,13 @@ impl Stager {
                     open_dir_at(cur.as_fd(), c).map_err(sys("open directory"))?
                 }
                 Err(Errno::ENOENT) => return Ok(None),
-                Err(Errno::ELOOP) => {
-                    return Err(EntryProblem::SymlinkParent {
-                        parent: show(&comps[..=i]),
-                    });
-                }
-                Err(Errno::ENOTDIR) => {
-                    return Err(EntryProblem::ParentNotDir {
-                        parent: show(&comps[..=i]),
+                // A symlink gives ELOOP or ENOTDIR (O_DIRECTORY is checked first).
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    let parent = show(&comps[..=i]);
+                    return Err(if file_type_at(cur.as_fd(), c)? == Some(SFlag::S_IFLNK) {
+                        EntryProblem::SymlinkParent { parent }
+                    } else {
+                        EntryProblem::ParentNotDir { parent }
                     });
                 }
                 Err(e) => return Err(sys("open directory")(e)),
