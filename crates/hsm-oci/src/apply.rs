@@ -176,15 +176,11 @@ fn set_attrs(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), EntryProblem> {
         hsm_kernel::xattr::fset(fd, name, value, hsm_kernel::xattr::SetMode::Any).map_err(|e| {
             EntryProblem::Sys {
                 op: "setxattr",
-                errno: Errno::from_raw(e.errno().unwrap_or(libc_eio())),
+                errno: e.errno().map_or(Errno::EIO, Errno::from_raw),
             }
         })?;
     }
     Ok(())
-}
-
-fn libc_eio() -> i32 {
-    Errno::EIO as i32
 }
 
 /// Applies layers into the staging root.
