@@ -28,7 +28,7 @@ use tracing::warn;
 use crate::dst::{ExistingFile, StubSpec};
 use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry};
 
-pub use publish::{PublishOptions, PublishSummary, publish};
+pub use publish::{PublishOptions, PublishSummary, publish, publish_with_objects};
 pub use remote::RemoteSource;
 pub use source::LocalSource;
 

@@ -249,7 +249,27 @@ pub fn publish(
     cfg: &RemoteConfig,
     opts: &PublishOptions,
 ) -> Result<PublishSummary, PopulateError> {
+    publish_with_objects(src, url, cfg, opts, &[])
+}
+
+/// [`publish`], also putting `objects` (key, bytes) at the prefix after the tree and before
+/// the manifest, so a manifest never names a publication whose objects are missing. Keys
+/// must start with `.hsm-` (names a tree cannot use at its top) and not be the manifest's.
+pub fn publish_with_objects(
+    src: &str,
+    url: &str,
+    cfg: &RemoteConfig,
+    opts: &PublishOptions,
+    objects: &[(&str, &[u8])],
+) -> Result<PublishSummary, PopulateError> {
     let setup = PopulateError::Setup;
+    for (key, _) in objects {
+        if !key.starts_with(".hsm-") || *key == MANIFEST_KEY || *key == PARTIAL_KEY {
+            return Err(setup(format!(
+                "{key:?}: extra objects need a .hsm- name other than the manifest's"
+            )));
+        }
+    }
     let start = Instant::now();
     if !opts.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&opts.chunk_size) {
         return Err(setup(format!(
@@ -283,7 +303,14 @@ pub fn publish(
         .local_root()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut summary = rt.block_on(upload_all(store, parsed.as_str(), &src_root, walked, opts))?;
+    let mut summary = rt.block_on(upload_all(
+        store,
+        parsed.as_str(),
+        &src_root,
+        walked,
+        opts,
+        objects,
+    ))?;
     summary.source = source.describe();
     summary.destination = parsed.as_str().to_string();
     summary.elapsed_secs = start.elapsed().as_secs_f64();
@@ -555,6 +582,7 @@ async fn upload_all(
     src_root: &Path,
     walked: Walk,
     opts: &PublishOptions,
+    objects: &[(&str, &[u8])],
 ) -> Result<PublishSummary, PopulateError> {
     let mut s = PublishSummary {
         errors: walked.errors.clone(),
@@ -689,6 +717,15 @@ async fn upload_all(
 
     let ok = s.errors.is_empty() || opts.allow_errors;
     if ok {
+        for (key, bytes) in objects {
+            store
+                .put(
+                    &location(key).map_err(PopulateError::Setup)?,
+                    PutPayload::from(bytes.to_vec()),
+                )
+                .await
+                .map_err(|e| PopulateError::Setup(format!("{url}: writing {key}: {e}")))?;
+        }
         let manifest = build_manifest(&walked, &done, opts.chunk_size, true);
         put_manifest(store.as_ref(), MANIFEST_KEY, &manifest)
             .await

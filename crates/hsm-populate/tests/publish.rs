@@ -256,3 +256,37 @@ fn manifest_paths_that_escape_are_refused_by_name() {
     assert!(e.contains("../escape"), "{e}");
     assert!(!d.dst.exists());
 }
+
+#[test]
+fn publish_with_objects_puts_them_beside_the_manifest() {
+    require_root();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("f"), b"f").expect("write");
+    let store = tmp.path().join("store");
+    let cfg = RemoteConfig::default();
+    let config = br#"{"config":{"Cmd":["/bin/sh"]}}"#;
+    let summary = hsm_populate::publish_with_objects(
+        s(&src),
+        s(&store),
+        &cfg,
+        &popts(),
+        &[(".hsm-image.json", config.as_slice())],
+    )
+    .expect("publish");
+    assert!(summary.manifest_written);
+    assert_eq!(
+        fs::read(store.join(".hsm-image.json")).expect("object"),
+        config
+    );
+    assert_eq!(manifest_of(&store).entries.len(), 2);
+    // Only .hsm- names, never the manifest's own.
+    for key in ["image.json", MANIFEST_KEY] {
+        assert!(
+            hsm_populate::publish_with_objects(s(&src), s(&store), &cfg, &popts(), &[(key, b"x")])
+                .is_err(),
+            "{key}"
+        );
+    }
+}

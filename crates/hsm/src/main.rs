@@ -48,9 +48,11 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Upload a local tree to a store and write its manifest (re-runs skip unchanged files).
+    /// Upload a local tree or a container image to a store and write its manifest (re-runs
+    /// skip unchanged files).
     Publish {
-        /// The local directory to publish.
+        /// The local directory to publish, or an OCI image layout: oci:DIR or oci:DIR:TAG
+        /// (its root filesystem is published, and its config as .hsm-image.json).
         src: PathBuf,
         /// Where: file://, s3://, az://, gs:// or http(s):// (WebDAV) URL with a prefix.
         url: String,
@@ -70,6 +72,25 @@ enum Command {
         /// Never draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Where an image's layers are applied before upload (a private directory is made
+        /// there and removed afterwards; default: $TMPDIR, else /var/tmp).
+        #[arg(long)]
+        staging: Option<PathBuf>,
+    },
+    /// Write an OCI runtime spec (config.json for runc or crun) for an image published
+    /// with `hsm publish oci:...` and populated at --rootfs.
+    RuntimeSpec {
+        /// The store URL the image was published to.
+        url: String,
+        /// The populated root filesystem (root.path of the spec, read-only).
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Write the spec here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Arguments after `--` replace the image's Cmd (its Entrypoint stays).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Report what this kernel and its filesystems can do, and what the agent will use.
     /// Exits 1 when the agent cannot serve stubs here.
@@ -174,6 +195,7 @@ fn main() -> ExitCode {
             allow_errors,
             json,
             no_progress,
+            staging,
         } => publish(
             &cfg,
             &src,
@@ -185,8 +207,15 @@ fn main() -> ExitCode {
                 allow_errors,
                 ..Default::default()
             },
+            staging,
             json,
         ),
+        Command::RuntimeSpec {
+            url,
+            rootfs,
+            output,
+            args,
+        } => runtime_spec(&cfg, &url, &rootfs, output.as_deref(), &args),
         Command::Doctor => {
             let (text, ok) = doctor::report();
             print!("{text}");
@@ -344,6 +373,7 @@ fn publish(
     src: &std::path::Path,
     url: &str,
     opts: &hsm_populate::PublishOptions,
+    staging: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     cfg.validate(std::path::Path::new("command line"))
@@ -351,8 +381,127 @@ fn publish(
     let src = src
         .to_str()
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
+    if src.starts_with("oci:") {
+        return publish_image(cfg, src, url, opts, staging, json);
+    }
     let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
     report("publish", &summary, &summary.errors, json)
+}
+
+/// What `hsm publish oci:...` did: the tree's summary, and which image it was.
+#[derive(Debug, serde::Serialize)]
+struct ImagePublishSummary {
+    #[serde(flatten)]
+    publish: hsm_populate::PublishSummary,
+    /// The image manifest's digest (sha256:...).
+    image_digest: String,
+    layers: usize,
+    /// Device nodes and FIFOs of the image, not published.
+    skipped_devices: u64,
+}
+
+impl std::fmt::Display for ImagePublishSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; image {} ({} layers, {} device nodes and FIFOs not published)",
+            self.publish, self.image_digest, self.layers, self.skipped_devices
+        )
+    }
+}
+
+/// Stage the image's root filesystem, publish it like a directory, with the image config
+/// beside the manifest; the staging directory goes whatever happens.
+fn publish_image(
+    cfg: &Config,
+    src: &str,
+    url: &str,
+    opts: &hsm_populate::PublishOptions,
+    staging: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reference = hsm_oci::ImageRef::parse(src)?;
+    let staging = staging.unwrap_or_else(hsm_oci::default_staging);
+    let staged = hsm_oci::stage(&reference, &staging)?;
+    let rootfs = staged.rootfs();
+    let result = match rootfs.to_str() {
+        Some(root) => hsm_populate::publish_with_objects(
+            root,
+            url,
+            &cfg.remote,
+            opts,
+            &[(hsm_oci::IMAGE_CONFIG_KEY, &staged.image.config)],
+        )
+        .map_err(anyhow::Error::from),
+        None => Err(anyhow::anyhow!(
+            "{}: the staging path must be valid UTF-8",
+            rootfs.display()
+        )),
+    };
+    let image_digest = staged.image.digest.clone();
+    let layers = staged.image.layers.len();
+    let skipped_devices = staged.skipped_special;
+    staged.remove()?;
+    let mut publish = result?;
+    publish.source = reference.to_string();
+    let summary = ImagePublishSummary {
+        publish,
+        image_digest,
+        layers,
+        skipped_devices,
+    };
+    report("publish", &summary, &summary.publish.errors, json)
+}
+
+/// Largest `.hsm-image.json` read (image configs are a few KiB).
+const MAX_IMAGE_CONFIG: u64 = 16 << 20;
+
+/// Read the image config published at `url` and write a runtime spec for `rootfs`.
+fn runtime_spec(
+    cfg: &Config,
+    url: &str,
+    rootfs: &std::path::Path,
+    output: Option<&std::path::Path>,
+    args: &[String],
+) -> anyhow::Result<ExitCode> {
+    if !rootfs.is_dir() {
+        anyhow::bail!(
+            "{}: not a directory (populate the image there first)",
+            rootfs.display()
+        );
+    }
+    let key = hsm_oci::IMAGE_CONFIG_KEY;
+    let remote = hsm_remote::open_remote(url, &cfg.remote)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    let config = rt
+        .block_on(async {
+            let info = remote.head(key).await?;
+            if info.size > MAX_IMAGE_CONFIG {
+                anyhow::bail!(
+                    "{url}/{key}: {} bytes is too large for an image config",
+                    info.size
+                );
+            }
+            let expect = hsm_remote::Expect {
+                etag: info.etag,
+                version: info.version,
+                size: info.size,
+            };
+            Ok(remote.get_range(key, 0..info.size, &expect).await?)
+        })
+        .with_context(|| format!("{url}: reading {key}, which `hsm publish oci:...` writes"))?;
+    let args = (!args.is_empty()).then_some(args);
+    let spec = hsm_oci::runtime_spec(&config, rootfs, args)?;
+    let mut text = serde_json::to_string_pretty(&spec)?;
+    text.push('\n');
+    match output {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("{}", p.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Print each entry error and the summary (as JSON on stdout with `json`); exit status 1
