@@ -275,6 +275,16 @@ fn manifest_attrs(a: &Attrs) -> hsm_manifest::Attrs {
     }
 }
 
+fn check_chunk_size(opts: &PublishOptions) -> Result<(), PopulateError> {
+    if !opts.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&opts.chunk_size) {
+        return Err(PopulateError::Setup(format!(
+            "chunk size {} is not a power of two between 4 KiB and 1 GiB",
+            opts.chunk_size
+        )));
+    }
+    Ok(())
+}
+
 /// Upload `src` to `url` and write the manifest there.
 pub fn publish(
     src: &str,
@@ -284,13 +294,8 @@ pub fn publish(
 ) -> Result<PublishSummary, PopulateError> {
     let setup = PopulateError::Setup;
     let start = Instant::now();
-    if !opts.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&opts.chunk_size) {
-        return Err(setup(format!(
-            "chunk size {} is not a power of two between 4 KiB and 1 GiB",
-            opts.chunk_size
-        )));
-    }
-    let source = LocalSource::open(src).map_err(|e| setup(e.to_string()))?;
+    check_chunk_size(opts)?;
+    let source = LocalSource::open(src)?;
     let parsed = RemoteUrl::parse(url).map_err(|e| setup(e.to_string()))?;
     if let Some(root) = parsed.local_root() {
         std::fs::create_dir_all(root)
@@ -320,6 +325,7 @@ pub fn publish_to(
     opts: &PublishOptions,
 ) -> Result<PublishSummary, PopulateError> {
     let start = Instant::now();
+    check_chunk_size(opts)?;
     let walked = walk(&source)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -46,8 +46,11 @@ fn to_attrs(a: &hsm_manifest::Attrs) -> Attrs {
     }
 }
 
+/// Size and ETag of an object as the store reports it now.
+pub(crate) type SizeEtag = (u64, Option<String>);
+
 /// Size and ETag of each object the store holds now, by key.
-pub(crate) type Current = HashMap<String, (u64, Option<String>)>;
+pub(crate) type Current = HashMap<String, SizeEtag>;
 
 /// What the store reports now for the objects `keys` name (a key missing from the answer is
 /// not in the store): from one listing when the store can list, else from one HEAD per key.
@@ -83,7 +86,7 @@ pub(crate) async fn current_etags(
         "{url}: the store cannot list; asking it for each of {} objects",
         keys.len()
     );
-    let heads: Vec<Option<(String, (u64, Option<String>))>> = futures::stream::iter(keys)
+    let heads: Vec<Option<(String, SizeEtag)>> = futures::stream::iter(keys)
         .map(|key| async move {
             match store.head(key).await {
                 Ok(info) => Ok(Some((key.to_string(), (info.size, info.etag)))),
