@@ -38,30 +38,34 @@ pub struct FastpathHandle {
 }
 
 /// Does the running kernel declare the hook? `Err` says why not.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), BpfError> {
     let Some(btf) = skel::vmlinux_btf() else {
-        return Err("the kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
+        return Err(BpfError::Unsupported(
+            "the kernel has no BTF (/sys/kernel/btf/vmlinux)".into(),
+        ));
     };
     if !skel::btf_has_struct(&btf, HOOK_TYPE) {
-        return Err(format!(
+        return Err(BpfError::Unsupported(format!(
             "the kernel has no fanotify fastpath hook (no struct {HOOK_TYPE} in its BTF; \
              the interface was proposed in late 2024 and no released kernel carries it)"
-        ));
+        )));
     }
     if !skel::btf_has_struct(&btf, ARGS_TYPE) {
-        return Err(format!(
+        return Err(BpfError::Unsupported(format!(
             "the kernel declares {HOOK_TYPE} but not struct {ARGS_TYPE}: an interface this \
              build does not know"
-        ));
+        )));
     }
     let expected = std::mem::size_of::<FastpathArgs>();
     match skel::btf_struct_size(&btf, ARGS_TYPE) {
         Some(size) if size == expected => Ok(()),
-        Some(size) => Err(format!(
+        Some(size) => Err(BpfError::Unsupported(format!(
             "struct {ARGS_TYPE} is {size} bytes in this kernel, {expected} in this build: \
              not the interface this build was written for"
-        )),
-        None => Err(format!("cannot read the size of struct {ARGS_TYPE}")),
+        ))),
+        None => Err(BpfError::Unsupported(format!(
+            "cannot read the size of struct {ARGS_TYPE}"
+        ))),
     }
 }
 
@@ -84,7 +88,7 @@ pub fn object_programs() -> Result<Vec<String>, BpfError> {
 /// without it every event still goes to user space (correct, just not faster).
 pub fn attach(group: &Group) -> Fastpath {
     if let Err(why) = probe() {
-        return Fastpath::Absent(why);
+        return Fastpath::Absent(why.to_string());
     }
     match load_and_attach(group) {
         Ok(handle) => Fastpath::Attached(handle),
@@ -135,6 +139,7 @@ mod tests {
     fn probe_explains_an_absent_hook() {
         // No released kernel has the hook; if this one does, the probe must say Ok.
         if let Err(why) = probe() {
+            let why = why.to_string();
             assert!(why.contains("fastpath") || why.contains("BTF"), "{why}");
         }
     }

@@ -27,25 +27,36 @@ pub const MAPS: [&str; 5] = [
     "hsm_stats",
 ];
 
-/// Programs (one pinned link each) and the kernel's BTF name of the hook each attaches to.
-/// The last three are optional: without the xattr hooks a marker set or removed after a
-/// file was first opened is noticed only once its cached verdict is gone; without the
-/// inode hook a verdict can outlive its inode (and a reused inode number inherit it).
-const PROGRAMS: [(&str, &str, bool); 9] = [
-    ("hsm_file_open", "bpf_lsm_file_open", true),
-    ("hsm_file_free", "bpf_lsm_file_free_security", true),
-    ("hsm_file_permission", "bpf_lsm_file_permission", true),
-    ("hsm_mmap_file", "bpf_lsm_mmap_file", true),
-    ("hsm_file_truncate", "bpf_lsm_file_truncate", true),
-    ("hsm_path_truncate", "bpf_lsm_path_truncate", true),
-    ("hsm_post_setxattr", "bpf_lsm_inode_post_setxattr", false),
-    (
-        "hsm_post_removexattr",
-        "bpf_lsm_inode_post_removexattr",
-        false,
-    ),
-    ("hsm_inode_free", "bpf_lsm_inode_free_security", false),
-];
+/// The guard's programs, each named once: the program (and skeleton link field) name, the
+/// kernel's BTF name of the LSM hook it attaches to, and whether the guard needs it. The
+/// last three are optional: without the xattr hooks a marker set or removed after a file was
+/// first opened is noticed only once its cached verdict is gone; without the inode hook a
+/// verdict can outlive its inode (and a reused inode number inherit it).
+macro_rules! guard_programs {
+    ($( $prog:ident => $hook:literal, $required:literal; )*) => {
+        /// Programs (one pinned link each): name, hook, required.
+        const PROGRAMS: &[(&str, &str, bool)] = &[ $( (stringify!($prog), $hook, $required) ),* ];
+
+        /// Every program's link in the loaded skeleton, by program name.
+        fn links_mut(
+            links: &mut crate::skel::guard::GuardLinks,
+        ) -> Vec<(&'static str, &mut Option<Link>)> {
+            vec![ $( (stringify!($prog), &mut links.$prog) ),* ]
+        }
+    };
+}
+
+guard_programs! {
+    hsm_file_open => "bpf_lsm_file_open", true;
+    hsm_file_free => "bpf_lsm_file_free_security", true;
+    hsm_file_permission => "bpf_lsm_file_permission", true;
+    hsm_mmap_file => "bpf_lsm_mmap_file", true;
+    hsm_file_truncate => "bpf_lsm_file_truncate", true;
+    hsm_path_truncate => "bpf_lsm_path_truncate", true;
+    hsm_post_setxattr => "bpf_lsm_inode_post_setxattr", false;
+    hsm_post_removexattr => "bpf_lsm_inode_post_removexattr", false;
+    hsm_inode_free => "bpf_lsm_inode_free_security", false;
+}
 
 /// Counters kept by the guard (`enum hsm_stat` in hsm_shared.h).
 const STATS: [&str; 8] = [
@@ -147,18 +158,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
                     .map_err(|e| BpfError::load(format!("pinning {}", path.display()), e))?;
             }
         }
-        let links = &mut loaded.links;
-        let all: [(&str, &mut Option<Link>); 9] = [
-            ("hsm_file_open", &mut links.hsm_file_open),
-            ("hsm_file_free", &mut links.hsm_file_free),
-            ("hsm_file_permission", &mut links.hsm_file_permission),
-            ("hsm_mmap_file", &mut links.hsm_mmap_file),
-            ("hsm_file_truncate", &mut links.hsm_file_truncate),
-            ("hsm_path_truncate", &mut links.hsm_path_truncate),
-            ("hsm_post_setxattr", &mut links.hsm_post_setxattr),
-            ("hsm_post_removexattr", &mut links.hsm_post_removexattr),
-            ("hsm_inode_free", &mut links.hsm_inode_free),
-        ];
+        let all = links_mut(&mut loaded.links);
         for (name, link) in all {
             if let Some(link) = link.as_mut() {
                 let path = staging.join("links").join(name);
@@ -335,7 +335,10 @@ struct Ctl {
     generation: u64,
 }
 
-const MAX_HOLDERS: usize = size_of::<[types::hsm_holder; 4]>() / size_of::<types::hsm_holder>();
+/// Holder slots in `hsm_ctl`, as the program's BTF lays them out (`HSM_MAX_HOLDERS`).
+const MAX_HOLDERS: usize = (offset_of!(types::hsm_ctl, generation)
+    - offset_of!(types::hsm_ctl, holders))
+    / size_of::<types::hsm_holder>();
 
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
     buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
@@ -566,6 +569,41 @@ pub fn try_load() -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Whether the guard protects, or can protect, stubs on this machine.
+#[derive(Debug)]
+pub enum GuardReadiness {
+    /// Pinned and complete.
+    Installed,
+    /// Not installed, but it loads here: the agent installs it.
+    Loadable,
+    /// Not installed, and this process cannot tell whether it would load (not root).
+    Unknown,
+    /// Not installed, and it cannot be loaded here (why).
+    Unavailable(BpfError),
+}
+
+impl GuardReadiness {
+    /// Whether stubs nobody serves will fail with EIO (the guard is or will be in place).
+    pub fn usable(&self) -> bool {
+        matches!(self, GuardReadiness::Installed | GuardReadiness::Loadable)
+    }
+}
+
+/// Is the guard installed, or could it be? When it is not installed and this process is
+/// root, it is loaded and unloaded at once ([`try_load`]) to find out.
+pub fn readiness() -> GuardReadiness {
+    if status().installed {
+        return GuardReadiness::Installed;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return GuardReadiness::Unknown;
+    }
+    match try_load() {
+        Ok(()) => GuardReadiness::Loadable,
+        Err(e) => GuardReadiness::Unavailable(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,7 +636,13 @@ mod tests {
     fn shared_layouts_have_the_sizes_the_c_header_promises() {
         // hsm_shared.h: holder {u32, u32, u64}, four holders then a u64.
         assert_eq!(size_of::<types::hsm_holder>(), 16);
+        // MAX_HOLDERS comes from the generated layout: this checks HSM_MAX_HOLDERS.
         assert_eq!(MAX_HOLDERS, 4);
+        assert_eq!(
+            MAX_HOLDERS,
+            types::hsm_ctl::default().holders.len(),
+            "holder slots derived from the offsets match the array"
+        );
         assert_eq!(size_of::<types::hsm_ctl>(), 4 * 16 + 8);
         assert_eq!(size_of::<types::hsm_served>(), 8);
         assert_eq!(size_of::<types::hsm_file_state>(), 8);

@@ -32,14 +32,37 @@ pub enum MarkKind {
     Mount,
 }
 
-impl FromStr for MarkKind {
-    type Err = String;
+/// Why a value given on the command line does not parse; names the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{value:?}: expected {expected}")]
+    Expected {
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{0:?} is not a size (examples: 4096, \"8 MiB\", \"512K\")")]
+    NotASize(String),
+    #[error("{value:?}: unknown unit {unit:?}")]
+    UnknownUnit { value: String, unit: String },
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+fn expected(value: &str, expected: &'static str) -> ValueError {
+    ValueError::Expected {
+        value: value.to_string(),
+        expected,
+    }
+}
+
+impl FromStr for MarkKind {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "filesystem" => Ok(MarkKind::Filesystem),
             "mount" => Ok(MarkKind::Mount),
-            other => Err(format!("{other:?}: expected \"filesystem\" or \"mount\"")),
+            other => Err(expected(other, "\"filesystem\" or \"mount\"")),
         }
     }
 }
@@ -58,16 +81,14 @@ pub enum GuardMode {
 }
 
 impl FromStr for GuardMode {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "auto" => Ok(GuardMode::Auto),
             "require" => Ok(GuardMode::Require),
             "off" => Ok(GuardMode::Off),
-            other => Err(format!(
-                "{other:?}: expected \"auto\", \"require\" or \"off\""
-            )),
+            other => Err(expected(other, "\"auto\", \"require\" or \"off\"")),
         }
     }
 }
@@ -128,13 +149,13 @@ pub enum KeeperMode {
 }
 
 impl FromStr for KeeperMode {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s {
             "auto" => Ok(KeeperMode::Auto),
             "off" => Ok(KeeperMode::Off),
-            other => Err(format!("{other:?}: expected \"auto\" or \"off\"")),
+            other => Err(expected(other, "\"auto\" or \"off\"")),
         }
     }
 }
@@ -368,26 +389,31 @@ impl Config {
 pub struct ByteSize(pub u64);
 
 impl FromStr for ByteSize {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let n: u64 = num
             .parse()
-            .map_err(|_| format!("{s:?} is not a size (examples: 4096, \"8 MiB\", \"512K\")"))?;
+            .map_err(|_| ValueError::NotASize(s.to_string()))?;
         let shift = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 0,
             "k" | "kb" | "kib" => 10,
             "m" | "mb" | "mib" => 20,
             "g" | "gb" | "gib" => 30,
             "t" | "tb" | "tib" => 40,
-            other => return Err(format!("{s:?}: unknown unit {other:?}")),
+            other => {
+                return Err(ValueError::UnknownUnit {
+                    value: s.to_string(),
+                    unit: other.to_string(),
+                });
+            }
         };
         n.checked_mul(1u64 << shift)
             .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+            .ok_or_else(|| ValueError::TooLarge(s.to_string()))
     }
 }
 

@@ -10,12 +10,6 @@ macro_rules! metrics {
             $( $(#[$doc])* pub $field: AtomicU64, )*
         }
 
-        /// Metric names as they appear in stats output (named like the fields they count).
-        #[allow(non_upper_case_globals)]
-        pub mod names {
-            $( pub const $field: &str = $name; )*
-        }
-
         impl Metrics {
             /// Every counter with its name, in declaration order.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {

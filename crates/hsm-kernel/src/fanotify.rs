@@ -76,21 +76,6 @@ impl DenyErrno {
             DenyErrno::Edquot => "EDQUOT",
         }
     }
-
-    /// Parse a name such as "EIO" (configuration files use names).
-    pub fn from_name(name: &str) -> Option<Self> {
-        [
-            DenyErrno::Eio,
-            DenyErrno::Eperm,
-            DenyErrno::Ebusy,
-            DenyErrno::Etxtbsy,
-            DenyErrno::Eagain,
-            DenyErrno::Enospc,
-            DenyErrno::Edquot,
-        ]
-        .into_iter()
-        .find(|e| e.name().eq_ignore_ascii_case(name))
-    }
 }
 
 /// The answer to a permission event.
@@ -460,18 +445,6 @@ impl AsRawFd for Group {
     }
 }
 
-/// Register a shared group with the tokio reactor.
-#[cfg(feature = "tokio")]
-pub fn register_async(
-    group: std::sync::Arc<Group>,
-) -> std::io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<Group>>> {
-    // SAFETY: a Group owns its OwnedFd and never replaces or closes it before drop; the Arc
-    // keeps the Group alive for as long as the AsyncFd holds it, so as_raw_fd() returns the
-    // same open descriptor for the AsyncFd's whole lifetime.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register(group) };
-    registered.map_err(std::io::Error::from)
-}
-
 /// The byte range of a pre-content event, exactly as the kernel reported it (page aligned
 /// and not clamped to the file size; callers clamp).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -689,7 +662,5 @@ mod tests {
         assert_eq!(Response::Allow.encode(), 1);
         assert_eq!(Response::Deny(DenyErrno::Eio).encode(), 2 | (5 << 24));
         assert_eq!(Response::Deny(DenyErrno::Enospc).encode(), 2 | (28 << 24));
-        assert_eq!(DenyErrno::from_name("enospc"), Some(DenyErrno::Enospc));
-        assert_eq!(DenyErrno::from_name("ENOENT"), None);
     }
 }

@@ -143,20 +143,49 @@ struct Line {
     to: Option<String>,
 }
 
+/// Why one entry (or a path in it) is not valid; path errors name the path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEntry {
+    #[error("{0:?} is absolute")]
+    Absolute(String),
+    #[error("{0:?} has an empty, '.' or '..' segment")]
+    BadSegment(String),
+    #[error("{0:?} contains a control character")]
+    ControlCharacter(String),
+    #[error("{0:?} has a segment longer than 255 bytes")]
+    LongSegment(String),
+    #[error("{count} digests for {size} bytes")]
+    DigestCount { count: usize, size: u64 },
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error("digests: {0}")]
+    Digests(#[source] base64::DecodeError),
+    #[error("{len} digest bytes do not fit {size} bytes in chunks of {chunk_size}")]
+    DigestBytes {
+        len: usize,
+        size: u64,
+        chunk_size: u64,
+    },
+    #[error("unknown entry type {0:?}")]
+    UnknownType(String),
+    #[error("the root entry must be a directory")]
+    RootNotDir,
+}
+
 /// Check a manifest path or object key: every segment a plain name.
-pub fn check_path(path: &str) -> Result<(), String> {
+pub fn check_path(path: &str) -> Result<(), InvalidEntry> {
     if path.starts_with('/') {
-        return Err(format!("{path:?} is absolute"));
+        return Err(InvalidEntry::Absolute(path.to_string()));
     }
     for part in path.split('/') {
         if part.is_empty() || part == "." || part == ".." {
-            return Err(format!("{path:?} has an empty, '.' or '..' segment"));
+            return Err(InvalidEntry::BadSegment(path.to_string()));
         }
         if part.contains('\0') || part.chars().any(|c| c.is_ascii_control()) {
-            return Err(format!("{path:?} contains a control character"));
+            return Err(InvalidEntry::ControlCharacter(path.to_string()));
         }
         if part.len() > 255 {
-            return Err(format!("{path:?} has a segment longer than 255 bytes"));
+            return Err(InvalidEntry::LongSegment(path.to_string()));
         }
     }
     Ok(())
@@ -190,11 +219,11 @@ impl Manifest {
         push_json(&mut out, &header);
         for (i, e) in self.entries.iter().enumerate() {
             if !e.path.is_empty() {
-                check_path(&e.path).map_err(|r| bad(i + 2, r))?;
+                check_path(&e.path).map_err(|r| bad(i + 2, r.to_string()))?;
             }
             push_json(
                 &mut out,
-                &to_line(e, self.chunk_size).map_err(|r| bad(i + 2, r))?,
+                &to_line(e, self.chunk_size).map_err(|r| bad(i + 2, r.to_string()))?,
             );
         }
         let trailer = Trailer {
@@ -256,7 +285,8 @@ impl Manifest {
                 ));
             }
             let line: Line = serde_json::from_slice(raw).map_err(|e| invalid(n, e.to_string()))?;
-            entries.push(from_line(line, header.chunk_size).map_err(|r| invalid(n, r))?);
+            entries
+                .push(from_line(line, header.chunk_size).map_err(|r| invalid(n, r.to_string()))?);
         }
         if entries.len() as u64 != trailer.end {
             return Err(invalid(
@@ -318,7 +348,7 @@ fn push_json<T: Serialize>(out: &mut Vec<u8>, v: &T) {
     }
 }
 
-fn to_line(e: &Entry, chunk_size: u64) -> Result<Line, String> {
+fn to_line(e: &Entry, chunk_size: u64) -> Result<Line, InvalidEntry> {
     let mut line = Line {
         path: e.path.clone(),
         kind: String::new(),
@@ -336,7 +366,10 @@ fn to_line(e: &Entry, chunk_size: u64) -> Result<Line, String> {
         Kind::File(f) => {
             check_path(&f.key)?;
             if f.digests.len() as u64 != chunk_count(f.size, chunk_size) {
-                return Err(format!("{} digests for {} bytes", f.digests.len(), f.size));
+                return Err(InvalidEntry::DigestCount {
+                    count: f.digests.len(),
+                    size: f.size,
+                });
             }
             line.kind = "file".into();
             line.size = Some(f.size);
@@ -359,26 +392,28 @@ fn to_line(e: &Entry, chunk_size: u64) -> Result<Line, String> {
     Ok(line)
 }
 
-fn from_line(l: Line, chunk_size: u64) -> Result<Entry, String> {
+fn from_line(l: Line, chunk_size: u64) -> Result<Entry, InvalidEntry> {
+    use InvalidEntry::Missing;
     if !l.path.is_empty() {
         check_path(&l.path)?;
     }
     let kind = match l.kind.as_str() {
         "dir" => Kind::Dir,
         "file" => {
-            let size = l.size.ok_or("file without size")?;
-            let key = l.key.ok_or("file without key")?;
+            let size = l.size.ok_or(Missing("file without size"))?;
+            let key = l.key.ok_or(Missing("file without key"))?;
             check_path(&key)?;
             let raw = base64::engine::general_purpose::STANDARD
-                .decode(l.digests.ok_or("file without digests")?)
-                .map_err(|e| format!("digests: {e}"))?;
+                .decode(l.digests.ok_or(Missing("file without digests"))?)
+                .map_err(InvalidEntry::Digests)?;
             if raw.len() % DIGEST_LEN != 0
                 || (raw.len() / DIGEST_LEN) as u64 != chunk_count(size, chunk_size)
             {
-                return Err(format!(
-                    "{} digest bytes do not fit {size} bytes in chunks of {chunk_size}",
-                    raw.len()
-                ));
+                return Err(InvalidEntry::DigestBytes {
+                    len: raw.len(),
+                    size,
+                    chunk_size,
+                });
             }
             let digests = raw
                 .chunks_exact(DIGEST_LEN)
@@ -397,17 +432,17 @@ fn from_line(l: Line, chunk_size: u64) -> Result<Entry, String> {
             })
         }
         "symlink" => Kind::Symlink {
-            target: l.target.ok_or("symlink without target")?,
+            target: l.target.ok_or(Missing("symlink without target"))?,
         },
         "hardlink" => {
-            let to = l.to.ok_or("hard link without 'to'")?;
+            let to = l.to.ok_or(Missing("hard link without 'to'"))?;
             check_path(&to)?;
             Kind::HardLink { to }
         }
-        other => return Err(format!("unknown entry type {other:?}")),
+        other => return Err(InvalidEntry::UnknownType(other.to_string())),
     };
     if l.path.is_empty() && kind != Kind::Dir {
-        return Err("the root entry must be a directory".into());
+        return Err(InvalidEntry::RootNotDir);
     }
     Ok(Entry {
         path: l.path,

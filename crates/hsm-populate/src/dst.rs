@@ -9,7 +9,7 @@ use std::ffi::{OsStr, OsString};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hsm_kernel::stat::{self, FileStat, Timestamp};
 use hsm_kernel::xattr::{self, SetMode};
@@ -24,11 +24,61 @@ use nix::unistd::{Gid, Uid};
 
 use crate::source::Attrs;
 
-/// An error with the operation that failed.
-pub type OpResult<T> = Result<T, String>;
+/// Why an operation under DST failed, naming the operation and the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum DstError {
+    /// A system call (or the check before it) on `name` failed.
+    #[error("{op} {}: {source}", .name.display())]
+    Op {
+        op: &'static str,
+        /// The entry, relative to the directory it was worked on in.
+        name: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A directory could not be read.
+    #[error("{op}: {source}")]
+    ReadDir {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stub's metadata cannot be built for this key.
+    #[error("stub metadata for {key}: {source}")]
+    Meta {
+        key: String,
+        #[source]
+        source: hsm_stub::FormatError,
+    },
+    /// The stub's metadata would not fit the xattr budget.
+    #[error(
+        "stub metadata for {key} would not fit one xattr block ({meta} + {map} bytes; URL and key too long)"
+    )]
+    TooLarge {
+        key: String,
+        meta: usize,
+        map: usize,
+    },
+    #[error("hard-link target {} is missing", .0.display())]
+    LinkTargetMissing(PathBuf),
+    #[error("a directory is in the way of a hard link")]
+    DirectoryInTheWay,
+}
 
-fn err(op: &str, name: &OsStr, e: impl std::fmt::Display) -> String {
-    format!("{op} {}: {e}", Path::new(name).display())
+/// The result of an operation under DST.
+pub type OpResult<T> = Result<T, DstError>;
+
+/// `op` on `name` failed because of `e`.
+pub fn op_error(
+    op: &'static str,
+    name: &OsStr,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> DstError {
+    DstError::Op {
+        op,
+        name: PathBuf::from(name),
+        source: e.into(),
+    }
 }
 
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
@@ -48,7 +98,7 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> OpResult<OwnedFd> {
             | ResolveFlag::RESOLVE_NO_SYMLINKS
             | ResolveFlag::RESOLVE_NO_MAGICLINKS,
     );
-    openat2(root, rel, how).map_err(|e| err("open", rel.as_os_str(), e))
+    openat2(root, rel, how).map_err(|e| op_error("open", rel.as_os_str(), e))
 }
 
 /// Open the child directory `name` of `dir` without following a symlink.
@@ -58,11 +108,11 @@ pub fn open_child_dir(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errn
 
 /// `statx` of `name` in `dir` (not following symlinks); `None` if absent.
 pub fn lookup(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<Option<FileStat>> {
-    let c = std::ffi::CString::new(name.as_bytes()).map_err(|e| err("name", name, e))?;
+    let c = std::ffi::CString::new(name.as_bytes()).map_err(|e| op_error("name", name, e))?;
     match stat::statx_at(dir, &c) {
         Ok(st) => Ok(Some(st)),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(err("stat", name, e)),
+        Err(e) => Err(op_error("stat", name, e)),
     }
 }
 
@@ -86,14 +136,14 @@ pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
         Mode::empty(),
     )
-    .map_err(|e| err("open", name, e))?;
+    .map_err(|e| op_error("open", name, e))?;
     let mut buf = Vec::new();
-    let present =
-        xattr::fget(fd.as_fd(), MARKER_XATTR, &mut buf).map_err(|e| err("read marker", name, e))?;
+    let present = xattr::fget(fd.as_fd(), MARKER_XATTR, &mut buf)
+        .map_err(|e| op_error("read marker", name, e))?;
     if !present {
         return Ok(ExistingFile::Plain);
     }
-    if !xattr::fget(fd.as_fd(), META_XATTR, &mut buf).map_err(|e| err("read meta", name, e))? {
+    if !xattr::fget(fd.as_fd(), META_XATTR, &mut buf).map_err(|e| op_error("read meta", name, e))? {
         return Ok(ExistingFile::BrokenStub("marker without metadata".into()));
     }
     let meta = match Meta::decode(&buf) {
@@ -102,7 +152,7 @@ pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile
     };
     // A map that does not decode says nothing about local writes: assume there were some.
     let modified = !xattr::fget(fd.as_fd(), MAP_XATTR, &mut buf)
-        .map_err(|e| err("read map", name, e))?
+        .map_err(|e| op_error("read map", name, e))?
         || hsm_stub::ResidentMap::decode(&buf).map_or(true, |m| m.locally_modified());
     Ok(ExistingFile::Stub {
         meta: Box::new(meta),
@@ -149,7 +199,10 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
         extra: Vec::new(),
     };
     let shift = choose_granule_shift(spec.size, spec.min_granule_shift);
-    let mut map = ResidentMap::new(stub_id, spec.size, shift).map_err(|e| e.to_string())?;
+    let mut map = ResidentMap::new(stub_id, spec.size, shift).map_err(|e| DstError::Meta {
+        key: spec.key.clone(),
+        source: e,
+    })?;
     for hole in &spec.holes {
         // Only granules wholly inside the hole: partial ones are fetched (their zero pages
         // are skipped when written, so the hole survives).
@@ -162,17 +215,17 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
             map.set_range_resident(first..end);
         }
     }
-    let meta_bytes = meta
-        .encode()
-        .map_err(|e| format!("stub metadata for {}: {e}", spec.key))?;
+    let meta_bytes = meta.encode().map_err(|e| DstError::Meta {
+        key: spec.key.clone(),
+        source: e,
+    })?;
     let worst_map = ResidentMap::max_encoded_len(map.granule_count());
     if meta_bytes.len() + worst_map + MARKER_LEN > XATTR_BUDGET {
-        return Err(format!(
-            "stub metadata for {} would not fit one xattr block ({} + {} bytes; URL and key too long)",
-            spec.key,
-            meta_bytes.len(),
-            worst_map
-        ));
+        return Err(DstError::TooLarge {
+            key: spec.key.clone(),
+            meta: meta_bytes.len(),
+            map: worst_map,
+        });
     }
     let markers = map
         .missing(0..map.granule_count())
@@ -203,12 +256,12 @@ pub fn create_stub(
         OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
-    .map_err(|e| err("create (O_TMPFILE) for", name, e))?;
+    .map_err(|e| op_error("create (O_TMPFILE) for", name, e))?;
     if spec.size > 0 {
         // The agent allows (and never ignore-marks) events on unlinked files, so setting the
         // size before the marker exists is safe even while it runs.
         nix::unistd::ftruncate(&fd, spec.size as libc::off_t)
-            .map_err(|e| err("set size of", name, e))?;
+            .map_err(|e| op_error("set size of", name, e))?;
         let stub = encode_stub(spec, rand::random::<u64>() | 1)?;
         // Tools that skip holes (cp, tar --sparse, qemu-img: lseek SEEK_DATA/SEEK_HOLE,
         // which raises no event) would copy a stub's unfetched ranges as zeros. A page of
@@ -218,20 +271,20 @@ pub fn create_stub(
         for &at in &stub.markers {
             let len = (spec.size - at).min(MARKER_PAGE.len() as u64) as usize;
             nix::sys::uio::pwrite(&fd, &MARKER_PAGE[..len], at as libc::off_t)
-                .map_err(|e| err("write data marker of", name, e))?;
+                .map_err(|e| op_error("write data marker of", name, e))?;
         }
         xattr::fset(fd.as_fd(), META_XATTR, &stub.meta, SetMode::Create)
-            .map_err(|e| err("write metadata of", name, e))?;
+            .map_err(|e| op_error("write metadata of", name, e))?;
         xattr::fset(fd.as_fd(), MAP_XATTR, &stub.map, SetMode::Create)
-            .map_err(|e| err("write map of", name, e))?;
+            .map_err(|e| op_error("write map of", name, e))?;
         let marker = Marker {
             state: MarkerState::Ready,
         }
         .encode();
         xattr::fset(fd.as_fd(), MARKER_XATTR, &marker, SetMode::Create)
-            .map_err(|e| err("write marker of", name, e))?;
+            .map_err(|e| op_error("write marker of", name, e))?;
     }
-    apply_attrs_fd(fd.as_fd(), &spec.attrs).map_err(|e| err("set attributes of", name, e))?;
+    apply_attrs_fd(fd.as_fd(), &spec.attrs).map_err(|e| op_error("set attributes of", name, e))?;
     link_into_place(fd.as_fd(), dir, name, replace)
 }
 
@@ -243,11 +296,11 @@ fn link_into_place(
 ) -> OpResult<()> {
     if !replace {
         return nix::unistd::linkat(fd, "", dir, name, AtFlags::AT_EMPTY_PATH)
-            .map_err(|e| err("link", name, e));
+            .map_err(|e| op_error("link", name, e));
     }
     let tmp = temp_name(name);
     nix::unistd::linkat(fd, "", dir, tmp.as_os_str(), AtFlags::AT_EMPTY_PATH)
-        .map_err(|e| err("link", &tmp, e))?;
+        .map_err(|e| op_error("link", &tmp, e))?;
     rename_over(dir, &tmp, name)
 }
 
@@ -264,7 +317,7 @@ pub fn temp_name(name: &OsStr) -> OsString {
 fn rename_over(dir: BorrowedFd<'_>, tmp: &OsStr, name: &OsStr) -> OpResult<()> {
     nix::fcntl::renameat(dir, tmp, dir, name).map_err(|e| {
         let _ = nix::unistd::unlinkat(dir, tmp, nix::unistd::UnlinkatFlags::NoRemoveDir);
-        err("rename into place", name, e)
+        op_error("rename into place", name, e)
     })
 }
 
@@ -287,8 +340,8 @@ pub fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, is_dir: bool
     } else {
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
     };
-    let fd = openat(dir, name, flags, Mode::empty()).map_err(|e| err("open", name, e))?;
-    apply_attrs_fd(fd.as_fd(), a).map_err(|e| err("set attributes of", name, e))
+    let fd = openat(dir, name, flags, Mode::empty()).map_err(|e| op_error("open", name, e))?;
+    apply_attrs_fd(fd.as_fd(), a).map_err(|e| op_error("set attributes of", name, e))
 }
 
 /// Create or update the symlink `name -> target`. Returns whether anything changed.
@@ -300,19 +353,20 @@ pub fn ensure_symlink(
     exists: bool,
 ) -> OpResult<bool> {
     if exists {
-        let current = nix::fcntl::readlinkat(dir, name).map_err(|e| err("readlink", name, e))?;
+        let current =
+            nix::fcntl::readlinkat(dir, name).map_err(|e| op_error("readlink", name, e))?;
         if current.as_os_str() == target {
             set_symlink_attrs(dir, name, a)?;
             return Ok(false);
         }
         let tmp = temp_name(name);
         nix::unistd::symlinkat(target, dir, tmp.as_os_str())
-            .map_err(|e| err("symlink", &tmp, e))?;
+            .map_err(|e| op_error("symlink", &tmp, e))?;
         set_symlink_attrs(dir, &tmp, a)?;
         rename_over(dir, &tmp, name)?;
         return Ok(true);
     }
-    nix::unistd::symlinkat(target, dir, name).map_err(|e| err("symlink", name, e))?;
+    nix::unistd::symlinkat(target, dir, name).map_err(|e| op_error("symlink", name, e))?;
     set_symlink_attrs(dir, name, a)?;
     Ok(true)
 }
@@ -325,7 +379,7 @@ fn set_symlink_attrs(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs) -> OpResult<(
         Some(Gid::from_raw(a.gid)),
         AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| err("chown", name, e))?;
+    .map_err(|e| op_error("chown", name, e))?;
     nix::sys::stat::utimensat(
         dir,
         name,
@@ -333,7 +387,7 @@ fn set_symlink_attrs(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs) -> OpResult<(
         &a.mtime.to_timespec(),
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
-    .map_err(|e| err("set times of", name, e))
+    .map_err(|e| op_error("set times of", name, e))
 }
 
 /// Create directory `name` in `dir` (or accept an existing one); returns whether created.
@@ -341,14 +395,14 @@ pub fn ensure_dir(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<bool> {
     match nix::sys::stat::mkdirat(dir, name, Mode::from_bits_truncate(0o700)) {
         Ok(()) => Ok(true),
         Err(Errno::EEXIST) => Ok(false),
-        Err(e) => Err(err("mkdir", name, e)),
+        Err(e) => Err(op_error("mkdir", name, e)),
     }
 }
 
 /// Remove a non-directory entry.
 pub fn unlink(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
     nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
-        .map_err(|e| err("remove", name, e))
+        .map_err(|e| op_error("remove", name, e))
 }
 
 /// Remove an empty directory; `Ok(false)` if it is not empty.
@@ -356,17 +410,18 @@ pub fn rmdir(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<bool> {
     match nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir) {
         Ok(()) => Ok(true),
         Err(Errno::ENOTEMPTY | Errno::EEXIST) => Ok(false),
-        Err(e) => Err(err("remove directory", name, e)),
+        Err(e) => Err(op_error("remove directory", name, e)),
     }
 }
 
 /// Names in directory `dir` (excluding `.` and `..`).
 pub fn read_names(dir: BorrowedFd<'_>) -> OpResult<Vec<OsString>> {
-    let dup = dir.try_clone_to_owned().map_err(|e| format!("dup: {e}"))?;
-    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| format!("opendir: {e}"))?;
+    let read_err = |op| move |e| DstError::ReadDir { op, source: e };
+    let dup = dir.try_clone_to_owned().map_err(read_err("dup"))?;
+    let mut d = nix::dir::Dir::from_fd(dup).map_err(|e| read_err("opendir")(e.into()))?;
     let mut names = Vec::new();
     for ent in d.iter() {
-        let ent = ent.map_err(|e| format!("readdir: {e}"))?;
+        let ent = ent.map_err(|e| read_err("readdir")(e.into()))?;
         let n = ent.file_name().to_bytes();
         if n != b"." && n != b".." {
             names.push(OsStr::from_bytes(n).to_os_string());

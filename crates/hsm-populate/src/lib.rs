@@ -25,12 +25,14 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::dst::{ExistingFile, StubSpec};
+use crate::dst::{DstError, ExistingFile, StubSpec};
 use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry};
 
-pub use publish::{PublishOptions, PublishSummary, publish, publish_with_objects};
+pub use publish::{
+    PublishOptions, PublishSummary, UploadError, publish, publish_to, publish_with_objects,
+};
 pub use remote::RemoteSource;
-pub use source::LocalSource;
+pub use source::{LocalSource, SourceError};
 
 /// The source for `input`: a local directory is walked unless it holds a published manifest;
 /// an object-store URL is read through its manifest, or its listing when it has none.
@@ -38,13 +40,10 @@ pub fn open_source(
     input: &str,
     cfg: &hsm_config::RemoteConfig,
 ) -> Result<Box<dyn Source>, PopulateError> {
-    let parsed =
-        hsm_remote::RemoteUrl::parse(input).map_err(|e| PopulateError::Setup(e.to_string()))?;
+    let parsed = hsm_remote::RemoteUrl::parse(input).map_err(SourceError::from)?;
     if let Some(root) = parsed.local_root() {
         if !root.join(hsm_manifest::MANIFEST_KEY).exists() {
-            return Ok(Box::new(
-                LocalSource::open(input).map_err(PopulateError::Setup)?,
-            ));
+            return Ok(Box::new(LocalSource::open(input)?));
         }
         // Canonical, so stubs name the same URL whichever path reached the tree.
         let real = std::fs::canonicalize(root)
@@ -55,13 +54,9 @@ pub fn open_source(
                 real.display()
             ))
         })?;
-        return Ok(Box::new(
-            RemoteSource::open(real, cfg).map_err(PopulateError::Setup)?,
-        ));
+        return Ok(Box::new(RemoteSource::open(real, cfg)?));
     }
-    Ok(Box::new(
-        RemoteSource::open(input, cfg).map_err(PopulateError::Setup)?,
-    ))
+    Ok(Box::new(RemoteSource::open(input, cfg)?))
 }
 
 /// How to populate.
@@ -96,6 +91,9 @@ impl Default for Options {
 pub enum PopulateError {
     #[error("{0}")]
     Setup(String),
+    /// The source cannot be opened or read (the error names the path or URL).
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 /// One entry that could not be processed.
@@ -105,29 +103,54 @@ pub struct EntryError {
     pub error: String,
 }
 
-/// What populate did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
-    pub source: String,
-    pub destination: String,
-    pub entries: u64,
-    pub dirs_created: u64,
-    pub stubs_created: u64,
-    pub stubs_replaced: u64,
-    pub stubs_unchanged: u64,
+/// The counters of populate, named once: the atomics the workers bump ([`Stats`]) and the
+/// fields of the [`Summary`] they end up in.
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $field:ident, )*) => {
+        /// What populate did.
+        #[derive(Debug, Clone, Default, Serialize)]
+        pub struct Summary {
+            pub source: String,
+            pub destination: String,
+            $( $(#[$doc])* pub $field: u64, )*
+            pub elapsed_secs: f64,
+            pub errors: Vec<EntryError>,
+        }
+
+        #[derive(Debug, Default)]
+        struct Stats {
+            $( $field: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// A summary with the counts so far.
+            fn summary(&self) -> Summary {
+                Summary {
+                    $( $field: self.$field.load(Ordering::Relaxed), )*
+                    ..Summary::default()
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    entries,
+    dirs_created,
+    stubs_created,
+    stubs_replaced,
+    stubs_unchanged,
     /// Ordinary files matching the source (typically hydrated stubs), left alone.
-    pub files_unchanged: u64,
-    pub empty_files: u64,
-    pub symlinks: u64,
-    pub hard_links: u64,
-    pub removed: u64,
+    files_unchanged,
+    empty_files,
+    symlinks,
+    hard_links,
+    removed,
     /// Local files (not stubs) that were neither overwritten nor removed.
-    pub kept_local: u64,
-    pub skipped_special: u64,
+    kept_local,
+    skipped_special,
     /// Logical bytes represented by the files of SRC.
-    pub bytes: u64,
-    pub elapsed_secs: f64,
-    pub errors: Vec<EntryError>,
+    bytes,
 }
 
 impl std::fmt::Display for Summary {
@@ -171,23 +194,6 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-#[derive(Debug, Default)]
-struct Stats {
-    entries: AtomicU64,
-    dirs_created: AtomicU64,
-    stubs_created: AtomicU64,
-    stubs_replaced: AtomicU64,
-    stubs_unchanged: AtomicU64,
-    files_unchanged: AtomicU64,
-    empty_files: AtomicU64,
-    symlinks: AtomicU64,
-    hard_links: AtomicU64,
-    removed: AtomicU64,
-    kept_local: AtomicU64,
-    skipped_special: AtomicU64,
-    bytes: AtomicU64,
-}
-
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -218,8 +224,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ctx<'_> {
-    fn error(&self, rel: &Path, error: String) {
+    fn error(&self, rel: &Path, error: impl std::fmt::Display) {
         let path = rel.display().to_string();
+        let error = error.to_string();
         self.progress
             .suspend(|| warn!(%path, %error, "populate error"));
         lock(&self.errors).push(EntryError { path, error });
@@ -301,8 +308,6 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     finish_dirs(&ctx, &root_attrs);
     ctx.progress.finish_and_clear();
 
-    let st = &ctx.stats;
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     for (key, why) in source.refused() {
         ctx.error(Path::new(&key), why);
     }
@@ -311,21 +316,9 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     Ok(Summary {
         source: source.describe(),
         destination: dst_real.display().to_string(),
-        entries: get(&st.entries),
-        dirs_created: get(&st.dirs_created),
-        stubs_created: get(&st.stubs_created),
-        stubs_replaced: get(&st.stubs_replaced),
-        stubs_unchanged: get(&st.stubs_unchanged),
-        files_unchanged: get(&st.files_unchanged),
-        empty_files: get(&st.empty_files),
-        symlinks: get(&st.symlinks),
-        hard_links: get(&st.hard_links),
-        removed: get(&st.removed),
-        kept_local: get(&st.kept_local),
-        skipped_special: get(&st.skipped_special),
-        bytes: get(&st.bytes),
         elapsed_secs: start.elapsed().as_secs_f64(),
         errors,
+        ..ctx.stats.summary()
     })
 }
 
@@ -487,7 +480,7 @@ fn place_file(
     let key = match &info.key {
         Ok(k) => k.clone(),
         Err(why) => {
-            ctx.error(rel, why.clone());
+            ctx.error(rel, why);
             return false;
         }
     };
@@ -635,7 +628,7 @@ fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name: &OsStr) ->
         let child = match dst::open_child_dir(dir, name) {
             Ok(c) => c,
             Err(e) => {
-                ctx.error(rel, format!("open {}: {e}", rel.display()));
+                ctx.error(rel, dst::op_error("open", rel.as_os_str(), e));
                 return false;
             }
         };
@@ -753,13 +746,13 @@ fn finish_links(ctx: &Ctx<'_>) {
 }
 
 /// Make `rel` a hard link to `primary` (both relative to DST).
-fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), String> {
+fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), DstError> {
     let (pdir, pname) = split(primary);
     let (ndir, nname) = split(rel);
     let pfd = dst::open_beneath(ctx.root.as_fd(), pdir)?;
     let nfd = dst::open_beneath(ctx.root.as_fd(), ndir)?;
     let target = dst::lookup(pfd.as_fd(), pname)?
-        .ok_or_else(|| format!("hard-link target {} is missing", primary.display()))?;
+        .ok_or_else(|| DstError::LinkTargetMissing(primary.to_path_buf()))?;
     if let Some(existing) = dst::lookup(nfd.as_fd(), nname)? {
         if existing.ino == target.ino && existing.dev == target.dev {
             return Ok(()); // already linked
@@ -782,7 +775,7 @@ fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), String> {
             return Ok(());
         }
         if existing.is_dir() {
-            return Err("a directory is in the way of a hard link".into());
+            return Err(DstError::DirectoryInTheWay);
         }
         let tmp = dst::temp_name(nname);
         nix::unistd::linkat(
@@ -792,9 +785,9 @@ fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), String> {
             tmp.as_os_str(),
             nix::fcntl::AtFlags::empty(),
         )
-        .map_err(|e| format!("link: {e}"))?;
+        .map_err(|e| dst::op_error("link", &tmp, e))?;
         return nix::fcntl::renameat(nfd.as_fd(), tmp.as_os_str(), nfd.as_fd(), nname)
-            .map_err(|e| format!("rename: {e}"));
+            .map_err(|e| dst::op_error("rename", nname, e));
     }
     nix::unistd::linkat(
         pfd.as_fd(),
@@ -803,7 +796,7 @@ fn link_to(ctx: &Ctx<'_>, primary: &Path, rel: &Path) -> Result<(), String> {
         nname,
         nix::fcntl::AtFlags::empty(),
     )
-    .map_err(|e| format!("link to {}: {e}", primary.display()))
+    .map_err(|e| dst::op_error("link to", primary.as_os_str(), e))
 }
 
 /// Directory owners, modes and times last, deepest first: creating children changes a

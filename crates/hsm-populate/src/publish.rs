@@ -15,16 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use hsm_config::RemoteConfig;
 use hsm_manifest::{ChunkDigester, Entry, FileObject, MANIFEST_KEY, Manifest};
-use hsm_remote::{RemoteUrl, open_store};
+use hsm_remote::{RemoteError, RemoteUrl, Store, open_store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::remote::current_etags;
 use crate::source::{Attrs, Kind, LocalSource, Source};
 use crate::{EntryError, PopulateError, human_bytes};
 
@@ -37,11 +35,45 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// The partial manifest's key.
 pub const PARTIAL_KEY: &str = ".hsm-manifest.partial";
 
-/// The object location for `key`, taken literally (`Path::from` would percent-encode
-/// characters such as `%`, `#` or non-ASCII, so the object would not have the key the
-/// manifest records).
-pub(crate) fn location(key: &str) -> Result<ObjectPath, String> {
-    ObjectPath::parse(key).map_err(|e| format!("key {key:?} cannot be an object name: {e}"))
+/// Why one file could not be published (the summary names its path).
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read at {offset}: {source}")]
+    ReadAt {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("file changed while being published; publish again")]
+    Changed,
+    #[error("reader: {0}")]
+    Reader(#[source] tokio::task::JoinError),
+    /// The store refused or failed (the error names the URL and key).
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+/// Why a manifest could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestWriteError {
+    #[error("encoding {key}: {source}")]
+    Encode {
+        key: &'static str,
+        #[source]
+        source: hsm_manifest::ManifestError,
+    },
+    #[error("writing {key}: {source}")]
+    Put {
+        key: &'static str,
+        #[source]
+        source: RemoteError,
+    },
 }
 
 /// How to publish.
@@ -154,7 +186,7 @@ fn entry_error(path: impl Into<String>, error: impl Into<String>) -> EntryError 
 
 /// Walk SRC (no following of symlinks), collecting what the manifest will list.
 fn walk(src: &LocalSource) -> Result<Walk, PopulateError> {
-    let root = src.root_attrs().map_err(PopulateError::Setup)?;
+    let root = src.root_attrs()?;
     let mut w = Walk {
         root,
         items: Vec::new(),
@@ -168,7 +200,8 @@ fn walk(src: &LocalSource) -> Result<Walk, PopulateError> {
         let list = match src.list(&dir) {
             Ok(l) => l,
             Err(e) => {
-                w.errors.push(entry_error(dir.display().to_string(), e));
+                w.errors
+                    .push(entry_error(dir.display().to_string(), e.to_string()));
                 continue;
             }
         };
@@ -190,7 +223,7 @@ fn walk(src: &LocalSource) -> Result<Walk, PopulateError> {
                 continue;
             }
             if let Err(why) = hsm_manifest::check_path(&rel) {
-                w.errors.push(entry_error(&rel, why));
+                w.errors.push(entry_error(&rel, why.to_string()));
                 continue;
             }
             match e.kind {
@@ -242,6 +275,16 @@ fn manifest_attrs(a: &Attrs) -> hsm_manifest::Attrs {
     }
 }
 
+fn check_chunk_size(opts: &PublishOptions) -> Result<(), PopulateError> {
+    if !opts.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&opts.chunk_size) {
+        return Err(PopulateError::Setup(format!(
+            "chunk size {} is not a power of two between 4 KiB and 1 GiB",
+            opts.chunk_size
+        )));
+    }
+    Ok(())
+}
+
 /// Upload `src` to `url` and write the manifest there.
 pub fn publish(
     src: &str,
@@ -271,13 +314,8 @@ pub fn publish_with_objects(
         }
     }
     let start = Instant::now();
-    if !opts.chunk_size.is_power_of_two() || !(4096..=1 << 30).contains(&opts.chunk_size) {
-        return Err(setup(format!(
-            "chunk size {} is not a power of two between 4 KiB and 1 GiB",
-            opts.chunk_size
-        )));
-    }
-    let source = LocalSource::open(src).map_err(setup)?;
+    check_chunk_size(opts)?;
+    let source = LocalSource::open(src)?;
     let parsed = RemoteUrl::parse(url).map_err(|e| setup(e.to_string()))?;
     if let Some(root) = parsed.local_root() {
         std::fs::create_dir_all(root)
@@ -294,25 +332,34 @@ pub fn publish_with_objects(
         }
     }
     let store = open_store(&parsed, cfg).map_err(|e| setup(e.to_string()))?;
+    let mut summary = publish_to(source, store, opts, objects)?;
+    summary.elapsed_secs = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Upload the local tree `source` to `store` and write the manifest there (what [`publish`]
+/// does once it has checked its arguments and opened the store).
+pub fn publish_to(
+    source: LocalSource,
+    store: Arc<dyn Store>,
+    opts: &PublishOptions,
+    objects: &[(&str, &[u8])],
+) -> Result<PublishSummary, PopulateError> {
+    let start = Instant::now();
+    check_chunk_size(opts)?;
     let walked = walk(&source)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| setup(format!("runtime: {e}")))?;
+        .map_err(|e| PopulateError::Setup(format!("runtime: {e}")))?;
     let src_root = source
         .local_root()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut summary = rt.block_on(upload_all(
-        store,
-        parsed.as_str(),
-        &src_root,
-        walked,
-        opts,
-        objects,
-    ))?;
+    let url = store.url().to_string();
+    let mut summary = rt.block_on(upload_all(store, &url, &src_root, walked, opts, objects))?;
     summary.source = source.describe();
-    summary.destination = parsed.as_str().to_string();
+    summary.destination = url;
     summary.elapsed_secs = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -329,18 +376,10 @@ fn same_etag(a: &str, b: &str) -> bool {
 /// What an earlier run recorded for a path, keyed by path.
 type Previous = HashMap<String, (FileObject, (i64, u32))>;
 
-async fn read_manifest(store: &dyn ObjectStore, key: &str, url: &str) -> Option<Manifest> {
-    let Ok(loc) = location(key) else { return None };
-    let result = match store.get(&loc).await {
-        Ok(r) => r,
-        Err(object_store::Error::NotFound { .. }) => return None,
-        Err(e) => {
-            warn!("{url}/{key}: cannot read ({e}); everything is uploaded again");
-            return None;
-        }
-    };
-    let bytes = match result.bytes().await {
+async fn read_manifest(store: &dyn Store, key: &str, url: &str) -> Option<Manifest> {
+    let bytes = match store.get(key).await {
         Ok(b) => b,
+        Err(RemoteError::NotFound { .. }) => return None,
         Err(e) => {
             warn!("{url}/{key}: cannot read ({e}); everything is uploaded again");
             return None;
@@ -356,7 +395,7 @@ async fn read_manifest(store: &dyn ObjectStore, key: &str, url: &str) -> Option<
 }
 
 /// Files recorded by the last manifest and the partial one (newer) at this chunk size.
-async fn previous_files(store: &dyn ObjectStore, url: &str, chunk_size: u64) -> Previous {
+async fn previous_files(store: &dyn Store, url: &str, chunk_size: u64) -> Previous {
     let mut prev = Previous::new();
     for key in [MANIFEST_KEY, PARTIAL_KEY] {
         let Some(m) = read_manifest(store, key, url).await else {
@@ -378,40 +417,22 @@ async fn previous_files(store: &dyn ObjectStore, url: &str, chunk_size: u64) -> 
     prev
 }
 
-/// Current ETags of the objects under the prefix, or `None` when the store cannot list.
-async fn current_etags(
-    store: &dyn ObjectStore,
-    url: &str,
-) -> Option<HashMap<String, (u64, Option<String>)>> {
-    match store.list(None).try_collect::<Vec<_>>().await {
-        Ok(list) => Some(
-            list.into_iter()
-                .map(|o| (o.location.as_ref().to_string(), (o.size, o.e_tag)))
-                .collect(),
-        ),
-        Err(e) => {
-            info!("{url}: cannot list ({e}); checking earlier uploads one by one");
-            None
-        }
-    }
-}
-
 /// Read, digest and upload one file. The file must still have the size and mtime the walk
 /// saw when it has been read, else the upload is refused (publish again once it is quiet).
 async fn upload_file(
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn Store>,
     path: PathBuf,
     key: String,
     want: (u64, (i64, u32)),
     chunk_size: u64,
     progress: ProgressBar,
-) -> Result<FileObject, String> {
-    let location = location(&key)?;
-    let file = std::fs::File::open(&path).map_err(|e| format!("open: {e}"))?;
-    let changed = |f: &std::fs::File| -> Result<(), String> {
-        let md = f.metadata().map_err(|e| format!("stat: {e}"))?;
+) -> Result<FileObject, UploadError> {
+    let io = |op| move |source| UploadError::Io { op, source };
+    let file = std::fs::File::open(&path).map_err(io("open"))?;
+    let changed = |f: &std::fs::File| -> Result<(), UploadError> {
+        let md = f.metadata().map_err(io("stat"))?;
         if md.size() != want.0 || (md.mtime(), md.mtime_nsec() as u32) != want.1 {
-            return Err("file changed while being published; publish again".into());
+            return Err(UploadError::Changed);
         }
         Ok(())
     };
@@ -420,12 +441,8 @@ async fn upload_file(
     let multipart = if size < MULTIPART_THRESHOLD {
         None
     } else {
-        match store.put_multipart(&location).await {
-            Ok(upload) => Some(upload),
-            // Plain HTTP (WebDAV) has no multipart upload: one PUT of the whole file.
-            Err(object_store::Error::NotImplemented { .. }) => None,
-            Err(e) => return Err(format!("start multipart upload of {key:?}: {e}")),
-        }
+        // None: the store has no multipart upload (plain HTTP, WebDAV): one PUT of it all.
+        store.start_upload(&key, PART_SIZE).await?
     };
     let (file, digests, result) = match multipart {
         None => {
@@ -435,28 +452,24 @@ async fn upload_file(
                 (&file)
                     .take(size + 1)
                     .read_to_end(&mut data)
-                    .map_err(|e| format!("read: {e}"))?;
+                    .map_err(io("read"))?;
                 let digests = hsm_manifest::chunk_digests(&data, chunk_size);
-                Ok::<_, String>((file, data, digests))
+                Ok::<_, UploadError>((file, data, digests))
             })
             .await
-            .map_err(|e| format!("reader: {e}"))??;
+            .map_err(UploadError::Reader)??;
             if data.len() as u64 != size {
-                return Err("file changed while being published; publish again".into());
+                return Err(UploadError::Changed);
             }
-            let result = store
-                .put(&location, PutPayload::from(data))
-                .await
-                .map_err(|e| format!("upload to {key:?}: {e}"))?;
+            let result = store.put(&key, Bytes::from(data)).await?;
             progress.inc(size);
             (file, digests, result)
         }
-        Some(upload) => {
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        Some(mut upload) => {
             let mut digester = Some(ChunkDigester::new(chunk_size));
             let mut file = Some(file);
             let mut offset = 0u64;
-            let outcome: Result<(), String> = async {
+            let outcome: Result<(), UploadError> = async {
                 while offset < size {
                     let f = file.take().expect("file is returned by every read");
                     let mut d = digester.take().expect("digester is returned by every read");
@@ -471,15 +484,12 @@ async fn upload_file(
                         (f, r.map(|()| buf), d)
                     })
                     .await
-                    .map_err(|e| format!("reader: {e}"))?;
+                    .map_err(UploadError::Reader)?;
                     file = Some(f);
                     digester = Some(d);
-                    let buf = buf.map_err(|e| format!("read at {offset}: {e}"))?;
-                    writer
-                        .wait_for_capacity(PARTS_IN_FLIGHT)
-                        .await
-                        .map_err(|e| format!("upload to {key:?}: {e}"))?;
-                    writer.put(Bytes::from(buf));
+                    let buf = buf.map_err(|source| UploadError::ReadAt { offset, source })?;
+                    upload.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                    upload.put(Bytes::from(buf));
                     offset += len as u64;
                     progress.inc(len as u64);
                 }
@@ -487,13 +497,10 @@ async fn upload_file(
             }
             .await;
             if let Err(e) = outcome {
-                let _ = writer.abort().await;
+                let _ = upload.abort().await;
                 return Err(e);
             }
-            let result = writer
-                .finish()
-                .await
-                .map_err(|e| format!("finish upload of {key:?}: {e}"))?;
+            let result = upload.finish().await?;
             (
                 file.expect("file is returned by every read"),
                 digester
@@ -504,15 +511,12 @@ async fn upload_file(
         }
     };
     changed(&file)?;
-    let (etag, version) = if result.e_tag.is_some() {
-        (result.e_tag, result.version)
+    let (etag, version) = if result.etag.is_some() {
+        (result.etag, result.version)
     } else {
         // Some stores (WebDAV) do not return the ETag from a put.
-        let meta = store
-            .head(&location)
-            .await
-            .map_err(|e| format!("head {key:?} after upload: {e}"))?;
-        (meta.e_tag, result.version.or(meta.version))
+        let meta = store.head(&key).await?;
+        (meta.etag, result.version.or(meta.version))
     };
     Ok(FileObject {
         size,
@@ -525,16 +529,18 @@ async fn upload_file(
 
 /// Put `manifest` at `key`.
 async fn put_manifest(
-    store: &dyn ObjectStore,
-    key: &str,
+    store: &dyn Store,
+    key: &'static str,
     manifest: &Manifest,
-) -> Result<(), String> {
-    let bytes = manifest.encode().map_err(|e| e.to_string())?;
+) -> Result<(), ManifestWriteError> {
+    let bytes = manifest
+        .encode()
+        .map_err(|source| ManifestWriteError::Encode { key, source })?;
     store
-        .put(&location(key)?, PutPayload::from(bytes))
+        .put(key, Bytes::from(bytes))
         .await
         .map(|_| ())
-        .map_err(|e| format!("writing {key}: {e}"))
+        .map_err(|source| ManifestWriteError::Put { key, source })
 }
 
 fn build_manifest(
@@ -577,7 +583,7 @@ fn build_manifest(
 }
 
 async fn upload_all(
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn Store>,
     url: &str,
     src_root: &Path,
     walked: Walk,
@@ -601,39 +607,48 @@ async fn upload_all(
     s.bytes = walked.files.iter().map(|f| f.size).sum();
 
     let prev = previous_files(store.as_ref(), url, opts.chunk_size).await;
-    let listing = if prev.is_empty() {
-        None
+    // Files an earlier run recorded with the same path, size and mtime: reused if the store
+    // still holds their objects under the recorded ETags.
+    let candidates: Vec<(usize, &FileObject)> = walked
+        .files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match prev.get(&f.rel) {
+            Some((obj, m))
+                if obj.size == f.size
+                    && *m == (f.attrs.mtime.sec, f.attrs.mtime.nsec)
+                    && obj.key == f.rel =>
+            {
+                Some((i, obj))
+            }
+            _ => None,
+        })
+        .collect();
+    let now = if candidates.is_empty() {
+        Default::default()
     } else {
-        current_etags(store.as_ref(), url).await
+        let keys: Vec<&str> = candidates.iter().map(|(_, o)| o.key.as_str()).collect();
+        match current_etags(store.as_ref(), url, &keys, None).await {
+            Ok(now) => now.unwrap_or_default(),
+            Err(e) => {
+                warn!("{url}: cannot check earlier uploads ({e}); they are uploaded again");
+                Default::default()
+            }
+        }
     };
     // Decide per file: reuse what an earlier run uploaded, or upload.
     let mut done: Vec<Option<FileObject>> = vec![None; walked.files.len()];
-    let mut todo = Vec::new();
-    for (i, f) in walked.files.iter().enumerate() {
-        let mtime = (f.attrs.mtime.sec, f.attrs.mtime.nsec);
-        let reuse = match prev.get(&f.rel) {
-            Some((obj, m)) if obj.size == f.size && *m == mtime && obj.key == f.rel => {
-                let now = match &listing {
-                    Some(l) => l.get(&obj.key).cloned(),
-                    None => match location(&obj.key) {
-                        Ok(loc) => store.head(&loc).await.ok().map(|m| (m.size, m.e_tag)),
-                        Err(_) => None,
-                    },
-                };
-                matches!(now, Some((size, Some(etag))) if size == obj.size
-                    && obj.etag.as_deref().is_some_and(|e| same_etag(e, &etag)))
-                .then(|| obj.clone())
-            }
-            _ => None,
-        };
-        match reuse {
-            Some(obj) => {
-                s.unchanged += 1;
-                done[i] = Some(obj);
-            }
-            None => todo.push(i),
+    for (i, obj) in candidates {
+        let same = matches!(now.get(&obj.key), Some((size, Some(etag))) if *size == obj.size
+            && obj.etag.as_deref().is_some_and(|e| same_etag(e, etag)));
+        if same {
+            s.unchanged += 1;
+            done[i] = Some(obj.clone());
         }
     }
+    let todo: Vec<usize> = (0..walked.files.len())
+        .filter(|&i| done[i].is_none())
+        .collect();
 
     let total: u64 = todo.iter().map(|&i| walked.files[i].size).sum();
     let progress = if opts.progress && std::io::stderr().is_terminal() {
@@ -700,7 +715,7 @@ async fn upload_all(
             }
             Err(e) => {
                 progress.suspend(|| warn!(path = %f.rel, error = %e, "publish error"));
-                s.errors.push(entry_error(&f.rel, e));
+                s.errors.push(entry_error(&f.rel, e.to_string()));
             }
         }
         progress.set_message(format!("{} files", s.uploaded));
@@ -719,10 +734,7 @@ async fn upload_all(
     if ok {
         for (key, bytes) in objects {
             store
-                .put(
-                    &location(key).map_err(PopulateError::Setup)?,
-                    PutPayload::from(bytes.to_vec()),
-                )
+                .put(key, bytes::Bytes::copy_from_slice(bytes))
                 .await
                 .map_err(|e| PopulateError::Setup(format!("{url}: writing {key}: {e}")))?;
         }
@@ -731,9 +743,8 @@ async fn upload_all(
             .await
             .map_err(|e| PopulateError::Setup(format!("{url}: {e}")))?;
         s.manifest_written = true;
-        match store.delete(&ObjectPath::from(PARTIAL_KEY)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => warn!("{url}/{PARTIAL_KEY}: cannot remove ({e})"),
+        if let Err(e) = store.delete(PARTIAL_KEY).await {
+            warn!("{url}/{PARTIAL_KEY}: cannot remove ({e})");
         }
     } else if dirty || s.uploaded > 0 {
         // Keep what was done for the next run.

@@ -7,16 +7,14 @@ use std::ffi::OsString;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use hsm_config::RemoteConfig;
 use hsm_kernel::stat::Timestamp;
 use hsm_manifest::{MANIFEST_KEY, Manifest};
-use hsm_remote::{RemoteUrl, check_key, open_store};
+use hsm_remote::{RemoteError, RemoteUrl, Store, check_key, open_store};
 use hsm_stub::{DigestAlgorithm, Integrity};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry};
+use crate::source::{Attrs, FileInfo, Kind, Source, SourceEntry, SourceError};
 
 /// A tree read from an object store.
 #[derive(Debug)]
@@ -48,93 +46,122 @@ fn to_attrs(a: &hsm_manifest::Attrs) -> Attrs {
     }
 }
 
-/// The ETags the store reports now for the manifest's objects, when they differ from the
-/// ones the manifest recorded (a static server or CDN in front of the published copy computes
-/// its own): from a listing when the store can list, else from one HEAD per object unless a
-/// probe shows the recorded ETags hold. `None` means the recorded ETags are right.
-async fn current_etags(
-    store: &dyn ObjectStore,
+/// Size and ETag of an object as the store reports it now.
+pub(crate) type SizeEtag = (u64, Option<String>);
+
+/// Size and ETag of each object the store holds now, by key.
+pub(crate) type Current = HashMap<String, SizeEtag>;
+
+/// What the store reports now for the objects `keys` name (a key missing from the answer is
+/// not in the store): from one listing when the store can list, else from one HEAD per key.
+///
+/// `probe` is a key and the ETag recorded for it elsewhere (a manifest). When the store
+/// cannot list and a HEAD of that key returns the recorded ETag, the recorded ETags are
+/// taken as right and `None` is returned instead of asking for every object. Publish, which
+/// must never trust an earlier upload blindly, passes no probe.
+pub(crate) async fn current_etags(
+    store: &dyn Store,
     url: &str,
-    m: &Manifest,
-) -> Result<Option<HashMap<String, Option<String>>>, String> {
-    use futures::StreamExt;
-    let files: Vec<&hsm_manifest::FileObject> = m.files_by_key().into_values().collect();
-    if files.is_empty() {
-        return Ok(None);
+    keys: &[&str],
+    probe: Option<(&str, Option<&str>)>,
+) -> Result<Option<Current>, RemoteError> {
+    match store.list().await {
+        Ok(list) => {
+            return Ok(Some(
+                list.into_iter()
+                    .map(|o| (o.key, (o.size, o.etag)))
+                    .collect(),
+            ));
+        }
+        Err(e) => tracing::debug!("{url}: cannot list ({e})"),
     }
-    if let Ok(list) = store.list(None).try_collect::<Vec<_>>().await {
-        return Ok(Some(
-            list.into_iter()
-                .map(|o| (o.location.as_ref().to_string(), o.e_tag))
-                .collect(),
-        ));
-    }
-    let probe = files
-        .iter()
-        .min_by_key(|f| f.key.as_str())
-        .expect("not empty");
-    let probe_loc = crate::publish::location(&probe.key)?;
-    if let Ok(meta) = store.head(&probe_loc).await {
-        if meta.e_tag.is_some() && meta.e_tag == probe.etag {
-            return Ok(None);
+    if let Some((key, recorded)) = probe {
+        if let Ok(info) = store.head(key).await {
+            if info.etag.is_some() && info.etag.as_deref() == recorded {
+                return Ok(None);
+            }
         }
     }
     tracing::info!(
-        "{url}: the store cannot list and reports other ETags than the manifest; \
-         asking it for each of {} objects",
-        files.len()
+        "{url}: the store cannot list; asking it for each of {} objects",
+        keys.len()
     );
-    let heads: Vec<(String, Option<Option<String>>)> = futures::stream::iter(files)
-        .map(|f| async move {
-            let r = store.head(&crate::publish::location(&f.key)?).await;
-            match r {
-                Ok(meta) => Ok((f.key.clone(), Some(meta.e_tag))),
-                Err(object_store::Error::NotFound { .. }) => Ok((f.key.clone(), None)),
-                Err(e) => Err(format!("{url}: HEAD {:?}: {e}", f.key)),
+    let heads: Vec<Option<(String, SizeEtag)>> = futures::stream::iter(keys)
+        .map(|key| async move {
+            match store.head(key).await {
+                Ok(info) => Ok(Some((key.to_string(), (info.size, info.etag)))),
+                Err(RemoteError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
             }
         })
         .buffer_unordered(16)
         .try_collect()
         .await?;
-    Ok(Some(
-        heads
-            .into_iter()
-            .filter_map(|(k, e)| e.map(|e| (k, e)))
-            .collect(),
-    ))
+    Ok(Some(heads.into_iter().flatten().collect()))
+}
+
+/// Seconds and nanoseconds since the epoch (negative before it, as `Timestamp` counts).
+fn timestamp(t: std::time::SystemTime) -> Timestamp {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => ts(d.as_secs() as i64, d.subsec_nanos()),
+        Err(before) => {
+            let d = before.duration();
+            match d.subsec_nanos() {
+                0 => ts(-(d.as_secs() as i64), 0),
+                n => ts(-(d.as_secs() as i64) - 1, 1_000_000_000 - n),
+            }
+        }
+    }
 }
 
 impl RemoteSource {
     /// Read the tree at `url`.
-    pub fn open(url: &str, cfg: &RemoteConfig) -> Result<Self, String> {
-        let parsed = RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-        let store = open_store(&parsed, cfg).map_err(|e| e.to_string())?;
-        let rt = tokio::runtime::Builder::new_current_thread()
+    pub fn open(url: &str, cfg: &RemoteConfig) -> Result<Self, SourceError> {
+        let parsed = RemoteUrl::parse(url)?;
+        let store = open_store(&parsed, cfg)?;
+        let mut src = Self::from_store(store.as_ref())?;
+        src.local_root = parsed.local_root().map(Path::to_path_buf);
+        Ok(src)
+    }
+
+    /// Read the tree in `store`: its manifest, else its listing.
+    pub fn from_store(store: &dyn Store) -> Result<Self, SourceError> {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("runtime: {e}"))?;
-        let canonical = parsed.as_str().to_string();
-        let local_root = parsed.local_root().map(Path::to_path_buf);
-        let mut src = rt.block_on(async move {
-            match store.get(&ObjectPath::from(MANIFEST_KEY)).await {
-                Ok(result) => {
-                    let bytes = result
-                        .bytes()
-                        .await
-                        .map_err(|e| format!("{canonical}: reading {MANIFEST_KEY}: {e}"))?;
-                    let manifest = Manifest::decode(&bytes)
-                        .map_err(|e| format!("{canonical}/{MANIFEST_KEY}: {e}"))?;
-                    let current = current_etags(store.as_ref(), &canonical, &manifest).await?;
-                    Ok(Self::from_manifest(canonical, &manifest, current.as_ref()))
-                }
-                Err(object_store::Error::NotFound { .. }) => {
-                    Self::from_listing(canonical, store.as_ref()).await
-                }
-                Err(e) => Err(format!("{canonical}: reading {MANIFEST_KEY}: {e}")),
+            .map_err(SourceError::Runtime)?
+            .block_on(Self::read(store))
+    }
+
+    async fn read(store: &dyn Store) -> Result<Self, SourceError> {
+        let canonical = store.url().to_string();
+        match store.get(MANIFEST_KEY).await {
+            Ok(bytes) => {
+                let manifest = Manifest::decode(&bytes).map_err(|e| SourceError::Manifest {
+                    url: canonical.clone(),
+                    key: MANIFEST_KEY.to_string(),
+                    source: e,
+                })?;
+                let files: Vec<&hsm_manifest::FileObject> =
+                    manifest.files_by_key().into_values().collect();
+                let current = if files.is_empty() {
+                    None
+                } else {
+                    let keys: Vec<&str> = files.iter().map(|f| f.key.as_str()).collect();
+                    // The first key in order: the same probe on every run.
+                    let probe = files
+                        .iter()
+                        .min_by_key(|f| f.key.as_str())
+                        .map(|f| (f.key.as_str(), f.etag.as_deref()));
+                    current_etags(store, &canonical, &keys, probe).await?
+                };
+                let current: Option<HashMap<String, Option<String>>> =
+                    current.map(|c| c.into_iter().map(|(key, (_, etag))| (key, etag)).collect());
+                Ok(Self::from_manifest(canonical, &manifest, current.as_ref()))
             }
-        })?;
-        src.local_root = local_root;
-        Ok(src)
+            Err(RemoteError::NotFound { .. }) => Self::from_listing(canonical, store).await,
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn empty(url: String, root: Attrs, from_manifest: bool) -> Self {
@@ -297,7 +324,7 @@ impl RemoteSource {
         src
     }
 
-    async fn from_listing(url: String, store: &dyn ObjectStore) -> Result<Self, String> {
+    async fn from_listing(url: String, store: &dyn Store) -> Result<Self, SourceError> {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         let now = std::time::SystemTime::now()
@@ -312,39 +339,34 @@ impl RemoteSource {
             mtime: ts(now, 0),
         };
         let mut src = Self::empty(url.clone(), dir_attrs, false);
-        let objects: Vec<object_store::ObjectMeta> =
-            store.list(None).try_collect().await.map_err(|e| match e {
-                // object_store rejects a whole listing page over one such key, so nothing
-                // of it can be used: refuse it all, naming the key.
-                object_store::Error::InvalidPath { source } => format!(
-                    "{url}: the store holds a key that cannot be a path below DST ({source}); \
-                     refused, nothing was created. Remove the key, or publish the tree with \
-                     `hsm publish` so populate reads its manifest instead of a listing"
-                ),
-                e => format!("{url}: listing: {e}"),
-            })?;
+        let objects = store.list().await.map_err(|e| match e {
+            // A listing the store refuses over one key it cannot parse (the message names
+            // it): nothing of it can be used, so refuse it all.
+            RemoteError::InvalidKey { detail, .. } => SourceError::UnusableListing {
+                url: url.clone(),
+                detail,
+            },
+            e => SourceError::Remote(e),
+        })?;
         for o in objects {
-            let key = o.location.as_ref().to_string();
+            let key = o.key;
             if key.starts_with(".hsm-") {
                 continue; // our own files (a partial manifest)
             }
             if let Err(why) = check_key(&key) {
-                src.refused.push((key, why));
+                src.refused.push((key, why.to_string()));
                 continue;
             }
-            let t = ts(
-                o.last_modified.timestamp(),
-                o.last_modified.timestamp_subsec_nanos(),
-            );
+            let t = timestamp(o.last_modified);
             let rel = PathBuf::from(&key);
             let name = rel.file_name().map(OsString::from).unwrap_or_default();
-            src.etags.insert(key.clone(), o.e_tag.clone());
+            src.etags.insert(key.clone(), o.etag.clone());
             let entry = SourceEntry {
                 name,
                 kind: Kind::File(FileInfo {
                     size: o.size,
                     key: Ok(key.clone()),
-                    etag: o.e_tag,
+                    etag: o.etag,
                     version: o.version,
                     link_id: None,
                     maybe_sparse: false,
@@ -431,11 +453,11 @@ impl Source for RemoteSource {
         )
     }
 
-    fn root_attrs(&self) -> Result<Attrs, String> {
+    fn root_attrs(&self) -> Result<Attrs, SourceError> {
         Ok(self.root)
     }
 
-    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, String> {
+    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, SourceError> {
         Ok(self.dirs.get(rel).cloned().unwrap_or_default())
     }
 

@@ -10,7 +10,53 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use hsm_kernel::stat::Timestamp;
-use hsm_remote::{RemoteUrl, key_from_relative_path, local_etag};
+use hsm_remote::{KeyError, RemoteError, RemoteUrl, key_from_relative_path, local_etag};
+
+/// Why a source (or part of it) cannot be read. Every variant names the path, URL or key.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A local file or directory could not be read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not a local directory")]
+    NotLocal(String),
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{}: the source path must be valid UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The manifest at `url` does not decode (or names a path that would escape).
+    #[error("{url}/{key}: {source}")]
+    Manifest {
+        url: String,
+        key: String,
+        #[source]
+        source: hsm_manifest::ManifestError,
+    },
+    /// The store refuses a whole listing page over one key it cannot parse, so nothing of
+    /// the listing can be used.
+    #[error(
+        "{url}: the store holds a key that cannot be a path below DST ({detail}); \
+         refused, nothing was created. Remove the key, or publish the tree with \
+         `hsm publish` so populate reads its manifest instead of a listing"
+    )]
+    UnusableListing { url: String, detail: String },
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Ownership, permissions and times of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +74,7 @@ pub struct Attrs {
 pub struct FileInfo {
     pub size: u64,
     /// Object key, or why the file cannot be addressed as an object.
-    pub key: Result<String, String>,
+    pub key: Result<String, KeyError>,
     pub etag: Option<String>,
     pub version: Option<String>,
     /// (dev, ino) when the source file has other hard links.
@@ -66,9 +112,9 @@ pub trait Source: Sync {
     /// A human-readable description of the source root (for messages).
     fn describe(&self) -> String;
     /// Attributes of the root directory.
-    fn root_attrs(&self) -> Result<Attrs, String>;
+    fn root_attrs(&self) -> Result<Attrs, SourceError>;
     /// Entries of directory `rel` ("" for the root), sorted by name.
-    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, String>;
+    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, SourceError>;
     /// Byte ranges of file `rel` known to be holes (nothing to fetch there).
     fn holes(&self, rel: &Path, size: u64) -> Vec<Range<u64>>;
     /// The local root, when the source is a local directory (for overlap checks).
@@ -90,7 +136,7 @@ pub trait Source: Sync {
     }
 }
 
-/// A local directory, served to the agent through object_store's local backend.
+/// A local directory, served to the agent through hsm-remote's local backend.
 #[derive(Debug)]
 pub struct LocalSource {
     root: PathBuf,
@@ -99,23 +145,22 @@ pub struct LocalSource {
 
 impl LocalSource {
     /// `input` is a path or a `file://` URL naming an existing directory.
-    pub fn open(input: &str) -> Result<Self, String> {
-        let parsed = RemoteUrl::parse(input).map_err(|e| e.to_string())?;
+    pub fn open(input: &str) -> Result<Self, SourceError> {
+        let parsed = RemoteUrl::parse(input)?;
         let root = parsed
             .local_root()
-            .ok_or_else(|| format!("{input}: not a local directory"))?;
+            .ok_or_else(|| SourceError::NotLocal(input.to_string()))?;
         // Canonical, so re-runs through another path to the same tree keep the same URL.
-        let root = std::fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let root = std::fs::canonicalize(root).map_err(io_err(root))?;
         if !root.is_dir() {
-            return Err(format!("{}: not a directory", root.display()));
+            return Err(SourceError::NotADirectory(root));
         }
-        let url =
-            RemoteUrl::parse(root.to_str().ok_or_else(|| {
-                format!("{}: the source path must be valid UTF-8", root.display())
-            })?)
-            .map_err(|e| e.to_string())?
-            .as_str()
-            .to_string();
+        let url = RemoteUrl::parse(
+            root.to_str()
+                .ok_or_else(|| SourceError::NotUtf8(root.clone()))?,
+        )?
+        .as_str()
+        .to_string();
         Ok(LocalSource { root, url })
     }
 }
@@ -146,21 +191,20 @@ impl Source for LocalSource {
         self.root.display().to_string()
     }
 
-    fn root_attrs(&self) -> Result<Attrs, String> {
+    fn root_attrs(&self) -> Result<Attrs, SourceError> {
         std::fs::symlink_metadata(&self.root)
             .map(|md| attrs_of(&md))
-            .map_err(|e| format!("{}: {e}", self.root.display()))
+            .map_err(io_err(&self.root))
     }
 
-    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, String> {
+    fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, SourceError> {
         let dir = self.root.join(rel);
-        let rd = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let rd = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
         let mut out = Vec::new();
         for ent in rd {
-            let ent = ent.map_err(|e| format!("{}: {e}", dir.display()))?;
+            let ent = ent.map_err(io_err(&dir))?;
             let path = ent.path();
-            let md =
-                std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let md = std::fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let ft = md.file_type();
             let kind = if ft.is_dir() {
                 Kind::Dir
@@ -181,8 +225,7 @@ impl Source for LocalSource {
                     integrity: None,
                 })
             } else if ft.is_symlink() {
-                let target =
-                    std::fs::read_link(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let target = std::fs::read_link(&path).map_err(io_err(&path))?;
                 Kind::Symlink {
                     target: target.into_os_string(),
                 }

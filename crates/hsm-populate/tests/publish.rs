@@ -5,11 +5,16 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
+use std::sync::Arc;
 
 use hsm_config::RemoteConfig;
 use hsm_kernel::xattr;
 use hsm_manifest::{MANIFEST_KEY, Manifest};
-use hsm_populate::{Options, PublishOptions, RemoteSource, open_source, populate, publish};
+use hsm_populate::{
+    LocalSource, Options, PublishOptions, RemoteSource, open_source, populate, publish, publish_to,
+};
+use hsm_remote::RemoteError;
+use hsm_remote::mock::{Fault, FaultRemote, MockRemote};
 use hsm_stub::{META_XATTR, Meta};
 
 fn require_root() {
@@ -253,7 +258,7 @@ fn manifest_paths_that_escape_are_refused_by_name() {
     );
     fs::write(d.store.join(MANIFEST_KEY), format!("{body}{trailer}")).expect("write");
     let e = RemoteSource::open(s(&d.store), &cfg).expect_err("refused");
-    assert!(e.contains("../escape"), "{e}");
+    assert!(e.to_string().contains("../escape"), "{e}");
     assert!(!d.dst.exists());
 }
 
@@ -288,5 +293,90 @@ fn publish_with_objects_puts_them_beside_the_manifest() {
                 .is_err(),
             "{key}"
         );
+    }
+}
+
+fn mock_store() -> Arc<FaultRemote<MockRemote>> {
+    Arc::new(FaultRemote::new(MockRemote::new("mock://pkgs/app")))
+}
+
+fn injected(key: &str) -> Fault {
+    Fault::Error(RemoteError::Failed {
+        url: "mock://pkgs/app".into(),
+        key: key.into(),
+        detail: "put: injected".into(),
+    })
+}
+
+#[test]
+fn publish_to_a_failing_store_retries_once_then_reports_the_key() {
+    let d = dirs();
+    let store = mock_store();
+    // The first write fails: that file is uploaded again at the end, alone, and succeeds.
+    store.fail_next_writes(1, injected("first"));
+    let src = LocalSource::open(s(&d.src)).expect("source");
+    let sum = publish_to(src, store.clone(), &popts(), &[]).expect("publish");
+    assert!(sum.errors.is_empty(), "{:?}", sum.errors);
+    assert_eq!((sum.files, sum.uploaded), (5, 5));
+    assert!(sum.manifest_written);
+    assert_eq!(sum.destination, "mock://pkgs/app");
+    let mock = store.inner();
+    let m = Manifest::decode(&mock.data(MANIFEST_KEY).expect("manifest")).expect("decode");
+    for f in m.files_by_key().values() {
+        let expect = mock.expect_for(&f.key).expect("object stored");
+        assert_eq!(
+            (expect.size, expect.etag.as_ref()),
+            (f.size, f.etag.as_ref())
+        );
+    }
+    // The 17 MiB file went up in parts and arrived whole.
+    assert_eq!(
+        mock.data("a/b/big.bin").expect("big")[..],
+        fs::read(d.src.join("a/b/big.bin")).expect("source")[..]
+    );
+    assert!(mock.data(".hsm-manifest.partial").is_none());
+
+    // A write that fails again on the retry is an error naming the path, with the store's
+    // error (which names the key); the manifest is left as it was.
+    let manifest = mock.data(MANIFEST_KEY).expect("manifest");
+    fs::write(d.src.join("top.txt"), b"changed!!").expect("write");
+    store.fail_next_writes(2, injected("top.txt"));
+    let src = LocalSource::open(s(&d.src)).expect("source");
+    let sum = publish_to(src, store.clone(), &popts(), &[]).expect("publish");
+    assert_eq!((sum.uploaded, sum.unchanged), (0, 4));
+    assert_eq!(sum.errors.len(), 1, "{:?}", sum.errors);
+    assert_eq!(sum.errors[0].path, "top.txt");
+    assert!(
+        sum.errors[0].error.contains("\"top.txt\""),
+        "{:?}",
+        sum.errors
+    );
+    assert!(!sum.manifest_written);
+    assert_eq!(
+        mock.data("top.txt").expect("old object")[..],
+        b"top level"[..]
+    );
+    assert_eq!(mock.data(MANIFEST_KEY), Some(manifest));
+
+    // Populate from the store, also when it cannot list (HEADs then).
+    for can_list in [true, false] {
+        mock.set_can_list(can_list);
+        let source = RemoteSource::from_store(store.as_ref()).expect("source");
+        assert!(source.from_manifest);
+        let dst = d.dst.join(format!("list-{can_list}"));
+        let o = Options {
+            progress: false,
+            require_served_fs: false,
+            ..Options::default()
+        };
+        let sum = populate(&source, &dst, &o).expect("populate");
+        assert!(sum.errors.is_empty(), "{:?}", sum.errors);
+        assert_eq!(
+            (sum.stubs_created, sum.empty_files, sum.hard_links),
+            (4, 1, 1)
+        );
+        let meta = meta_of(&dst.join("a/b/big.bin"));
+        assert_eq!(meta.remote_url, "mock://pkgs/app");
+        assert_eq!(meta.etag, mock.expect_for("a/b/big.bin").expect("big").etag);
     }
 }

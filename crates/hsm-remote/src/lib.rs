@@ -1,9 +1,12 @@
 //! Remote access for hsm.
 //!
-//! The agent and populate talk to a narrow trait the project owns, [`Remote`], not to a
-//! vendor type: ranged reads with a precondition, and metadata. [`ObjectStoreRemote`] puts
-//! `object_store` behind it; the `mock` feature adds an in-memory remote and a
-//! fault-injecting wrapper that every other crate's tests can use.
+//! The agent, publish and populate talk to traits the project owns, not to a vendor type:
+//! [`Remote`] (ranged reads with a precondition, and metadata: all the agent needs) and
+//! [`Store`] (a `Remote` that can also list, read whole objects, put, upload in parts and
+//! delete: what publish and populate need). [`ObjectStoreRemote`] puts `object_store`
+//! behind both, and this is the only crate that names `object_store`; the `mock` feature
+//! adds an in-memory store and a fault-injecting wrapper that every other crate's tests
+//! can use.
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -18,8 +21,10 @@ mod store;
 #[cfg(feature = "mock")]
 pub mod mock;
 
-pub use location::{RemoteUrl, StoreKind, check_key, key_from_relative_path, redact_url};
+pub use location::{KeyError, RemoteUrl, StoreKind, check_key, key_from_relative_path, redact_url};
 pub use store::{ObjectStoreRemote, local_etag, open_store};
+
+use std::time::SystemTime;
 
 /// What a ranged read expects of the object: it must still be the object populate saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,7 +88,7 @@ pub enum RemoteError {
         key: String,
         detail: String,
     },
-    #[error("{url}: permission denied reading {key:?}: {detail}")]
+    #[error("{url}: permission denied for {key:?}: {detail}")]
     PermissionDenied {
         url: String,
         key: String,
@@ -103,7 +108,8 @@ pub enum RemoteError {
         key: String,
         detail: String,
     },
-    #[error("{url}: reading {key:?} failed: {detail}")]
+    /// Any other failure; `detail` says which operation (read, put, list, ...) and why.
+    #[error("{url}: {key:?}: {detail}")]
     Failed {
         url: String,
         key: String,
@@ -195,6 +201,94 @@ impl<R: Remote + ?Sized> Remote for Arc<R> {
 
     fn runs_inline(&self) -> bool {
         (**self).runs_inline()
+    }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Key, relative to the store's prefix.
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub last_modified: SystemTime,
+}
+
+/// What the store recorded for an object it was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutInfo {
+    /// The new object's ETag, when the store returns one from a put (WebDAV does not).
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
+/// A multipart upload in progress (see [`Store::start_upload`]). Parts are sent in the
+/// background as they fill; dropping an upload without [`Upload::finish`] abandons it.
+#[async_trait]
+pub trait Upload: Send + Debug {
+    /// Wait until fewer than `max` parts are being sent.
+    async fn wait_for_capacity(&mut self, max: usize) -> Result<(), RemoteError>;
+
+    /// Add the next bytes of the object (buffered into parts of the upload's part size).
+    fn put(&mut self, data: Bytes);
+
+    /// Send what is buffered and complete the object.
+    async fn finish(self: Box<Self>) -> Result<PutInfo, RemoteError>;
+
+    /// Abandon the upload and remove the parts sent so far.
+    async fn abort(self: Box<Self>) -> Result<(), RemoteError>;
+}
+
+/// A remote that can also be written and listed: what `hsm publish` and `hsm populate`
+/// need. The agent only reads ([`Remote`]). Keys are relative to the store's URL prefix.
+#[async_trait]
+pub trait Store: Remote {
+    /// Every object under the prefix. A store that cannot list (a plain HTTP server) fails.
+    async fn list(&self) -> Result<Vec<ListedObject>, RemoteError>;
+
+    /// The whole object `key`, whatever its version.
+    async fn get(&self, key: &str) -> Result<Bytes, RemoteError>;
+
+    /// Create or replace `key` with `data` in one request.
+    async fn put(&self, key: &str, data: Bytes) -> Result<PutInfo, RemoteError>;
+
+    /// Start a multipart upload of `key` with parts of `part_size` bytes, or `None` when
+    /// the store has no multipart upload (plain HTTP, WebDAV): then [`Store::put`] it whole.
+    async fn start_upload(
+        &self,
+        key: &str,
+        part_size: usize,
+    ) -> Result<Option<Box<dyn Upload>>, RemoteError>;
+
+    /// Remove `key`; removing an object that is not there is not an error.
+    async fn delete(&self, key: &str) -> Result<(), RemoteError>;
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for Arc<S> {
+    async fn list(&self) -> Result<Vec<ListedObject>, RemoteError> {
+        (**self).list().await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        (**self).get(key).await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<PutInfo, RemoteError> {
+        (**self).put(key, data).await
+    }
+
+    async fn start_upload(
+        &self,
+        key: &str,
+        part_size: usize,
+    ) -> Result<Option<Box<dyn Upload>>, RemoteError> {
+        (**self).start_upload(key, part_size).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        (**self).delete(key).await
     }
 }
 

@@ -122,14 +122,39 @@ pub fn redact_url(input: &str) -> String {
     }
 }
 
+/// Why a key cannot name a path below DST, or a path cannot be an object key. Every
+/// variant names the key or path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("empty key")]
+    EmptyKey,
+    #[error("key {0:?} is absolute")]
+    Absolute(String),
+    #[error("key {key:?} {why}; refused")]
+    Refused { key: String, why: &'static str },
+    #[error("empty path")]
+    EmptyPath,
+    #[error("{}: file name is not valid UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error(
+        "{}: file name contains a control character, which object stores cannot address",
+        .0.display()
+    )]
+    ControlCharacter(PathBuf),
+    #[error("{}: not a plain relative path", .0.display())]
+    NotPlain(PathBuf),
+    #[error("{}: {detail}", .path.display())]
+    Unaddressable { path: PathBuf, detail: String },
+}
+
 /// Check an object key (relative to a remote's prefix) before it becomes a path under DST:
 /// every segment must be a plain name. Returns why not, naming the key.
-pub fn check_key(key: &str) -> Result<(), String> {
+pub fn check_key(key: &str) -> Result<(), KeyError> {
     if key.is_empty() {
-        return Err("empty key".into());
+        return Err(KeyError::EmptyKey);
     }
     if key.starts_with('/') {
-        return Err(format!("key {key:?} is absolute"));
+        return Err(KeyError::Absolute(key.to_string()));
     }
     for part in key.split('/') {
         let why = if part.is_empty() {
@@ -146,7 +171,10 @@ pub fn check_key(key: &str) -> Result<(), String> {
             None
         };
         if let Some(why) = why {
-            return Err(format!("key {key:?} {why}; refused"));
+            return Err(KeyError::Refused {
+                key: key.to_string(),
+                why,
+            });
         }
     }
     Ok(())
@@ -173,30 +201,30 @@ fn normalize(p: &Path) -> PathBuf {
 /// object_store's local backend maps each key segment to a file name literally, and refuses
 /// segments with ASCII control characters, `.` and `..`; names that are not UTF-8 cannot be
 /// keys at all.
-pub fn key_from_relative_path(rel: &Path) -> Result<String, String> {
+pub fn key_from_relative_path(rel: &Path) -> Result<String, KeyError> {
     let mut parts = Vec::new();
     for c in rel.components() {
         match c {
             Component::Normal(name) => {
                 let s = name
                     .to_str()
-                    .ok_or_else(|| format!("{}: file name is not valid UTF-8", rel.display()))?;
+                    .ok_or_else(|| KeyError::NotUtf8(rel.to_path_buf()))?;
                 if s.chars().any(|ch| ch.is_ascii_control()) {
-                    return Err(format!(
-                        "{}: file name contains a control character, which object stores cannot address",
-                        rel.display()
-                    ));
+                    return Err(KeyError::ControlCharacter(rel.to_path_buf()));
                 }
                 parts.push(s);
             }
-            _ => return Err(format!("{}: not a plain relative path", rel.display())),
+            _ => return Err(KeyError::NotPlain(rel.to_path_buf())),
         }
     }
     if parts.is_empty() {
-        return Err("empty path".to_string());
+        return Err(KeyError::EmptyPath);
     }
     let key = parts.join("/");
-    object_store::path::Path::parse(&key).map_err(|e| format!("{}: {e}", rel.display()))?;
+    object_store::path::Path::parse(&key).map_err(|e| KeyError::Unaddressable {
+        path: rel.to_path_buf(),
+        detail: e.to_string(),
+    })?;
     Ok(key)
 }
 
@@ -263,7 +291,7 @@ mod tests {
             "new\nline",
             "nul\0x",
         ] {
-            let e = check_key(bad).expect_err(bad);
+            let e = check_key(bad).expect_err(bad).to_string();
             assert!(e.contains("key") || e.contains("empty"), "{e}");
         }
     }

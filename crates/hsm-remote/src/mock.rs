@@ -1,15 +1,16 @@
-//! An in-memory [`Remote`] and a fault-injecting wrapper, for tests in every crate.
+//! An in-memory [`Remote`] and [`Store`], and a fault-injecting wrapper, for tests in every
+//! crate.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Expect, ObjectInfo, Remote, RemoteError};
+use crate::{Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, Store, Upload};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicking test thread must not hide the state from the others.
@@ -20,34 +21,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Object {
     data: Bytes,
     etag: String,
+    modified: SystemTime,
 }
 
-/// An in-memory object store with request counters.
+/// The objects of a mock, shared with its multipart uploads.
 #[derive(Debug)]
-pub struct MockRemote {
-    url: String,
-    objects: Mutex<HashMap<String, Object>>,
+struct Objects {
+    map: Mutex<HashMap<String, Object>>,
     next_etag: AtomicU64,
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    ranges: Mutex<Vec<(String, Range<u64>)>>,
 }
 
-impl MockRemote {
-    pub fn new(url: impl Into<String>) -> Self {
-        MockRemote {
-            url: url.into(),
-            objects: Mutex::new(HashMap::new()),
-            next_etag: AtomicU64::new(1),
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            ranges: Mutex::new(Vec::new()),
-        }
-    }
-
+impl Objects {
     /// Store (or replace) an object; a replaced object gets a new ETag.
-    pub fn put(&self, key: &str, data: impl Into<Bytes>) -> ObjectInfo {
-        let data = data.into();
+    fn insert(&self, key: &str, data: Bytes) -> ObjectInfo {
         let etag = format!(
             "\"mock-{}\"",
             self.next_etag.fetch_add(1, Ordering::Relaxed)
@@ -58,17 +44,81 @@ impl MockRemote {
             etag: Some(etag.clone()),
             version: None,
         };
-        lock(&self.objects).insert(key.to_string(), Object { data, etag });
+        let modified = SystemTime::now();
+        lock(&self.map).insert(
+            key.to_string(),
+            Object {
+                data,
+                etag,
+                modified,
+            },
+        );
         info
+    }
+}
+
+/// An in-memory object store with request counters.
+#[derive(Debug)]
+pub struct MockRemote {
+    url: String,
+    objects: Arc<Objects>,
+    can_list: std::sync::atomic::AtomicBool,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    ranges: Mutex<Vec<(String, Range<u64>)>>,
+}
+
+impl MockRemote {
+    pub fn new(url: impl Into<String>) -> Self {
+        MockRemote {
+            url: url.into(),
+            objects: Arc::new(Objects {
+                map: Mutex::new(HashMap::new()),
+                next_etag: AtomicU64::new(1),
+            }),
+            can_list: std::sync::atomic::AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            ranges: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Store (or replace) an object; a replaced object gets a new ETag.
+    pub fn put(&self, key: &str, data: impl Into<Bytes>) -> ObjectInfo {
+        self.objects.insert(key, data.into())
     }
 
     pub fn remove(&self, key: &str) {
-        lock(&self.objects).remove(key);
+        lock(&self.objects.map).remove(key);
+    }
+
+    /// The bytes of `key`, if it exists (what a writer stored).
+    pub fn data(&self, key: &str) -> Option<Bytes> {
+        lock(&self.objects.map).get(key).map(|o| o.data.clone())
+    }
+
+    /// Every key, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = lock(&self.objects.map).keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Make [`Store::list`] fail, as on a plain HTTP server (callers then use HEADs).
+    pub fn set_can_list(&self, can: bool) {
+        self.can_list.store(can, Ordering::Relaxed);
+    }
+
+    fn not_found(&self, key: &str) -> RemoteError {
+        RemoteError::NotFound {
+            url: self.url.clone(),
+            key: key.to_string(),
+        }
     }
 
     /// The [`Expect`] a stub populated now would carry.
     pub fn expect_for(&self, key: &str) -> Option<Expect> {
-        lock(&self.objects).get(key).map(|o| Expect {
+        lock(&self.objects.map).get(key).map(|o| Expect {
             etag: Some(o.etag.clone()),
             version: None,
             size: o.data.len() as u64,
@@ -103,13 +153,10 @@ impl Remote for MockRemote {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<Bytes, RemoteError> {
-        let obj = lock(&self.objects)
+        let obj = lock(&self.objects.map)
             .get(key)
             .cloned()
-            .ok_or_else(|| RemoteError::NotFound {
-                url: self.url.clone(),
-                key: key.to_string(),
-            })?;
+            .ok_or_else(|| self.not_found(key))?;
         if let Some(etag) = &expect.etag {
             if *etag != obj.etag {
                 return Err(RemoteError::Changed {
@@ -135,11 +182,8 @@ impl Remote for MockRemote {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
-        let objects = lock(&self.objects);
-        let obj = objects.get(key).ok_or_else(|| RemoteError::NotFound {
-            url: self.url.clone(),
-            key: key.to_string(),
-        })?;
+        let objects = lock(&self.objects.map);
+        let obj = objects.get(key).ok_or_else(|| self.not_found(key))?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: obj.data.len() as u64,
@@ -153,7 +197,93 @@ impl Remote for MockRemote {
     }
 }
 
-/// A fault to inject into one ranged read.
+#[async_trait]
+impl Store for MockRemote {
+    async fn list(&self) -> Result<Vec<ListedObject>, RemoteError> {
+        if !self.can_list.load(Ordering::Relaxed) {
+            return Err(RemoteError::Failed {
+                url: self.url.clone(),
+                key: String::new(),
+                detail: "list: this mock cannot list".into(),
+            });
+        }
+        let mut list: Vec<ListedObject> = lock(&self.objects.map)
+            .iter()
+            .map(|(key, o)| ListedObject {
+                key: key.clone(),
+                size: o.data.len() as u64,
+                etag: Some(o.etag.clone()),
+                version: None,
+                last_modified: o.modified,
+            })
+            .collect();
+        list.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(list)
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        self.data(key).ok_or_else(|| self.not_found(key))
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<PutInfo, RemoteError> {
+        let info = self.objects.insert(key, data);
+        Ok(PutInfo {
+            etag: info.etag,
+            version: None,
+        })
+    }
+
+    async fn start_upload(
+        &self,
+        key: &str,
+        _part_size: usize,
+    ) -> Result<Option<Box<dyn Upload>>, RemoteError> {
+        Ok(Some(Box::new(MockUpload {
+            objects: self.objects.clone(),
+            key: key.to_string(),
+            parts: Vec::new(),
+        })))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        self.remove(key);
+        Ok(())
+    }
+}
+
+/// A multipart upload into a [`MockRemote`]: the object appears on `finish`.
+#[derive(Debug)]
+struct MockUpload {
+    objects: Arc<Objects>,
+    key: String,
+    parts: Vec<Bytes>,
+}
+
+#[async_trait]
+impl Upload for MockUpload {
+    async fn wait_for_capacity(&mut self, _max: usize) -> Result<(), RemoteError> {
+        Ok(())
+    }
+
+    fn put(&mut self, data: Bytes) {
+        self.parts.push(data);
+    }
+
+    async fn finish(self: Box<Self>) -> Result<PutInfo, RemoteError> {
+        let data: Vec<u8> = self.parts.concat();
+        let info = self.objects.insert(&self.key, Bytes::from(data));
+        Ok(PutInfo {
+            etag: info.etag,
+            version: None,
+        })
+    }
+
+    async fn abort(self: Box<Self>) -> Result<(), RemoteError> {
+        Ok(())
+    }
+}
+
+/// A fault to inject into one ranged read, or one write (see [`FaultRemote::fail_next_writes`]).
 #[derive(Debug, Clone)]
 pub enum Fault {
     /// Fail with this error.
@@ -166,12 +296,12 @@ pub enum Fault {
     Delay(Duration),
 }
 
-/// Wraps a remote and injects faults into its ranged reads.
+/// Wraps a remote and injects faults into its ranged reads and, for a [`Store`], its writes.
 #[derive(Debug)]
 pub struct FaultRemote<R> {
     inner: R,
     queue: Mutex<VecDeque<Fault>>,
-    every: Mutex<Option<Fault>>,
+    writes: Mutex<VecDeque<Fault>>,
     paused: tokio::sync::watch::Sender<bool>,
 }
 
@@ -180,7 +310,7 @@ impl<R: Remote> FaultRemote<R> {
         FaultRemote {
             inner,
             queue: Mutex::new(VecDeque::new()),
-            every: Mutex::new(None),
+            writes: Mutex::new(VecDeque::new()),
             paused: tokio::sync::watch::channel(false).0,
         }
     }
@@ -197,9 +327,15 @@ impl<R: Remote> FaultRemote<R> {
         }
     }
 
-    /// Apply `fault` to every read until cleared with `None`.
-    pub fn set_every(&self, fault: Option<Fault>) {
-        *lock(&self.every) = fault;
+    /// Apply `fault` to the next `n` writes: a [`Store::put`] fails (`Error`), waits
+    /// (`Delay`), or stores one byte fewer (`Truncate`) or its first byte flipped
+    /// (`Corrupt`); a [`Store::start_upload`] fails or waits (the other faults do not apply
+    /// to it and are used up).
+    pub fn fail_next_writes(&self, n: usize, fault: Fault) {
+        let mut q = lock(&self.writes);
+        for _ in 0..n {
+            q.push_back(fault.clone());
+        }
     }
 
     /// Hold every read until [`FaultRemote::resume`].
@@ -227,9 +363,7 @@ impl<R: Remote> Remote for FaultRemote<R> {
         let mut rx = self.paused.subscribe();
         // An error here means the sender is gone, which cannot happen while self lives.
         let _ = rx.wait_for(|paused| !paused).await;
-        let fault = lock(&self.queue)
-            .pop_front()
-            .or_else(|| lock(&self.every).clone());
+        let fault = lock(&self.queue).pop_front();
         match fault {
             None => self.inner.get_range(key, range, expect).await,
             Some(Fault::Error(e)) => Err(e),
@@ -254,6 +388,60 @@ impl<R: Remote> Remote for FaultRemote<R> {
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
         self.inner.head(key).await
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for FaultRemote<S> {
+    async fn list(&self) -> Result<Vec<ListedObject>, RemoteError> {
+        self.inner.list().await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<PutInfo, RemoteError> {
+        let fault = lock(&self.writes).pop_front();
+        match fault {
+            None => self.inner.put(key, data).await,
+            Some(Fault::Error(e)) => Err(e),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                self.inner.put(key, data).await
+            }
+            Some(Fault::Truncate) => {
+                let short = data.slice(..data.len().saturating_sub(1));
+                self.inner.put(key, short).await
+            }
+            Some(Fault::Corrupt) => {
+                let mut v = data.to_vec();
+                if let Some(first) = v.first_mut() {
+                    *first ^= 0xff;
+                }
+                self.inner.put(key, Bytes::from(v)).await
+            }
+        }
+    }
+
+    async fn start_upload(
+        &self,
+        key: &str,
+        part_size: usize,
+    ) -> Result<Option<Box<dyn Upload>>, RemoteError> {
+        let fault = lock(&self.writes).pop_front();
+        match fault {
+            Some(Fault::Error(e)) => Err(e),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                self.inner.start_upload(key, part_size).await
+            }
+            _ => self.inner.start_upload(key, part_size).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        self.inner.delete(key).await
     }
 }
 
@@ -285,5 +473,53 @@ mod tests {
             f.get_range("k", 0..10, &exp).await,
             Err(RemoteError::Changed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn mock_store_writes_lists_and_write_faults() {
+        let f = FaultRemote::new(MockRemote::new("mock://w"));
+        f.fail_next_writes(
+            1,
+            Fault::Error(RemoteError::Failed {
+                url: "mock://w".into(),
+                key: "a".into(),
+                detail: "put: injected".into(),
+            }),
+        );
+        let e = f
+            .put("a", Bytes::from_static(b"abc"))
+            .await
+            .expect_err("fault");
+        assert!(e.to_string().contains("\"a\""), "{e}");
+        let put = f.put("a", Bytes::from_static(b"abc")).await.expect("put");
+        assert_eq!(f.head("a").await.expect("head").etag, put.etag);
+        let mut up = f
+            .start_upload("b/c", 2)
+            .await
+            .expect("start")
+            .expect("multipart");
+        up.put(Bytes::from_static(b"12"));
+        up.wait_for_capacity(2).await.expect("capacity");
+        up.put(Bytes::from_static(b"34"));
+        let done = up.finish().await.expect("finish");
+        assert_eq!(
+            f.get("b/c").await.expect("get"),
+            Bytes::from_static(b"1234")
+        );
+        let list = f.list().await.expect("list");
+        let keys: Vec<_> = list.iter().map(|o| (o.key.as_str(), o.size)).collect();
+        assert_eq!(keys, [("a", 3), ("b/c", 4)]);
+        assert_eq!(list[1].etag, done.etag);
+        f.fail_next_writes(1, Fault::Corrupt);
+        f.put("a", Bytes::from_static(b"abc")).await.expect("put");
+        assert_eq!(f.inner().data("a").expect("a")[0], b'a' ^ 0xff);
+        f.delete("a").await.expect("delete");
+        f.delete("a").await.expect("deleting nothing is fine");
+        assert!(matches!(
+            f.get("a").await,
+            Err(RemoteError::NotFound { .. })
+        ));
+        f.inner().set_can_list(false);
+        assert!(f.list().await.is_err());
     }
 }

@@ -1,18 +1,25 @@
-//! [`Remote`] over `object_store`.
+//! [`Remote`] and [`Store`] over `object_store`: the one place its types and errors are
+//! turned into the project's own.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
+use object_store::{
+    GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+};
 
 use hsm_config::RemoteConfig;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
-use crate::{Body, Expect, ObjectInfo, Remote, RemoteError, RemoteUrl, StoreKind};
+use crate::{
+    Body, Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, RemoteUrl, Store,
+    StoreKind, Upload,
+};
 
 /// A remote backed by an `object_store` implementation.
 #[derive(Debug)]
@@ -23,9 +30,15 @@ pub struct ObjectStoreRemote {
     inline: bool,
 }
 
+/// Open the store at `url` (for publish and populate) with the `[remote]` configuration.
+/// Keys are relative to the URL's prefix.
+pub fn open_store(url: &RemoteUrl, cfg: &RemoteConfig) -> Result<Arc<dyn Store>, RemoteError> {
+    Ok(Arc::new(ObjectStoreRemote::open(url, cfg)?))
+}
+
 /// Build the object_store for `url` with the timeouts, retries and per-URL options of `cfg`.
 /// Keys used with the returned store are relative to the URL's prefix.
-pub fn open_store(
+fn build_object_store(
     url: &RemoteUrl,
     cfg: &RemoteConfig,
 ) -> Result<Arc<dyn ObjectStore>, RemoteError> {
@@ -102,24 +115,10 @@ impl ObjectStoreRemote {
     pub fn open(url: &RemoteUrl, cfg: &RemoteConfig) -> Result<Self, RemoteError> {
         Ok(ObjectStoreRemote {
             url: url.as_str().to_string(),
-            store: open_store(url, cfg)?,
+            store: build_object_store(url, cfg)?,
             // object_store's local backend runs its file I/O inline outside a runtime.
             inline: matches!(url, RemoteUrl::Local { .. }),
         })
-    }
-
-    /// The store itself (keys relative to the URL's prefix), for listing and publishing.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
-    /// Wrap any store (used by tests and by later backends).
-    pub fn from_store(url: impl Into<String>, store: Arc<dyn ObjectStore>) -> Self {
-        ObjectStoreRemote {
-            url: url.into(),
-            store,
-            inline: false,
-        }
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath, RemoteError> {
@@ -148,7 +147,7 @@ impl ObjectStoreRemote {
             .store
             .get_opts(&path, opts)
             .await
-            .map_err(|e| self.map_err(key, e))?;
+            .map_err(|e| self.map_err("read", key, e))?;
         // Without an ETag the size is the only change detector we have.
         if result.meta.size != expect.size {
             return Err(RemoteError::Changed {
@@ -177,32 +176,37 @@ impl ObjectStoreRemote {
         Ok(())
     }
 
-    fn map_err(&self, key: &str, e: object_store::Error) -> RemoteError {
-        let url = self.url.clone();
-        let key = key.to_string();
-        match e {
-            object_store::Error::NotFound { .. } => RemoteError::NotFound { url, key },
-            object_store::Error::Precondition { source, .. } => RemoteError::Changed {
-                url,
-                key,
-                detail: format!("precondition failed: {source}"),
-            },
-            object_store::Error::PermissionDenied { source, .. } => RemoteError::PermissionDenied {
-                url,
-                key,
-                detail: source.to_string(),
-            },
-            object_store::Error::InvalidPath { source } => RemoteError::InvalidKey {
-                url,
-                key,
-                detail: source.to_string(),
-            },
-            other => RemoteError::Failed {
-                url,
-                key,
-                detail: other.to_string(),
-            },
-        }
+    /// The one mapping of object_store's errors to [`RemoteError`]; `op` names what failed.
+    fn map_err(&self, op: &str, key: &str, e: object_store::Error) -> RemoteError {
+        map_err(&self.url, op, key, e)
+    }
+}
+
+fn map_err(url: &str, op: &str, key: &str, e: object_store::Error) -> RemoteError {
+    let url = url.to_string();
+    let key = key.to_string();
+    match e {
+        object_store::Error::NotFound { .. } => RemoteError::NotFound { url, key },
+        object_store::Error::Precondition { source, .. } => RemoteError::Changed {
+            url,
+            key,
+            detail: format!("precondition failed: {source}"),
+        },
+        object_store::Error::PermissionDenied { source, .. } => RemoteError::PermissionDenied {
+            url,
+            key,
+            detail: format!("{op}: {source}"),
+        },
+        object_store::Error::InvalidPath { source } => RemoteError::InvalidKey {
+            url,
+            key,
+            detail: source.to_string(),
+        },
+        other => RemoteError::Failed {
+            url,
+            key,
+            detail: format!("{op}: {other}"),
+        },
     }
 }
 
@@ -219,7 +223,10 @@ impl Remote for ObjectStoreRemote {
         expect: &Expect,
     ) -> Result<Bytes, RemoteError> {
         let result = self.open_range(key, range.clone(), expect).await?;
-        let bytes = result.bytes().await.map_err(|e| self.map_err(key, e))?;
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| self.map_err("read", key, e))?;
         self.check_len(key, &range, bytes.len() as u64)?;
         Ok(bytes)
     }
@@ -236,9 +243,12 @@ impl Remote for ObjectStoreRemote {
                 file,
                 range: result.range,
             },
-            GetResultPayload::Stream(_) => {
-                Body::Bytes(result.bytes().await.map_err(|e| self.map_err(key, e))?)
-            }
+            GetResultPayload::Stream(_) => Body::Bytes(
+                result
+                    .bytes()
+                    .await
+                    .map_err(|e| self.map_err("read", key, e))?,
+            ),
         };
         self.check_len(key, &range, body.len())?;
         Ok(body)
@@ -250,7 +260,7 @@ impl Remote for ObjectStoreRemote {
             .store
             .head(&path)
             .await
-            .map_err(|e| self.map_err(key, e))?;
+            .map_err(|e| self.map_err("head", key, e))?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: meta.size,
@@ -261,6 +271,129 @@ impl Remote for ObjectStoreRemote {
 
     fn runs_inline(&self) -> bool {
         self.inline
+    }
+}
+
+#[async_trait]
+impl Store for ObjectStoreRemote {
+    async fn list(&self) -> Result<Vec<ListedObject>, RemoteError> {
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(None)
+            .try_collect()
+            .await
+            .map_err(|e| self.map_err("list", "", e))?;
+        Ok(objects
+            .into_iter()
+            .map(|o| ListedObject {
+                key: o.location.as_ref().to_string(),
+                size: o.size,
+                etag: o.e_tag,
+                version: o.version,
+                last_modified: o.last_modified.into(),
+            })
+            .collect())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.map_err("read", key, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| self.map_err("read", key, e))
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<PutInfo, RemoteError> {
+        let path = self.path(key)?;
+        let result = self
+            .store
+            .put(&path, PutPayload::from(data))
+            .await
+            .map_err(|e| self.map_err("put", key, e))?;
+        Ok(PutInfo {
+            etag: result.e_tag,
+            version: result.version,
+        })
+    }
+
+    async fn start_upload(
+        &self,
+        key: &str,
+        part_size: usize,
+    ) -> Result<Option<Box<dyn Upload>>, RemoteError> {
+        let path = self.path(key)?;
+        match self.store.put_multipart(&path).await {
+            Ok(upload) => Ok(Some(Box::new(ObjectStoreUpload {
+                url: self.url.clone(),
+                key: key.to_string(),
+                writer: WriteMultipart::new_with_chunk_size(upload, part_size),
+            }))),
+            Err(object_store::Error::NotImplemented { .. }) => Ok(None),
+            Err(e) => Err(self.map_err("start multipart upload", key, e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        let path = self.path(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.map_err("delete", key, e)),
+        }
+    }
+}
+
+/// A multipart upload through object_store's `WriteMultipart`.
+struct ObjectStoreUpload {
+    url: String,
+    key: String,
+    writer: WriteMultipart,
+}
+
+impl std::fmt::Debug for ObjectStoreUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreUpload")
+            .field("url", &self.url)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Upload for ObjectStoreUpload {
+    async fn wait_for_capacity(&mut self, max: usize) -> Result<(), RemoteError> {
+        self.writer
+            .wait_for_capacity(max)
+            .await
+            .map_err(|e| map_err(&self.url, "upload part", &self.key, e))
+    }
+
+    fn put(&mut self, data: Bytes) {
+        self.writer.put(data);
+    }
+
+    async fn finish(self: Box<Self>) -> Result<PutInfo, RemoteError> {
+        let ObjectStoreUpload { url, key, writer } = *self;
+        let result = writer
+            .finish()
+            .await
+            .map_err(|e| map_err(&url, "finish multipart upload", &key, e))?;
+        Ok(PutInfo {
+            etag: result.e_tag,
+            version: result.version,
+        })
+    }
+
+    async fn abort(self: Box<Self>) -> Result<(), RemoteError> {
+        let ObjectStoreUpload { url, key, writer } = *self;
+        writer
+            .abort()
+            .await
+            .map_err(|e| map_err(&url, "abort multipart upload", &key, e))
     }
 }
 
@@ -365,6 +498,45 @@ mod tests {
         assert!(matches!(e, RemoteError::Changed { .. }), "{e:?}");
     }
 
+    #[tokio::test]
+    async fn local_store_puts_uploads_lists_and_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = RemoteUrl::parse(dir.path().to_str().expect("utf8")).expect("url");
+        let store = open_store(&url, &RemoteConfig::default()).expect("open");
+        let put = store
+            .put("a/x %1.txt", Bytes::from_static(b"hello"))
+            .await
+            .expect("put");
+        assert!(put.etag.is_some());
+        assert_eq!(
+            std::fs::read(dir.path().join("a/x %1.txt")).expect("file"),
+            b"hello"
+        );
+        let mut up = store
+            .start_upload("big", 5 << 20)
+            .await
+            .expect("start")
+            .expect("the local backend uploads in parts");
+        up.put(Bytes::from(vec![1u8; 6 << 20]));
+        up.wait_for_capacity(2).await.expect("capacity");
+        up.put(Bytes::from(vec![2u8; 100]));
+        let done = up.finish().await.expect("finish");
+        let list = store.list().await.expect("list");
+        let got: Vec<_> = list.iter().map(|o| (o.key.as_str(), o.size)).collect();
+        assert_eq!(got, [("a/x %1.txt", 5), ("big", (6 << 20) + 100)]);
+        assert_eq!(list[1].etag, done.etag);
+        assert_eq!(
+            store.get("a/x %1.txt").await.expect("get"),
+            Bytes::from_static(b"hello")
+        );
+        store.delete("big").await.expect("delete");
+        store.delete("big").await.expect("deleting nothing is fine");
+        assert!(matches!(
+            store.get("big").await,
+            Err(RemoteError::NotFound { .. })
+        ));
+    }
+
     fn cfg_with(prefix: &str, options: &[(&str, &str)]) -> RemoteConfig {
         let mut cfg = RemoteConfig::default();
         cfg.options.insert(
@@ -396,10 +568,10 @@ mod tests {
                 creds.to_str().expect("utf8"),
             )],
         );
-        let store = open_store(&url, &cfg).expect("gcs store builds");
+        let store = build_object_store(&url, &cfg).expect("gcs store builds");
         assert!(store.to_string().contains("packages/v1"), "{store}");
         let bucket = RemoteUrl::parse("gs://my-bucket").expect("url");
-        let store = open_store(&bucket, &cfg).expect("gcs store builds");
+        let store = build_object_store(&bucket, &cfg).expect("gcs store builds");
         assert!(store.to_string().contains("my-bucket"), "{store}");
         let remote = ObjectStoreRemote::open(&url, &cfg).expect("remote");
         assert_eq!(remote.url(), "gs://my-bucket/packages/v1");
@@ -409,7 +581,7 @@ mod tests {
     #[test]
     fn gcs_options_errors_name_the_key_but_never_the_secret() {
         let url = RemoteUrl::parse("gs://b/p").expect("url");
-        let e = open_store(&url, &cfg_with("gs://b", &[("google_no_such_option", "x")]))
+        let e = build_object_store(&url, &cfg_with("gs://b", &[("google_no_such_option", "x")]))
             .expect_err("unknown option");
         assert!(e.to_string().contains("google_no_such_option"), "{e}");
 
@@ -417,7 +589,7 @@ mod tests {
         let key = format!(
             r#"{{"type":"service_account","client_email":"a@b","private_key":"{secret}","private_key_id":"1"}}"#
         );
-        let e = open_store(
+        let e = build_object_store(
             &url,
             &cfg_with("gs://b", &[("google_service_account_key", key.as_str())]),
         )
@@ -436,13 +608,13 @@ mod tests {
             [("aws_no_such_key".to_string(), "x".to_string())].into(),
         );
         let plain = RemoteUrl::parse("s3://bkt/other").expect("url");
-        open_store(&plain, &cfg).expect("only the shorter prefix applies");
+        build_object_store(&plain, &cfg).expect("only the shorter prefix applies");
         let special = RemoteUrl::parse("s3://bkt/special/pkg").expect("url");
-        let e = open_store(&special, &cfg).expect_err("longest prefix applies");
+        let e = build_object_store(&special, &cfg).expect_err("longest prefix applies");
         assert!(e.to_string().contains("aws_no_such_key"), "{e}");
         for url in ["az://c/p", "http://127.0.0.1:1/p"] {
             let parsed = RemoteUrl::parse(url).expect("url");
-            let e = open_store(&parsed, &cfg_with(url, &[("no_such_option", "1")]))
+            let e = build_object_store(&parsed, &cfg_with(url, &[("no_such_option", "1")]))
                 .expect_err("unknown option");
             assert!(e.to_string().contains("no_such_option"), "{url}: {e}");
         }

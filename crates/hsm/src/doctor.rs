@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
+use hsm_bpf::GuardReadiness;
 use hsm_kernel::fanotify::{FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget};
 use hsm_kernel::sys::Mount;
 
@@ -40,19 +41,39 @@ fn mounts() -> Vec<Mount> {
         .collect()
 }
 
+/// Why a filesystem cannot take pre-content marks.
+#[derive(Debug)]
+enum FsRefusal {
+    /// The filesystem type does not support them (EOPNOTSUPP).
+    Unsupported,
+    /// The kernel refused the event type (EINVAL).
+    NoPreAccess,
+    Other(hsm_kernel::KernelError),
+}
+
+impl std::fmt::Display for FsRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsRefusal::Unsupported => f.write_str("this filesystem type does not support them"),
+            FsRefusal::NoPreAccess => f.write_str("the kernel refused FAN_PRE_ACCESS"),
+            FsRefusal::Other(e) => e.fmt(f),
+        }
+    }
+}
+
 /// Can this filesystem raise pre-content events? Probed with an inode mark on the mount
 /// point directory, which raises no events for the files below it (so nothing can block
 /// on this short-lived group), then removed.
-fn probe_fs(group: &Group, m: &Mount) -> Result<(), String> {
+fn probe_fs(group: &Group, m: &Mount) -> Result<(), FsRefusal> {
     match group.add_mark(MarkTarget::Inode, FAN_PRE_ACCESS, &m.point) {
         Ok(()) => {
             let _ = group.remove_mark(MarkTarget::Inode, FAN_PRE_ACCESS, &m.point);
             Ok(())
         }
         Err(e) => Err(match e.errno() {
-            Some(libc::EOPNOTSUPP) => "this filesystem type does not support them".into(),
-            Some(libc::EINVAL) => "the kernel refused FAN_PRE_ACCESS".into(),
-            _ => e.to_string(),
+            Some(libc::EOPNOTSUPP) => FsRefusal::Unsupported,
+            Some(libc::EINVAL) => FsRefusal::NoPreAccess,
+            _ => FsRefusal::Other(e),
         }),
     }
 }
@@ -130,18 +151,14 @@ pub fn report() -> (String, bool) {
         yes(lsm.btf),
         yes(lsm.xattr_kfunc)
     );
-    let status = hsm_bpf::guard_status();
-    let guard_line = if status.installed {
-        "installed (pinned at ".to_string() + hsm_bpf::PIN_DIR + ")"
-    } else if !root {
-        "unknown (not root)".into()
-    } else {
-        match hsm_bpf::try_load_guard() {
-            Ok(()) => "loadable (not installed; the agent installs it)".into(),
-            Err(e) => format!("unavailable: {e}"),
-        }
+    let readiness = hsm_bpf::guard_readiness();
+    let guard_line = match &readiness {
+        GuardReadiness::Installed => "installed (pinned at ".to_string() + hsm_bpf::PIN_DIR + ")",
+        GuardReadiness::Unknown => "unknown (not root)".into(),
+        GuardReadiness::Loadable => "loadable (not installed; the agent installs it)".into(),
+        GuardReadiness::Unavailable(e) => format!("unavailable: {e}"),
     };
-    let guard_ok = guard_line.starts_with("installed") || guard_line.starts_with("loadable");
+    let guard_ok = readiness.usable();
     let _ = writeln!(
         out,
         "stub guard:  {}",
