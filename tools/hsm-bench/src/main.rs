@@ -38,7 +38,7 @@ struct Args {
     /// Repetitions of each timed side (median taken).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run only these tests: seq, reread, latency, populate (comma separated).
+    /// Run only these tests: seq, reread, latency, populate, container (comma separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also print the results as JSON on stdout.
@@ -50,6 +50,9 @@ struct Args {
     /// Start the agent with this configuration file (for experiments; defaults otherwise).
     #[arg(long)]
     agent_config: Option<PathBuf>,
+    /// The script that runs the container-start test (podman, moto, the cached test image).
+    #[arg(long, default_value = "tools/bench-container")]
+    container_script: PathBuf,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<String> {
@@ -621,6 +624,72 @@ fn bench_populate(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
     }])
 }
 
+/// Container start from stubs vs pulling the whole image first, both from S3 (moto on
+/// loopback), and the bytes the stub start fetched against what the start itself read.
+/// tools/bench-container does the work (podman, moto, the image) and prints JSON.
+fn bench_container(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
+    let out = Command::new(&a.container_script)
+        .arg("--hsm")
+        .arg(a.bin.join("hsm"))
+        .arg("--work")
+        .arg(dst.mnt.join("container"))
+        .arg("--repeat")
+        .arg(a.repeat.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", a.container_script.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        a.container_script.display(),
+        out.status
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no JSON", a.container_script.display()))?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("{k} missing from the container test's output"))
+    };
+    let (stub, base) = (num("stub_s")?, num("base_s")?);
+    let (fetched, read, image) = (
+        num("fetched_bytes")?,
+        num("read_bytes")?,
+        num("image_bytes")?,
+    );
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    Ok(vec![
+        Line {
+            name: "container start (vs pull whole, then start)",
+            hsm: stub,
+            base,
+            unit: "s",
+            ratio: base / stub,
+            goal: 5.0,
+            at_most: false,
+            detail: format!(
+                "{:.0} MiB image on S3 (moto), podman --rootfs DIR:O, python3 + numpy; {} runs each, medians; ratio = pull time / stub time",
+                mib(image),
+                a.repeat
+            ),
+            info: false,
+        },
+        Line {
+            name: "  fetched for the start (vs read by it)",
+            hsm: mib(fetched),
+            base: mib(read),
+            unit: "MiB",
+            ratio: fetched / read,
+            goal: 1.5,
+            at_most: true,
+            detail: format!(
+                "{:.1}% of the image fetched; read = page cache of a plain tree after a cold start (fincore)",
+                100.0 * fetched / image
+            ),
+            info: false,
+        },
+    ])
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     ensure!(
@@ -672,6 +741,12 @@ fn main() -> Result<()> {
     }
     if want("populate") {
         for l in bench_populate(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("container") {
+        for l in bench_container(&a, &dst)? {
             print_line(&l);
             lines.push(l);
         }
