@@ -124,11 +124,23 @@ static __always_inline int current_is_holder(void)
 	return 0;
 }
 
+/* OVERLAYFS_SUPER_MAGIC (include/uapi/linux/magic.h). */
+#define HSM_OVERLAYFS_MAGIC 0x794c7630UL
+
 static __always_inline int served_now(struct inode *inode)
 {
-	__u32 dev = inode->i_sb->s_dev;
+	struct super_block *sb = inode->i_sb;
+	__u32 dev = sb->s_dev;
 
-	return bpf_map_lookup_elem(&hsm_served, &dev) && any_holder_alive();
+	if (bpf_map_lookup_elem(&hsm_served, &dev))
+		return any_holder_alive();
+	/* overlayfs shows a lower file's xattrs on its own inode, so a lower stub looks like a
+	 * stub on the overlay too. The agent serves it through the lower file's events (an open
+	 * through overlayfs fetches it whole first; docs/SEMANTICS.md, "Paths to a file"), so it
+	 * is served while an agent is; the lower file's own checks still apply to every read. */
+	if (sb->s_magic == HSM_OVERLAYFS_MAGIC)
+		return any_holder_alive();
+	return 0;
 }
 
 /* The decision for one data access to `file` (NULL for path-based truncate). */

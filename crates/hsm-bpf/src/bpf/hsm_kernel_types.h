@@ -14,6 +14,7 @@
 
 struct super_block {
 	__u32 s_dev;
+	unsigned long s_magic;
 } __core;
 
 struct inode {
