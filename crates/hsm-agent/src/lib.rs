@@ -368,7 +368,6 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     // Fills go through the agent's own clone of each tree's mount, whatever mount the
     // reader used (docs/SEMANTICS.md, "Paths to a file").
     let private = Arc::new(mounts::PrivateMounts::new(&trees)?);
-    private.exclude_from(&group)?;
     if cfg.mark == MarkKind::Mount {
         warn!(
             "mark = \"mount\" covers only the trees' own mounts: overlayfs layers, other mount namespaces and other bind mounts of the trees are not served (their stubs read as holes); use the default filesystem mark"
@@ -394,6 +393,8 @@ async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentErro
     );
     let guard_installed = install_guard(cfg.guard)?;
     place_marks(&group, &trees, cfg.mark)?;
+    // Before any event is read, so before the core can open anything there.
+    private.exclude_from(&group)?;
     if !obtained.restored {
         restart::hand_over_group(&holder, &group)?;
     }

@@ -689,6 +689,9 @@ impl AgentCore {
         };
         match lookup {
             Ok(Lookup::Stub(_)) if whole => Err(Later(intent)),
+            // Opening is allowed (stat, xattr tools); its reads raise events of their own and
+            // fail there, with the cause logged, exactly as without open events.
+            Err(_) if !whole => Ok(Verdict::Allow),
             other => {
                 let ev = AccessEvent {
                     fd,
