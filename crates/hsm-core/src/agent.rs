@@ -677,6 +677,21 @@ impl AgentCore {
         if !st.is_file() {
             return Ok(Verdict::Allow);
         }
+        if !whole {
+            // Only whether to ignore-mark it: its reads load and cache the state when they
+            // need it, so opens hold no descriptor (10,000 opens must not fill the cache).
+            if self.cached(&st).is_some() {
+                return Ok(Verdict::Allow);
+            }
+            return Ok(match stubio::load(fd) {
+                Ok(Loaded::NotStub) if st.nlink > 0 => {
+                    Metrics::inc(&self.metrics.events_not_stub);
+                    Verdict::AllowAndIgnore
+                }
+                // A stub, one still being built, or unreadable metadata: its reads decide.
+                _ => Verdict::Allow,
+            });
+        }
         let lookup = match self.cached(&st) {
             Some(s) => Ok(Lookup::Stub(s)),
             None => match self
@@ -688,10 +703,7 @@ impl AgentCore {
             },
         };
         match lookup {
-            Ok(Lookup::Stub(_)) if whole => Err(Later(intent)),
-            // Opening is allowed (stat, xattr tools); its reads raise events of their own and
-            // fail there, with the cause logged, exactly as without open events.
-            Err(_) if !whole => Ok(Verdict::Allow),
+            Ok(Lookup::Stub(_)) => Err(Later(intent)),
             other => {
                 let ev = AccessEvent {
                     fd,
