@@ -23,7 +23,8 @@ use hsm_core::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, UrlRemotes, Verdict,
 };
 use hsm_kernel::fanotify::{
-    AGENT_EVENTS, DenyErrno, Event, FAN_PRE_ACCESS, Group, MarkTarget, Response,
+    AGENT_EVENTS, DenyErrno, Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FAN_PRE_ACCESS, Group,
+    MarkTarget, Response,
 };
 use hsm_kernel::stat;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -154,10 +155,18 @@ fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), A
             st.dev,
             matches!(kind, MarkKind::Mount).then(|| tree.clone()),
         );
+        // Opens matter only where the tree is reached through a mount the agent does not
+        // serve directly (overlayfs's private layer mounts, other namespaces, bind mounts);
+        // a mount mark covers none of those, so it asks for the data accesses alone.
+        let mask = match kind {
+            MarkKind::Filesystem => AGENT_EVENTS,
+            MarkKind::Mount => FAN_PRE_ACCESS,
+        };
         if !seen.insert(key) {
+            place_open_ignore(group, &dir, tree, kind)?;
             continue;
         }
-        if let Err(e) = group.add_mark(target, AGENT_EVENTS, tree) {
+        if let Err(e) = group.add_mark(target, mask, tree) {
             let why = match e.errno() {
                 Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => format!(
                     "{}: this filesystem cannot raise pre-content events (ext4, xfs and btrfs can; tmpfs, NFS and overlayfs cannot)",
@@ -171,6 +180,7 @@ fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), A
             };
             return Err(AgentError::Startup(why));
         }
+        place_open_ignore(group, &dir, tree, kind)?;
         let shared = Some(st.dev) == root_dev || st.mount_root == Some(false);
         if shared && kind == MarkKind::Filesystem {
             warn!(
@@ -182,6 +192,31 @@ fn place_marks(group: &Group, trees: &[PathBuf], kind: MarkKind) -> Result<(), A
         info!(tree = %tree.display(), mark = ?kind, "marked");
     }
     Ok(())
+}
+
+/// The tree's own mount (the one the agent resolved it through) raises no open events:
+/// reads and mappings there raise events of their own, so an open needs no answer. Opens
+/// through every other mount of the filesystem still arrive (overlayfs's private layer
+/// mounts, bind mounts, other namespaces). Without this, 10,000 readers opening at once
+/// add 10,000 answers, each of which wakes every reader waiting on the group
+/// (docs/RELIABILITY.md).
+fn place_open_ignore(
+    group: &Group,
+    dir: &std::fs::File,
+    tree: &Path,
+    kind: MarkKind,
+) -> Result<(), AgentError> {
+    if kind != MarkKind::Filesystem {
+        return Ok(());
+    }
+    group
+        .ignore_mount(dir.as_fd(), FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM)
+        .map_err(|e| {
+            AgentError::Startup(format!(
+                "{}: ignoring opens on its mount: {e}",
+                tree.display()
+            ))
+        })
 }
 
 /// Install the BPF LSM stub guard as `mode` says. `Ok(true)` when it is in place.
