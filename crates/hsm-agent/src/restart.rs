@@ -32,7 +32,7 @@ pub const FDSTORE_NAME: &str = "hsm-fanotify";
 
 /// Who keeps the group alive across restarts.
 #[derive(Debug)]
-pub enum Holder {
+pub enum GroupStore {
     /// Nobody: the group dies with this process.
     None,
     /// systemd's fd store (`FDSTORE=1`).
@@ -41,9 +41,9 @@ pub enum Holder {
     Keeper(keeper::Client),
 }
 
-impl Holder {
+impl GroupStore {
     pub fn is_some(&self) -> bool {
-        !matches!(self, Holder::None)
+        !matches!(self, GroupStore::None)
     }
 }
 
@@ -53,20 +53,11 @@ pub struct Obtained {
     pub group: Arc<Group>,
     /// It was held across a restart (marks and waiting events included).
     pub restored: bool,
-    pub holder: Holder,
+    pub store: GroupStore,
 }
 
 fn new_group() -> Result<Group, AgentError> {
-    Group::new(GroupOptions::default()).map_err(|e| {
-        AgentError::Startup(match e.errno() {
-            Some(libc::EPERM) => "fanotify_init: permission denied (needs CAP_SYS_ADMIN)".into(),
-            Some(libc::EINVAL) => {
-                "fanotify_init refused FAN_CLASS_PRE_CONTENT: the kernel lacks pre-content support"
-                    .into()
-            }
-            _ => e.to_string(),
-        })
-    })
+    Group::new(GroupOptions::default()).map_err(AgentError::Group)
 }
 
 /// The group from the fd store or the keeper, or a new one.
@@ -75,7 +66,7 @@ pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
         return Ok(Obtained {
             group: Arc::new(new_group()?),
             restored: false,
-            holder: Holder::None,
+            store: GroupStore::None,
         });
     }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
@@ -88,11 +79,13 @@ pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
         return Ok(Obtained {
             group: Arc::new(group),
             restored: restored_some,
-            holder: Holder::Systemd,
+            store: GroupStore::Systemd,
         });
     }
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        AgentError::Startup(format!("state directory {}: {e}", cfg.state_dir.display()))
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::State {
+        what: "state directory",
+        path: cfg.state_dir.clone(),
+        source,
     })?;
     let socket = keeper::socket_path(&cfg.state_dir);
     let client = keeper::Client::connect_or_spawn(
@@ -100,10 +93,16 @@ pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
         cfg.keeper_grace.0,
         &cfg.state_dir.join("keeper.log"),
     )
-    .map_err(|e| AgentError::Startup(format!("keeper at {}: {e}", socket.display())))?;
-    let held = client
-        .get()
-        .map_err(|e| AgentError::Startup(format!("keeper at {}: {e}", socket.display())))?;
+    .map_err(|source| AgentError::State {
+        what: "keeper at",
+        path: socket.clone(),
+        source,
+    })?;
+    let held = client.get().map_err(|source| AgentError::State {
+        what: "keeper at",
+        path: socket.clone(),
+        source,
+    })?;
     let restored = held.is_some();
     let group = match held {
         Some(fd) => Group::from_owned_fd(fd),
@@ -112,28 +111,31 @@ pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
     Ok(Obtained {
         group: Arc::new(group),
         restored,
-        holder: Holder::Keeper(client),
+        store: GroupStore::Keeper(client),
     })
 }
 
 /// Hand a new group to its holder (after the marks are placed).
-pub fn hand_over_group(holder: &Holder, group: &Group) -> Result<(), AgentError> {
-    match holder {
-        Holder::None => Ok(()),
-        Holder::Systemd => fdstore_put(group.as_fd())
-            .map_err(|e| AgentError::Startup(format!("systemd fd store: {e}"))),
-        Holder::Keeper(c) => c
-            .put(group.as_fd())
-            .map_err(|e| AgentError::Startup(format!("keeper: {e}"))),
+pub fn hand_over_group(store: &GroupStore, group: &Group) -> Result<(), AgentError> {
+    match store {
+        GroupStore::None => Ok(()),
+        GroupStore::Systemd => fdstore_put(group.as_fd()).map_err(|source| AgentError::HandOver {
+            to: "systemd fd store",
+            source,
+        }),
+        GroupStore::Keeper(c) => c.put(group.as_fd()).map_err(|source| AgentError::HandOver {
+            to: "keeper",
+            source,
+        }),
     }
 }
 
 /// Release the group for good (a clean stop): the holder drops its copy.
-pub fn release_group(holder: &Holder) {
-    let r = match holder {
-        Holder::None => Ok(()),
-        Holder::Systemd => fdstore_remove(),
-        Holder::Keeper(c) => c.close(),
+pub fn release_group(store: &GroupStore) {
+    let r = match store {
+        GroupStore::None => Ok(()),
+        GroupStore::Systemd => fdstore_remove(),
+        GroupStore::Keeper(c) => c.close(),
     };
     if let Err(e) = r {
         warn!(error = %e, "could not tell the group's holder to release it");
@@ -190,8 +192,7 @@ pub fn margin(cfg: &AgentConfig) -> RawFd {
 /// Hold every fd number up to `limit`.
 pub fn reserve(limit: RawFd) -> Result<ReservedFds, AgentError> {
     let placeholder = std::fs::File::open("/dev/null")?;
-    ReservedFds::fill_up_to(placeholder.as_fd(), limit)
-        .map_err(|e| AgentError::Startup(format!("reserving fd numbers: {e}")))
+    ReservedFds::fill_up_to(placeholder.as_fd(), limit).map_err(AgentError::Reserve)
 }
 
 /// Counts from [`recover`].

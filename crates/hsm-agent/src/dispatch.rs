@@ -1,0 +1,250 @@
+//! The event threads: read fanotify events, answer on the spot what can be answered,
+//! hand the rest to the async core, and write each answer exactly once.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hsm_core::metrics::Metrics;
+use hsm_core::{AccessEvent, AgentCore, IntentSource, Later, Verdict};
+use hsm_kernel::fanotify::{AGENT_EVENTS, Event, FAN_PRE_ACCESS, Group, Response};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
+use tracing::{debug, error, warn};
+
+use crate::events::{self, Pending};
+use crate::{OwnThreads, journal, mounts};
+
+/// Why an event thread stopped serving: a system call on its epoll set failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {errno}")]
+struct LoopError {
+    op: &'static str,
+    errno: nix::errno::Errno,
+}
+
+pub(crate) struct Ctx {
+    /// Open descriptors the agent may use before it stops reading events (each event
+    /// brings one, each cached stub holds one); the rest is room for everything else.
+    fd_budget: usize,
+    core: Arc<AgentCore>,
+    group: Arc<Group>,
+    pending: Arc<Pending>,
+    private: Arc<mounts::PrivateMounts>,
+    own: Arc<OwnThreads>,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    stopping: AtomicBool,
+    paused: AtomicBool,
+}
+
+/// What the event threads share with the rest of the agent.
+pub(crate) struct Shared {
+    pub core: Arc<AgentCore>,
+    pub group: Arc<Group>,
+    pub pending: Arc<Pending>,
+    pub private: Arc<mounts::PrivateMounts>,
+    pub own: Arc<OwnThreads>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Ctx {
+    /// `nofile`: the open-file limit; `threads`: how many event threads will read.
+    pub(crate) fn new(shared: Shared, nofile: u64, threads: usize) -> Self {
+        Ctx {
+            // Every event thread may be inside one read (up to ~1365 events, each with an
+            // fd) when the budget is reached; 1024 more for sockets, files and the journal.
+            fd_budget: (nofile as usize)
+                .saturating_sub(threads.max(1) * journal::EVENTS_PER_READ as usize + 1024)
+                .max(256),
+            core: shared.core,
+            group: shared.group,
+            pending: shared.pending,
+            private: shared.private,
+            own: shared.own,
+            metrics: shared.metrics,
+            rt: tokio::runtime::Handle::current(),
+            stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    /// Ask the event threads to stop once they have drained what is queued.
+    pub(crate) fn stop_reading(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One event thread: wait for events (one thread woken per event, EPOLLEXCLUSIVE), answer
+/// what can be answered on the spot, hand the rest to the async core.
+pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
+    let tid = hsm_kernel::sys::gettid();
+    ctx.own.add(tid);
+    let run = || -> Result<(), LoopError> {
+        let fail = |op| move |errno| LoopError { op, errno };
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(fail("epoll_create"))?;
+        ep.add(
+            ctx.group.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0),
+        )
+        .map_err(fail("epoll add fanotify"))?;
+        ep.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .map_err(fail("epoll add eventfd"))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut batch = Vec::with_capacity(64);
+        let mut ready = [EpollEvent::empty(); 2];
+        loop {
+            if over_fd_budget(ctx) {
+                // Events wait in the kernel's (unlimited) queue until answers free some
+                // descriptors; reading more now would fail them with EMFILE.
+                if !ctx.paused.swap(true, Ordering::Relaxed) {
+                    Metrics::inc(&ctx.metrics.reads_paused);
+                    warn!(
+                        in_flight = ctx.pending.len(),
+                        "open descriptors near the limit: reading events paused"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                if ctx.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                continue;
+            }
+            ctx.paused.store(false, Ordering::Relaxed);
+            match ep.wait(&mut ready, EpollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(fail("epoll_wait")(errno)),
+            }
+            drain(ctx, &mut buf, &mut batch);
+            if ctx.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            // Events come in bursts (a program opening file after file): keep polling
+            // briefly after a burst so the next event finds this thread awake instead of
+            // paying a wake-up (tens of microseconds on a virtual CPU).
+            let mut idle_since = Instant::now();
+            while idle_since.elapsed() < SPIN_AFTER_EVENT {
+                if drain(ctx, &mut buf, &mut batch) > 0 {
+                    idle_since = Instant::now();
+                } else {
+                    std::thread::yield_now();
+                }
+                if ctx.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    if let Err(e) = run() {
+        error!(error = %e, "event thread failed");
+    }
+    ctx.own.remove(tid);
+}
+
+/// How long an event thread keeps polling after its last event before it sleeps.
+const SPIN_AFTER_EVENT: Duration = Duration::from_micros(100);
+
+/// Near the descriptor limit? (events in flight plus cached stubs, each one fd)
+fn over_fd_budget(ctx: &Ctx) -> bool {
+    ctx.pending.len() + ctx.core.cached_stubs() >= ctx.fd_budget
+}
+
+/// Read and answer every queued event (until the descriptor budget is used); returns how
+/// many.
+fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
+    let mut n = 0;
+    loop {
+        if over_fd_budget(ctx) {
+            return n;
+        }
+        batch.clear();
+        let r = ctx.group.read_events(buf, batch);
+        n += batch.len();
+        for ev in batch.drain(..) {
+            dispatch(ctx, ev);
+        }
+        match r {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(libc::EAGAIN) => return n,
+            Err(e) => {
+                error!(error = %e, "reading fanotify events");
+                return n;
+            }
+        }
+    }
+}
+
+fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
+    let Some(fd) = ev.fd else {
+        if ev.mask & hsm_kernel::fanotify::FAN_Q_OVERFLOW != 0 {
+            Metrics::inc(&ctx.metrics.queue_overflows);
+            error!("fanotify queue overflow: some accesses were allowed unserved");
+        }
+        return;
+    };
+    let guard = ctx.pending.register(fd, ev.pid, ev.range);
+    if ev.mask & AGENT_EVENTS == 0 || ctx.own.contains(ev.pid) {
+        Metrics::inc(&ctx.metrics.events_own);
+        guard.respond(Response::Allow);
+        return;
+    }
+    let access = ev.mask & FAN_PRE_ACCESS != 0;
+    let now = if access {
+        ctx.core.try_handle_now(&AccessEvent {
+            fd: guard.fd(),
+            range: ev.range,
+            intent: IntentSource::Tid(ev.pid),
+        })
+    } else {
+        // An open. Fetch the whole stub first when later accesses may raise nothing:
+        // through overlayfs, whose mappings of lower files raise no event (and whose exec
+        // maps segments without one). An exec through a visible mount is served at mmap
+        // time like any mapping.
+        let whole = !ctx.private.reached_directly(guard.fd(), ev.pid);
+        match ctx.core.try_open_now(guard.fd(), ev.pid, whole) {
+            // Could not look at it now: its reads and mappings raise events of their own.
+            Err(Later(_)) if !whole => Ok(Verdict::Allow),
+            other => other,
+        }
+    };
+    match now {
+        Ok(verdict) => answer(ctx, guard, verdict),
+        Err(Later(_)) if !access => {
+            let ctx2 = ctx.clone();
+            ctx.rt.spawn(async move {
+                let verdict = ctx2.core.handle_open(guard.fd(), ev.pid).await;
+                answer(&ctx2, guard, verdict);
+            });
+        }
+        Err(Later(intent)) => {
+            let ctx2 = ctx.clone();
+            ctx.rt.spawn(async move {
+                let verdict = ctx2
+                    .core
+                    .handle(AccessEvent {
+                        fd: guard.fd(),
+                        range: ev.range,
+                        intent,
+                    })
+                    .await;
+                answer(&ctx2, guard, verdict);
+            });
+        }
+    }
+}
+
+fn answer(ctx: &Ctx, guard: events::EventGuard, verdict: Verdict) {
+    let response = match verdict {
+        Verdict::Allow => Response::Allow,
+        Verdict::AllowAndIgnore => {
+            match ctx.group.add_ignore_mark(guard.fd(), AGENT_EVENTS) {
+                Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
+                Err(e) => debug!(error = %e, "could not place ignore mark"),
+            }
+            Response::Allow
+        }
+        Verdict::Deny(errno) => Response::Deny(errno),
+    };
+    guard.respond(response);
+}
