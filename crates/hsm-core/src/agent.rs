@@ -132,11 +132,7 @@ impl AgentCore {
             Ok(v) => v,
             Err(e) => {
                 Metrics::inc(&self.metrics.denies);
-                let errno = deny_errno(&e);
-                let range = requested(ev.range);
-                warn!(path = %stub.path(), ?range, errno = errno.name(), error = %e,
-                      "read failed");
-                Verdict::Deny(errno)
+                stub.read_failed(&requested(ev.range), &e)
             }
         }
     }

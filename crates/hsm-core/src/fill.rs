@@ -38,11 +38,7 @@ pub(crate) struct InlineClaim<'a> {
 impl InlineClaim<'_> {
     pub(crate) fn release(&mut self, result: FillResult) {
         if let Some(tx) = self.tx.take() {
-            let mut s = lock(&self.stub.state);
-            for g in self.run.clone() {
-                s.inflight.remove(&g);
-            }
-            drop(s);
+            lock(&self.stub.state).clear_inflight(self.run.clone());
             let _ = tx.send(result);
         }
     }
@@ -57,6 +53,19 @@ impl Drop for InlineClaim<'_> {
 }
 
 impl Stub {
+    /// Granules `run` were fetched and written: they are readable now, and the map that says
+    /// so is queued for persisting.
+    pub(crate) fn mark_filled(
+        self: &Arc<Self>,
+        core: &AgentCore,
+        s: &mut StubState,
+        run: Range<u64>,
+    ) {
+        s.resident.set_range_resident(run);
+        s.dirty = true;
+        core.queue_persist(self, s);
+    }
+
     /// Fetch and write one run of granules on this thread (remote I/O runs inline).
     pub(crate) fn fill_inline(&self, core: &AgentCore, run: Range<u64>) -> Result<(), ServeError> {
         let part = {
@@ -167,15 +176,9 @@ impl Stub {
             let result = stub.run_fill(&core2, r.clone()).await;
             {
                 let mut s = lock(&stub.state);
-                for g in r.clone() {
-                    s.inflight.remove(&g);
-                }
+                s.clear_inflight(r.clone());
                 match &result {
-                    Ok(()) => {
-                        s.resident.set_range_resident(r);
-                        s.dirty = true;
-                        core2.queue_persist(&stub, &mut s);
-                    }
+                    Ok(()) => stub.mark_filled(&core2, &mut s, r),
                     Err(e) => {
                         Metrics::inc(&core2.metrics.fill_errors);
                         if background {
@@ -366,10 +369,7 @@ impl Stub {
         let size = st.size;
         let limit = {
             let mut s = lock(&self.state);
-            if size < s.resident.floor() {
-                s.resident.lower_floor(size);
-                s.dirty = true;
-            }
+            s.lower_floor(size);
             s.resident.floor()
         };
         let end = (offset + body.len()).min(limit);

@@ -1,6 +1,7 @@
 //! Serving one access on a known stub: the synchronous fast path ([`Stub::try_serve_now`])
 //! and the async path ([`Stub::serve`]) that classifies, fills and guards writes.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -97,6 +98,16 @@ impl Stub {
             self.readahead(core, range);
             return Ok(Verdict::Allow);
         };
+        self.serve_inline(core, run, range)
+    }
+
+    /// Fill the missing granules `run` of a read of `range` on this thread, then answer it.
+    fn serve_inline(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        run: Range<u64>,
+        range: Range<u64>,
+    ) -> Result<Verdict, Later> {
         if core.shutting_down.load(Ordering::SeqCst) {
             return Ok(Verdict::Deny(DenyErrno::Eio));
         }
@@ -133,9 +144,7 @@ impl Stub {
         {
             let mut s = lock(&self.state);
             if result.is_ok() {
-                s.resident.set_range_resident(run);
-                s.dirty = true;
-                core.queue_persist(self, &mut s);
+                self.mark_filled(core, &mut s, run);
             } else {
                 Metrics::inc(&core.metrics.fill_errors);
             }
@@ -146,13 +155,16 @@ impl Stub {
                 self.readahead(core, range.clone());
                 Verdict::Allow
             }
-            Err(e) => {
-                let errno = deny_errno(e);
-                warn!(path = %self.path(), ?range, errno = errno.name(), error = %e, "read failed");
-                Verdict::Deny(errno)
-            }
+            Err(e) => self.read_failed(&range, e),
         };
         Ok(verdict)
+    }
+
+    /// Log why a read of `range` failed, and the deny that answers it.
+    pub(crate) fn read_failed(&self, range: &Range<u64>, e: &ServeError) -> Verdict {
+        let errno = deny_errno(e);
+        warn!(path = %self.path(), ?range, errno = errno.name(), error = %e, "read failed");
+        Verdict::Deny(errno)
     }
 
     pub(crate) async fn serve(
@@ -169,9 +181,7 @@ impl Stub {
             }
             // The file is smaller than any size we knew: it was truncated (open(O_TRUNC)
             // raises no event). Bytes at or beyond its size are local from now on.
-            if st.size < s.resident.floor() {
-                s.resident.lower_floor(st.size);
-                s.dirty = true;
+            if s.lower_floor(st.size) {
                 Metrics::inc(&core.metrics.truncates);
                 core.queue_persist(self, &mut s);
             }
@@ -182,7 +192,8 @@ impl Stub {
         } else {
             None
         };
-        let (mut range, mut missing, needs_intent) = self.plan(needed_range(ev.range, early), st);
+        let mut range = needed_range(ev.range, early);
+        let (mut missing, needs_intent) = self.plan(&range, st);
         // Reading /proc costs a few microseconds; skip it when no answer could change what
         // we do (everything in range durable, nothing in flight, writes already guarded).
         let access = match early {
@@ -191,8 +202,8 @@ impl Stub {
             None => Access::Read,
         };
         if early.is_none() && access == Access::Shift {
-            let planned = self.plan(needed_range(ev.range, Some(access)), st);
-            (range, missing) = (planned.0, planned.1);
+            range = needed_range(ev.range, Some(access));
+            missing = self.plan(&range, st).0;
         }
         if !missing.is_empty() {
             if core.shutting_down.load(Ordering::SeqCst) {

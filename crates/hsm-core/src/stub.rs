@@ -78,6 +78,24 @@ impl StubState {
         self.dirty = true;
     }
 
+    /// The file is now `size` bytes long: bytes at or beyond it are local from now on.
+    /// Returns whether that lowered the floor (and so dirtied the map).
+    pub(crate) fn lower_floor(&mut self, size: u64) -> bool {
+        if size < self.resident.floor() {
+            self.resident.lower_floor(size);
+            self.dirty = true;
+            return true;
+        }
+        false
+    }
+
+    /// The fill of granules `run` is over, however it ended: it is no longer in flight.
+    pub(crate) fn clear_inflight(&mut self, run: Range<u64>) {
+        for g in run {
+            self.inflight.remove(&g);
+        }
+    }
+
     /// A local write was seen (so mtimes are no longer put back) and the map, flag
     /// included, is fsynced: a further write to durable granules needs nothing from us.
     pub(crate) fn write_guarded(&self) -> bool {
@@ -164,7 +182,7 @@ impl Stub {
 
     /// Clamp `range` to the file and the floor: the granules to fetch, and whether the
     /// access's kind matters (anything not durable or in flight, or writes not yet guarded).
-    pub(crate) fn plan(&self, range: Range<u64>, st: &FileStat) -> (Range<u64>, Vec<u64>, bool) {
+    pub(crate) fn plan(&self, range: &Range<u64>, st: &FileStat) -> (Vec<u64>, bool) {
         let s = lock(&self.state);
         // Nothing beyond the current size can be read, so nothing there is fetched.
         let end = range.end.min(st.size);
@@ -179,7 +197,7 @@ impl Stub {
             || !s.inflight.is_empty()
             || self.barrier.borrow().is_some()
             || !s.write_guarded();
-        (range, missing, needs_intent)
+        (missing, needs_intent)
     }
 }
 

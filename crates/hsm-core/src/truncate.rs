@@ -75,9 +75,7 @@ impl Stub {
         {
             let mut s = lock(&self.state);
             if let Some(size) = confirmed {
-                if size < s.resident.floor() {
-                    s.resident.lower_floor(size);
-                    s.dirty = true;
+                if s.lower_floor(size) {
                     core.queue_persist(self, &mut s);
                 }
             }
