@@ -1,10 +1,12 @@
 //! The agent core: what to do about one access to one file.
 //!
 //! The fanotify adapter turns each event into an [`AccessEvent`] and calls
-//! [`AgentCore::handle`], which returns a [`Verdict`]. Everything in between is here and is
-//! testable on plain files, without fanotify: stub state per inode, the fill plan, one
-//! in-flight fetch per granule shared by every waiter, writes through the event descriptor,
-//! the truncate barrier, batched persistence of the resident map, and finalisation.
+//! [`AgentCore::handle`], which returns a [`Verdict`]. Everything in between is in this
+//! crate and is testable on plain files, without fanotify: stub state per inode and the
+//! fill plan (`stub`), serving one access (`serve`), one in-flight fetch per granule shared
+//! by every waiter (`fill`), the truncate barrier (`truncate`), digests (`integrity`), and
+//! batched persistence of the resident map and finalisation (`persist`). This module holds
+//! the core itself: its entry points, loading stubs, and shutdown.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -60,7 +62,7 @@ pub struct AgentCore {
     /// The latest manifest read per (remote URL, manifest key). The async lock makes
     /// concurrent first fills wait for one fetch instead of each fetching.
     pub(crate) manifests: tokio::sync::Mutex<HashMap<ManifestId, Arc<ManifestDigests>>>,
-    pub(crate) epoch: Instant,
+    epoch: Instant,
     /// For spawning from threads outside the runtime (the adapter's event threads).
     pub(crate) rt: tokio::runtime::Handle,
 }
@@ -423,7 +425,7 @@ impl AgentCore {
     }
 }
 
-pub(crate) enum Lookup {
+enum Lookup {
     Stub(Arc<Stub>),
     NotStub,
     Building,

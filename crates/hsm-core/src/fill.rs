@@ -20,7 +20,7 @@ use crate::stub::{FillResult, SharedFill, Stub, StubState};
 use crate::stubio::{self};
 
 /// Fills at least this large start their writeback at once (see `write_blocking`).
-pub(crate) const WRITEBACK_MIN: usize = 1 << 20;
+const WRITEBACK_MIN: usize = 1 << 20;
 
 /// A ranged request running longer than this no longer counts against
 /// `max_concurrent_fetches` (see `bounded_fetch`).
@@ -157,7 +157,7 @@ impl Stub {
         Ok(())
     }
 
-    pub(crate) fn start_fill(
+    fn start_fill(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         s: &mut StubState,
@@ -208,7 +208,7 @@ impl Stub {
 
     /// Fetch granules `run` in parts of at most `max_request_size`, in parallel, and write
     /// them. All or nothing: the caller marks the run resident only on success.
-    pub(crate) async fn run_fill(
+    async fn run_fill(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         run: Range<u64>,
@@ -243,7 +243,7 @@ impl Stub {
         results.into_iter().collect()
     }
 
-    pub(crate) async fn fetch_and_write(
+    async fn fetch_and_write(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         part: Range<u64>,
@@ -337,7 +337,7 @@ impl Stub {
 
     /// Write fetched bytes, never beyond the floor or the file's current size, and never
     /// across a pending truncate.
-    pub(crate) async fn write_part(
+    async fn write_part(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         offset: u64,
@@ -364,7 +364,7 @@ impl Stub {
         Ok(())
     }
 
-    pub(crate) fn write_blocking(&self, offset: u64, body: &Body) -> Result<u64, ServeError> {
+    fn write_blocking(&self, offset: u64, body: &Body) -> Result<u64, ServeError> {
         let st = stat::fstatx(self.fd.as_fd()).map_err(|e| LocalError::from_kernel("statx", &e))?;
         let size = st.size;
         let limit = {
@@ -445,7 +445,7 @@ impl Stub {
 /// Paces fetches to a byte rate: each request is held until its bytes "have arrived".
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
-    pub(crate) bytes_per_sec: u64,
+    bytes_per_sec: u64,
     pub(crate) next: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
@@ -457,7 +457,7 @@ impl RateLimiter {
         }
     }
 
-    pub(crate) async fn acquire(&self, bytes: u64) {
+    async fn acquire(&self, bytes: u64) {
         let until = {
             let mut next = self.next.lock().await;
             let start = (*next).max(tokio::time::Instant::now());

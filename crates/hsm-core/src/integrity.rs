@@ -19,8 +19,8 @@ pub(crate) type ManifestId = (String, String);
 /// The digests a manifest lists, by object key.
 #[derive(Debug)]
 pub(crate) struct ManifestDigests {
-    pub(crate) chunk_size: u64,
-    pub(crate) by_key: HashMap<String, Arc<Vec<hsm_manifest::Digest>>>,
+    chunk_size: u64,
+    by_key: HashMap<String, Arc<Vec<hsm_manifest::Digest>>>,
     /// The manifest object's ETag and size when it was read.
     pub(crate) etag: Option<String>,
     pub(crate) size: u64,

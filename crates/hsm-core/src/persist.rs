@@ -48,7 +48,7 @@ impl Stub {
 
     /// What to persist: a snapshot of the resident map taken before the data is synced (so it
     /// never claims bytes written after the sync), or `None` if nothing changed.
-    pub(crate) fn persist_begin(&self, sync_meta: bool) -> Option<ResidentMap> {
+    fn persist_begin(&self, sync_meta: bool) -> Option<ResidentMap> {
         let mut s = lock(&self.state);
         if s.finalized || (!s.dirty && (!sync_meta || s.meta_synced)) {
             return None;
@@ -61,7 +61,7 @@ impl Stub {
 
     /// Record the outcome of a persist: the map now durable, or the stub finalised (its map
     /// was complete: the xattrs are gone and it is an ordinary file).
-    pub(crate) fn persist_end(
+    fn persist_end(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         result: Result<(ResidentMap, bool), LocalError>,
@@ -148,13 +148,10 @@ pub(crate) async fn persister(core: Weak<AgentCore>, mut rx: mpsc::UnboundedRece
 
 /// From this many dirty stubs on one filesystem, one syncfs (one journal commit) replaces
 /// an fdatasync per stub.
-pub(crate) const SYNCFS_BATCH: usize = 4;
+const SYNCFS_BATCH: usize = 4;
 
 /// Persist many stubs of one filesystem: snapshot all, one syncfs, then every xattr.
-pub(crate) async fn persist_group(
-    core: &Arc<AgentCore>,
-    group: &[Arc<Stub>],
-) -> Vec<(Arc<Stub>, ServeError)> {
+async fn persist_group(core: &Arc<AgentCore>, group: &[Arc<Stub>]) -> Vec<(Arc<Stub>, ServeError)> {
     let mut guards = Vec::with_capacity(group.len());
     for s in group {
         guards.push(s.persist_lock.lock().await);

@@ -23,7 +23,7 @@ pub(crate) struct InodeKey {
     pub(crate) dev: u64,
     pub(crate) ino: u64,
     // With dev and ino, tells a reused inode number from the one we cached.
-    pub(crate) btime: Option<Timestamp>,
+    btime: Option<Timestamp>,
 }
 
 impl InodeKey {
