@@ -49,18 +49,9 @@ impl Stub {
             if st.size < s.resident.floor() || self.barrier.borrow().is_some() {
                 return Err(Later(ev.intent)); // truncation bookkeeping lives on the async path
             }
-            let end = range.end.min(st.size);
-            let granules = s.resident.granules_for(range.start.min(end)..end);
-            let missing: Vec<u64> = s.resident.missing(granules.clone()).collect();
-            let not_durable = granules
-                .clone()
-                .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
-            let needs_intent = early.is_none()
-                && (!missing.is_empty()
-                    || not_durable
-                    || s.dirty
-                    || !s.inflight.is_empty()
-                    || !s.write_guarded());
+            // Under the one lock held for the checks above and the run chosen below.
+            let (missing, unsettled) = s.plan(&range, st.size);
+            let needs_intent = early.is_none() && unsettled;
             let run = match (missing.first(), missing.last()) {
                 (Some(&a), Some(&b)) => {
                     let contiguous = b - a + 1 == missing.len() as u64;

@@ -96,6 +96,25 @@ impl StubState {
         }
     }
 
+    /// [`Stub::plan`] under a held lock, for a file of `size` bytes: the granules of `range`
+    /// to fetch, and whether any of it is not durable or in flight, or writes are not yet
+    /// guarded (the truncate barrier is the caller's to check).
+    pub(crate) fn plan(&self, range: &Range<u64>, size: u64) -> (Vec<u64>, bool) {
+        // Nothing beyond the current size can be read, so nothing there is fetched.
+        let end = range.end.min(size);
+        let granules = self.resident.granules_for(range.start.min(end)..end);
+        let missing: Vec<u64> = self.resident.missing(granules.clone()).collect();
+        let not_durable = granules
+            .clone()
+            .any(|g| self.resident.is_resident(g) && !self.durable.is_resident(g));
+        let unsettled = !missing.is_empty()
+            || not_durable
+            || self.dirty
+            || !self.inflight.is_empty()
+            || !self.write_guarded();
+        (missing, unsettled)
+    }
+
     /// A local write was seen (so mtimes are no longer put back) and the map, flag
     /// included, is fsynced: a further write to durable granules needs nothing from us.
     pub(crate) fn write_guarded(&self) -> bool {
@@ -184,20 +203,8 @@ impl Stub {
     /// access's kind matters (anything not durable or in flight, or writes not yet guarded).
     pub(crate) fn plan(&self, range: &Range<u64>, st: &FileStat) -> (Vec<u64>, bool) {
         let s = lock(&self.state);
-        // Nothing beyond the current size can be read, so nothing there is fetched.
-        let end = range.end.min(st.size);
-        let granules = s.resident.granules_for(range.start.min(end)..end);
-        let missing: Vec<u64> = s.resident.missing(granules.clone()).collect();
-        let not_durable = granules
-            .clone()
-            .any(|g| s.resident.is_resident(g) && !s.durable.is_resident(g));
-        let needs_intent = !missing.is_empty()
-            || not_durable
-            || s.dirty
-            || !s.inflight.is_empty()
-            || self.barrier.borrow().is_some()
-            || !s.write_guarded();
-        (missing, needs_intent)
+        let (missing, unsettled) = s.plan(range, st.size);
+        (missing, unsettled || self.barrier.borrow().is_some())
     }
 }
 
