@@ -4,9 +4,16 @@
 //! over [`AgentCore::handle`]; this crate is where the policy lives and where the tests aim.
 
 pub mod agent;
+mod api;
 pub mod error;
+mod fill;
+mod integrity;
 pub mod metrics;
+mod persist;
+mod serve;
+mod stub;
 pub mod stubio;
+mod truncate;
 
 pub use agent::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, Later, MarkSink, ProcReopener, RemoteOpener,
