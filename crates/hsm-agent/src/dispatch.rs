@@ -193,7 +193,7 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
     let now = if access {
         ctx.core.try_handle_now(&AccessEvent {
             fd: guard.fd(),
-            range: ev.range,
+            range: crate::core_range(ev.range),
             intent: IntentSource::Tid(ev.pid),
         })
     } else {
@@ -224,7 +224,7 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
                     .core
                     .handle(AccessEvent {
                         fd: guard.fd(),
-                        range: ev.range,
+                        range: crate::core_range(ev.range),
                         intent,
                     })
                     .await;
@@ -244,7 +244,7 @@ fn answer(ctx: &Ctx, guard: events::EventGuard, verdict: Verdict) {
             }
             Response::Allow
         }
-        Verdict::Deny(errno) => Response::Deny(errno),
+        Verdict::Deny(errno) => Response::Deny(crate::kernel_errno(errno)),
     };
     guard.respond(response);
 }

@@ -115,6 +115,24 @@ pub struct AgentOptions {
     pub remote: hsm_config::RemoteConfig,
 }
 
+/// The core's view of an event's range: the core knows nothing of fanotify.
+fn core_range(r: Option<hsm_kernel::fanotify::FileRange>) -> Option<hsm_core::FileRange> {
+    r.map(|r| hsm_core::FileRange {
+        offset: r.offset,
+        count: r.count,
+    })
+}
+
+/// The answer fanotify carries for the errno the core chose.
+fn kernel_errno(e: hsm_core::DenyErrno) -> hsm_kernel::fanotify::DenyErrno {
+    use hsm_kernel::fanotify::DenyErrno as K;
+    match e {
+        hsm_core::DenyErrno::Eio => K::Eio,
+        hsm_core::DenyErrno::Enospc => K::Enospc,
+        hsm_core::DenyErrno::Edquot => K::Edquot,
+    }
+}
+
 /// Thread ids of the agent's own threads: their events are allowed at once (the agent's
 /// reads of a local remote on the same filesystem would otherwise wait on itself).
 #[derive(Debug, Default)]

@@ -281,13 +281,13 @@ async fn answer_entry(
             let verdict = core
                 .handle(AccessEvent {
                     fd: f.as_fd(),
-                    range: e.range,
+                    range: crate::core_range(e.range),
                     intent: IntentSource::Tid(e.tid),
                 })
                 .await;
             match verdict {
                 Verdict::Allow | Verdict::AllowAndIgnore => Response::Allow,
-                Verdict::Deny(errno) => Response::Deny(errno),
+                Verdict::Deny(errno) => Response::Deny(crate::kernel_errno(errno)),
             }
         }
         None => {

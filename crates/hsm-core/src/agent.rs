@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hsm_kernel::fanotify::DenyErrno;
 use hsm_kernel::intent::Access;
 use hsm_kernel::stat::{self, FileStat};
 use tokio::sync::{Semaphore, mpsc};
@@ -30,8 +29,8 @@ use crate::stub::{InodeKey, Stub, sweeper};
 use crate::stubio::{self, Loaded};
 
 pub use crate::api::{
-    AccessEvent, CoreOptions, IntentSource, Later, MarkSink, ProcReopener, RemoteOpener, Reopener,
-    UrlRemotes, Verdict,
+    AccessEvent, CoreOptions, DenyErrno, FileRange, IntentSource, Later, MarkSink, ProcReopener,
+    RemoteOpener, Reopener, UrlRemotes, Verdict,
 };
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -8,7 +8,6 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hsm_kernel::fanotify::{DenyErrno, FileRange};
 use hsm_kernel::intent::{self, Access};
 use hsm_kernel::stat::FileStat;
 use hsm_remote::{Remote, RemoteError};
@@ -213,6 +212,50 @@ impl IntentSource {
 fn log_non_read(tid: i32, seen: &intent::Observed) {
     if seen.access != Access::Read {
         debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
+    }
+}
+
+/// The byte range an access reports, as the adapter received it (unclamped). A zero count
+/// means "to the end of the file" (see [`requested`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileRange {
+    pub offset: u64,
+    pub count: u64,
+}
+
+impl FileRange {
+    /// The end of the range, saturating.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.count)
+    }
+}
+
+/// The errors a denied access can report to the reader (docs/SEMANTICS.md has the table of
+/// causes). The adapter turns each into its own errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyErrno {
+    Eio,
+    Enospc,
+    Edquot,
+}
+
+impl DenyErrno {
+    /// The errno value.
+    pub fn errno(self) -> i32 {
+        match self {
+            DenyErrno::Eio => libc::EIO,
+            DenyErrno::Enospc => libc::ENOSPC,
+            DenyErrno::Edquot => libc::EDQUOT,
+        }
+    }
+
+    /// Its conventional name, for logs and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyErrno::Eio => "EIO",
+            DenyErrno::Enospc => "ENOSPC",
+            DenyErrno::Edquot => "EDQUOT",
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Why serving an access failed, and the one place that turns that into an errno.
 
-use hsm_kernel::fanotify::DenyErrno;
+use crate::api::DenyErrno;
 use hsm_remote::RemoteError;
 use hsm_stub::FormatError;
 

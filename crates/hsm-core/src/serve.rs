@@ -5,8 +5,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::api::DenyErrno;
 use futures::FutureExt;
-use hsm_kernel::fanotify::DenyErrno;
 use hsm_kernel::intent::Access;
 use hsm_kernel::stat::FileStat;
 use hsm_remote::Remote;

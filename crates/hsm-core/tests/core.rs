@@ -14,7 +14,7 @@ use hsm_core::metrics::Metrics;
 use hsm_core::{
     AccessEvent, AgentCore, CoreOptions, IntentSource, MarkSink, RemoteOpener, Verdict,
 };
-use hsm_kernel::fanotify::{DenyErrno, FileRange};
+use hsm_core::{DenyErrno, FileRange};
 use hsm_kernel::intent::Access;
 use hsm_kernel::xattr::{self, SetMode};
 use hsm_remote::mock::{Fault, FaultRemote, MockRemote};
