@@ -284,6 +284,7 @@ impl Stager {
         Ok(())
     }
 
+    /// Apply one tar entry: dispatch on its path (root, whiteout, other) and its type.
     fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), EntryProblem> {
         use tar::EntryType as T;
         let et = entry.header().entry_type();
@@ -292,29 +293,11 @@ impl Stager {
         }
         let comps = normalize(&entry.path_bytes())?;
         let Some((name, parent)) = comps.split_last() else {
-            // The root itself ("./"): only its attributes.
-            if !et.is_dir() {
-                return Err(EntryProblem::RootNotDir);
-            }
-            let meta = read_meta(entry)?;
-            set_attrs(self.root.as_fd(), &meta)?;
-            self.dir_times.insert(Vec::new(), meta.mtime);
-            return Ok(());
+            return self.apply_root(entry, et);
         };
         // Whiteouts remove from the layers below; they are never created.
         if let Some(rest) = name.as_bytes().strip_prefix(b".wh.") {
-            let Some(dir) = self.walk(parent, false)? else {
-                return Ok(());
-            };
-            if rest == b".wh..opq" {
-                return self.opaque(parent, dir.as_fd());
-            }
-            if rest.is_empty() || rest == b"." || rest == b".." {
-                return Err(EntryProblem::BadWhiteout {
-                    name: name.to_string_lossy().into_owned(),
-                });
-            }
-            return remove_at(dir.as_fd(), OsStr::from_bytes(rest)).map_err(sys("remove"));
+            return self.apply_whiteout(name, parent, rest);
         }
         let meta = read_meta(entry)?;
         let dir = self
@@ -336,89 +319,18 @@ impl Stager {
                 self.dir_times.insert(comps.clone(), meta.mtime);
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                if existing.is_some() {
-                    remove_at(dir, name).map_err(sys("remove"))?;
-                }
-                let fd = openat(
-                    dir,
-                    name.as_os_str(),
-                    OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_WRONLY
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(0o600),
-                )
-                .map_err(sys("create"))?;
-                let mut f = File::from(fd);
-                std::io::copy(entry, &mut f).map_err(|e| EntryProblem::Read(e.to_string()))?;
-                set_attrs(f.as_fd(), &meta)?;
-                futimens(f.as_fd(), &meta.mtime, &meta.mtime).map_err(sys("set times"))?;
+                write_regular(entry, dir, name, existing, &meta)?;
             }
             T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or(EntryProblem::Read("symlink without a target".into()))?
-                    .into_owned();
-                if existing.is_some() {
-                    remove_at(dir, name).map_err(sys("remove"))?;
-                }
-                symlinkat(OsStr::from_bytes(&target), dir, name.as_os_str())
-                    .map_err(sys("symlink"))?;
-                fchownat(
-                    dir,
-                    name.as_os_str(),
-                    Some(Uid::from_raw(meta.uid)),
-                    Some(Gid::from_raw(meta.gid)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                )
-                .map_err(sys("chown"))?;
-                utimensat(
-                    dir,
-                    name.as_os_str(),
-                    &meta.mtime,
-                    &meta.mtime,
-                    UtimensatFlags::NoFollowSymlink,
-                )
-                .map_err(sys("set times"))?;
+                write_symlink(entry, dir, name, existing, &meta)?;
                 if !meta.xattrs.is_empty() {
                     self.symlink_xattrs_dropped += 1;
                 }
             }
             T::Link => {
-                let raw = entry
-                    .link_name_bytes()
-                    .ok_or(EntryProblem::Read("hard link without a target".into()))?
-                    .into_owned();
-                let target = String::from_utf8_lossy(&raw).into_owned();
-                let tcomps = normalize(&raw).map_err(|_| EntryProblem::HardLinkOutside {
-                    target: target.clone(),
-                })?;
-                let Some((tname, tparent)) = tcomps.split_last() else {
-                    return Err(EntryProblem::HardLinkToDir { target });
-                };
-                let Some(tdir) = self.walk(tparent, false)? else {
-                    return Err(EntryProblem::HardLinkMissing { target });
-                };
-                match file_type_at(tdir.as_fd(), tname)? {
-                    None => return Err(EntryProblem::HardLinkMissing { target }),
-                    Some(SFlag::S_IFDIR) => return Err(EntryProblem::HardLinkToDir { target }),
-                    Some(_) => {}
-                }
-                if tcomps == comps {
+                if !self.write_hard_link(entry, &comps, dir, name, existing)? {
                     return Ok(());
                 }
-                if existing.is_some() {
-                    remove_at(dir, name).map_err(sys("remove"))?;
-                }
-                linkat(
-                    tdir.as_fd(),
-                    tname.as_os_str(),
-                    dir,
-                    name.as_os_str(),
-                    AtFlags::empty(),
-                )
-                .map_err(sys("link"))?;
             }
             T::Char | T::Block | T::Fifo => {
                 // Stub trees have no device nodes or FIFOs; what this entry replaces goes.
@@ -433,6 +345,87 @@ impl Stager {
         Ok(())
     }
 
+    /// Apply the entry for the root itself ("./"): only its attributes.
+    fn apply_root<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        et: tar::EntryType,
+    ) -> Result<(), EntryProblem> {
+        if !et.is_dir() {
+            return Err(EntryProblem::RootNotDir);
+        }
+        let meta = read_meta(entry)?;
+        set_attrs(self.root.as_fd(), &meta)?;
+        self.dir_times.insert(Vec::new(), meta.mtime);
+        Ok(())
+    }
+
+    /// Apply whiteout `name` (`.wh.` + `rest`) in `parent`: remove from the layers below.
+    fn apply_whiteout(
+        &mut self,
+        name: &OsString,
+        parent: &[OsString],
+        rest: &[u8],
+    ) -> Result<(), EntryProblem> {
+        let Some(dir) = self.walk(parent, false)? else {
+            return Ok(());
+        };
+        if rest == b".wh..opq" {
+            return self.opaque(parent, dir.as_fd());
+        }
+        if rest.is_empty() || rest == b"." || rest == b".." {
+            return Err(EntryProblem::BadWhiteout {
+                name: name.to_string_lossy().into_owned(),
+            });
+        }
+        remove_at(dir.as_fd(), OsStr::from_bytes(rest)).map_err(sys("remove"))
+    }
+
+    /// Make hard link `name` in `dir` to the entry's target; `false` if it names itself.
+    fn write_hard_link<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        comps: &Comps,
+        dir: BorrowedFd<'_>,
+        name: &OsString,
+        existing: Option<SFlag>,
+    ) -> Result<bool, EntryProblem> {
+        let raw = entry
+            .link_name_bytes()
+            .ok_or(EntryProblem::Read("hard link without a target".into()))?
+            .into_owned();
+        let target = String::from_utf8_lossy(&raw).into_owned();
+        let tcomps = normalize(&raw).map_err(|_| EntryProblem::HardLinkOutside {
+            target: target.clone(),
+        })?;
+        let Some((tname, tparent)) = tcomps.split_last() else {
+            return Err(EntryProblem::HardLinkToDir { target });
+        };
+        let Some(tdir) = self.walk(tparent, false)? else {
+            return Err(EntryProblem::HardLinkMissing { target });
+        };
+        match file_type_at(tdir.as_fd(), tname)? {
+            None => return Err(EntryProblem::HardLinkMissing { target }),
+            Some(SFlag::S_IFDIR) => return Err(EntryProblem::HardLinkToDir { target }),
+            Some(_) => {}
+        }
+        if tcomps == *comps {
+            return Ok(false);
+        }
+        if existing.is_some() {
+            remove_at(dir, name).map_err(sys("remove"))?;
+        }
+        linkat(
+            tdir.as_fd(),
+            tname.as_os_str(),
+            dir,
+            name.as_os_str(),
+            AtFlags::empty(),
+        )
+        .map_err(sys("link"))?;
+        Ok(true)
+    }
+
     /// Give every directory the mtime its last entry said, deepest first.
     pub fn finish(&mut self) {
         let mut dirs: Vec<(Comps, TimeSpec)> = self.dir_times.drain().collect();
@@ -443,6 +436,66 @@ impl Stager {
             }
         }
     }
+}
+
+/// Write regular file `name` in `dir` from the entry's data, replacing what is there.
+fn write_regular<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    existing: Option<SFlag>,
+    meta: &Meta,
+) -> Result<(), EntryProblem> {
+    if existing.is_some() {
+        remove_at(dir, name).map_err(sys("remove"))?;
+    }
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(sys("create"))?;
+    let mut f = File::from(fd);
+    std::io::copy(entry, &mut f).map_err(|e| EntryProblem::Read(e.to_string()))?;
+    set_attrs(f.as_fd(), meta)?;
+    futimens(f.as_fd(), &meta.mtime, &meta.mtime).map_err(sys("set times"))?;
+    Ok(())
+}
+
+/// Make symlink `name` in `dir` to the entry's target, owned and timed as the entry says.
+fn write_symlink<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    existing: Option<SFlag>,
+    meta: &Meta,
+) -> Result<(), EntryProblem> {
+    let target = entry
+        .link_name_bytes()
+        .ok_or(EntryProblem::Read("symlink without a target".into()))?
+        .into_owned();
+    if existing.is_some() {
+        remove_at(dir, name).map_err(sys("remove"))?;
+    }
+    symlinkat(OsStr::from_bytes(&target), dir, name).map_err(sys("symlink"))?;
+    fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys("chown"))?;
+    utimensat(
+        dir,
+        name,
+        &meta.mtime,
+        &meta.mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(sys("set times"))?;
+    Ok(())
 }
 
 #[cfg(test)]
