@@ -82,6 +82,16 @@ fn probe_fs(group: &Group, m: &Mount) -> Result<(), FsRefusal> {
 pub fn report() -> (String, bool) {
     let mut out = String::new();
     let root = nix::unistd::geteuid().is_root();
+    let new_enough = kernel_section(&mut out, root);
+    let any_fs = filesystems_section(&mut out, root);
+    let (guard_ok, fastpath_ok) = bpf_section(&mut out);
+    let can_serve = new_enough && (any_fs || !root);
+    plan_section(&mut out, can_serve, new_enough, fastpath_ok, guard_ok);
+    (out, can_serve)
+}
+
+/// Write the kernel line (and the not-root note); whether it has pre-content events.
+fn kernel_section(out: &mut String, root: bool) -> bool {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
@@ -102,7 +112,11 @@ pub fn report() -> (String, bool) {
             "note:        not root: fanotify and BPF cannot be probed; run as root for a full report"
         );
     }
+    new_enough
+}
 
+/// Write the fanotify group line and one line per filesystem; whether any takes marks.
+fn filesystems_section(out: &mut String, root: bool) -> bool {
     let mut any_fs = false;
     let group = if root {
         match Group::new(GroupOptions::default()) {
@@ -142,7 +156,12 @@ pub fn report() -> (String, bool) {
         );
     }
     drop(group);
+    any_fs
+}
 
+/// Write the BPF LSM, stub guard and fastpath lines; whether the guard and the fastpath
+/// are usable.
+fn bpf_section(out: &mut String) -> (bool, bool) {
     let lsm = hsm_bpf::LsmProbe::read();
     let _ = writeln!(
         out,
@@ -173,7 +192,17 @@ pub fn report() -> (String, bool) {
             Err(why) => format!("absent: {why}"),
         }
     );
-    let can_serve = new_enough && (any_fs || !root);
+    (guard_ok, fastpath.is_ok())
+}
+
+/// Write what the agent will use here, or why it refuses to start.
+fn plan_section(
+    out: &mut String,
+    can_serve: bool,
+    new_enough: bool,
+    fastpath_ok: bool,
+    guard_ok: bool,
+) {
     let _ = writeln!(out, "agent will use:");
     if can_serve {
         let _ = writeln!(
@@ -183,7 +212,7 @@ pub fn report() -> (String, bool) {
         let _ = writeln!(
             out,
             "  - {}",
-            if fastpath.is_ok() {
+            if fastpath_ok {
                 "the BPF fastpath handler, and ignore marks, for files that are not stubs"
             } else {
                 "ignore marks for files that are not stubs (no fastpath hook)"
@@ -209,7 +238,6 @@ pub fn report() -> (String, bool) {
             }
         );
     }
-    (out, can_serve)
 }
 
 fn yes(b: bool) -> &'static str {
