@@ -253,6 +253,15 @@ pub fn publish_to(
     Ok(summary)
 }
 
+/// What is left to do once earlier uploads are accounted for.
+struct Plan {
+    summary: PublishSummary,
+    /// Per file: the object it is published as, once known.
+    done: Vec<Option<FileObject>>,
+    /// Files to upload, in walk order.
+    todo: Vec<usize>,
+}
+
 async fn upload_all(
     store: Arc<dyn Store>,
     url: &str,
@@ -261,6 +270,13 @@ async fn upload_all(
     opts: &PublishOptions,
     objects: &[(&str, &[u8])],
 ) -> Result<PublishSummary, PopulateError> {
+    let mut plan = plan_uploads(store.as_ref(), url, &walked, opts).await;
+    let dirty = upload_files(&store, url, src_root, &walked, opts, &mut plan).await?;
+    finish(store.as_ref(), url, &walked, opts, objects, plan, dirty).await
+}
+
+/// Count the tree and decide per file whether an earlier run's object can be reused.
+async fn plan_uploads(store: &dyn Store, url: &str, walked: &Walk, opts: &PublishOptions) -> Plan {
     let mut s = PublishSummary {
         errors: walked.errors.clone(),
         skipped_special: walked.skipped_special,
@@ -277,7 +293,7 @@ async fn upload_all(
     }
     s.bytes = walked.files.iter().map(|f| f.size).sum();
 
-    let prev = previous_files(store.as_ref(), url, opts.chunk_size).await;
+    let prev = previous_files(store, url, opts.chunk_size).await;
     // Files an earlier run recorded with the same path, size and mtime: reused if the store
     // still holds their objects under the recorded ETags.
     let candidates: Vec<(usize, &FileObject)> = walked
@@ -299,7 +315,7 @@ async fn upload_all(
         Default::default()
     } else {
         let keys: Vec<&str> = candidates.iter().map(|(_, o)| o.key.as_str()).collect();
-        match current_etags(store.as_ref(), url, &keys, None).await {
+        match current_etags(store, url, &keys, None).await {
             Ok(now) => now.unwrap_or_default(),
             Err(e) => {
                 warn!("{url}: cannot check earlier uploads ({e}); they are uploaded again");
@@ -320,7 +336,29 @@ async fn upload_all(
     let todo: Vec<usize> = (0..walked.files.len())
         .filter(|&i| done[i].is_none())
         .collect();
+    Plan {
+        summary: s,
+        done,
+        todo,
+    }
+}
 
+/// Upload the files of `todo` (`jobs` at once, failures once more alone at the end), with
+/// progress and checkpoints of the partial manifest. Returns whether uploads finished since
+/// the last checkpoint.
+async fn upload_files(
+    store: &Arc<dyn Store>,
+    url: &str,
+    src_root: &Path,
+    walked: &Walk,
+    opts: &PublishOptions,
+    plan: &mut Plan,
+) -> Result<bool, PopulateError> {
+    let Plan {
+        summary: s,
+        done,
+        todo,
+    } = plan;
     let total: u64 = todo.iter().map(|&i| walked.files[i].size).sum();
     let progress = if opts.progress && std::io::stderr().is_terminal() {
         let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -335,7 +373,7 @@ async fn upload_all(
         ProgressBar::hidden()
     };
     let mut set = tokio::task::JoinSet::new();
-    let mut next = todo.into_iter();
+    let mut next = std::mem::take(todo).into_iter();
     let mut last_checkpoint = Instant::now();
     let mut dirty = false;
     let jobs = opts.jobs.max(1);
@@ -391,7 +429,7 @@ async fn upload_all(
         }
         progress.set_message(format!("{} files", s.uploaded));
         if dirty && last_checkpoint.elapsed() >= opts.checkpoint_interval {
-            let partial = build_manifest(&walked, &done, opts.chunk_size, false);
+            let partial = build_manifest(walked, done, opts.chunk_size, false);
             if let Err(e) = put_manifest(store.as_ref(), PARTIAL_KEY, &partial).await {
                 progress.suspend(|| warn!("{url}: {e}"));
             }
@@ -400,7 +438,25 @@ async fn upload_all(
         }
     }
     progress.finish_and_clear();
+    Ok(dirty)
+}
 
+/// Write the extra objects and the manifest when the run succeeded (or errors are allowed),
+/// else keep a partial manifest for the next run.
+async fn finish(
+    store: &dyn Store,
+    url: &str,
+    walked: &Walk,
+    opts: &PublishOptions,
+    objects: &[(&str, &[u8])],
+    plan: Plan,
+    dirty: bool,
+) -> Result<PublishSummary, PopulateError> {
+    let Plan {
+        summary: mut s,
+        done,
+        ..
+    } = plan;
     let ok = s.errors.is_empty() || opts.allow_errors;
     if ok {
         for (key, bytes) in objects {
@@ -409,8 +465,8 @@ async fn upload_all(
                 .await
                 .map_err(|e| PopulateError::Setup(format!("{url}: writing {key}: {e}")))?;
         }
-        let manifest = build_manifest(&walked, &done, opts.chunk_size, true);
-        put_manifest(store.as_ref(), MANIFEST_KEY, &manifest)
+        let manifest = build_manifest(walked, &done, opts.chunk_size, true);
+        put_manifest(store, MANIFEST_KEY, &manifest)
             .await
             .map_err(|e| PopulateError::Setup(format!("{url}: {e}")))?;
         s.manifest_written = true;
@@ -419,8 +475,8 @@ async fn upload_all(
         }
     } else if dirty || s.uploaded > 0 {
         // Keep what was done for the next run.
-        let partial = build_manifest(&walked, &done, opts.chunk_size, false);
-        if let Err(e) = put_manifest(store.as_ref(), PARTIAL_KEY, &partial).await {
+        let partial = build_manifest(walked, &done, opts.chunk_size, false);
+        if let Err(e) = put_manifest(store, PARTIAL_KEY, &partial).await {
             warn!("{url}: {e}");
         }
     }
