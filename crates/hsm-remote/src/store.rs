@@ -14,7 +14,7 @@ use object_store::{
 
 use hsm_config::RemoteConfig;
 use object_store::prefix::PrefixStore;
-use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use object_store::{BackoffConfig, RetryConfig};
 
 use crate::{
     Body, Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, RemoteUrl, Store,
@@ -68,19 +68,23 @@ fn build_object_store(
         max_retries: cfg.max_retries,
         retry_timeout: cfg.retry_timeout.0,
     };
-    let mut client = ClientOptions::new();
+    // The timeouts go in as client settings, not as a whole `ClientOptions`: that would
+    // replace the client settings `from_env` read (AWS_ALLOW_HTTP, proxies, ...), and a
+    // store configured by the environment alone failed every request. Options given in
+    // `[remote.options]` come after, so they win.
+    let mut options: Vec<(String, String)> = Vec::new();
     if !cfg.request_timeout.0.is_zero() {
-        client = client.with_timeout(cfg.request_timeout.0);
+        options.push(("timeout".into(), millis(cfg.request_timeout.0)));
     }
     if !cfg.connect_timeout.0.is_zero() {
-        client = client.with_connect_timeout(cfg.connect_timeout.0);
+        options.push(("connect_timeout".into(), millis(cfg.connect_timeout.0)));
     }
-    let options = cfg.options_for(url.as_str());
+    options.extend(cfg.options_for(url.as_str()));
     let bad_key = |k: &str, e: object_store::Error| err(format!("option {k:?}: {e}"));
     // Every builder takes the same settings; only the type (and its option keys) differ.
     macro_rules! configured {
         ($builder:expr) => {{
-            let mut b = $builder.with_retry(retry).with_client_options(client);
+            let mut b = $builder.with_retry(retry);
             for (k, v) in options {
                 let key = k.parse().map_err(|e| bad_key(&k, e))?;
                 b = b.with_config(key, v);
@@ -409,6 +413,11 @@ pub fn local_etag(ino: u64, size: u64, mtime_sec: i64, mtime_nsec: u32) -> Strin
         mtime_sec as u128 * 1_000_000 + u128::from(mtime_nsec / 1000)
     };
     format!("\"{ino:x}-{micros:x}-{size:x}\"")
+}
+
+/// A duration as object_store's configuration strings take it.
+fn millis(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 #[cfg(test)]
