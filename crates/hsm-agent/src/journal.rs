@@ -93,6 +93,42 @@ impl OldJournal {
     }
 }
 
+/// Make the state directory if missing, readable by its owner only: journals say which
+/// files were read, by which thread, at which offsets, and the keeper's socket hands out
+/// the fanotify group. An existing directory open to others is closed (and said so); one
+/// owned by another user is refused, since that user could swap what is in it.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{}: not a directory (a symlink is not accepted as the state directory)",
+            dir.display()
+        )));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "{}: owned by uid {}, not by this user (uid {me}); refusing to keep state there",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.mode() & 0o7777),
+            "state directory was open to other users; made it 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 fn journal_path(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("journal.{pid}"))
 }
@@ -100,10 +136,12 @@ fn journal_path(dir: &Path, pid: u32) -> PathBuf {
 impl Journal {
     /// Create this process's journal in `dir` (made if missing).
     pub fn create(dir: &Path) -> std::io::Result<Journal> {
-        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        ensure_private_dir(dir)?;
         let pid = std::process::id();
         let path = journal_path(dir, pid);
         let file = std::fs::OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .write(true)
             .create(true)
@@ -293,6 +331,12 @@ pub fn read(path: &Path) -> std::io::Result<Option<OldJournal>> {
     }))
 }
 
+/// A journal file too short to hold a header, whose process is gone.
+fn short_and_orphaned(path: &Path, pid: u32) -> bool {
+    let short = std::fs::metadata(path).is_ok_and(|m| m.len() < HEADER);
+    short && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Every journal in `dir` other than this process's own.
 pub fn scan(dir: &Path) -> Vec<OldJournal> {
     let me = std::process::id();
@@ -314,6 +358,13 @@ pub fn scan(dir: &Path) -> Vec<OldJournal> {
         }
         match read(&e.path()) {
             Ok(Some(j)) => out.push(j),
+            // An agent killed between creating its journal and writing the header: it
+            // had read no event, so nothing is lost by removing it (otherwise every later
+            // agent would warn about it forever).
+            Ok(None) if short_and_orphaned(&e.path(), pid) => {
+                tracing::debug!(path = %e.path().display(), "removed the empty journal of a dead agent");
+                let _ = std::fs::remove_file(e.path());
+            }
             Ok(None) => tracing::warn!(path = %e.path().display(), "not an hsm journal; ignored"),
             Err(err) => {
                 tracing::warn!(path = %e.path().display(), error = %err, "cannot read journal")

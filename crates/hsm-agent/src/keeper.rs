@@ -54,7 +54,7 @@ pub fn run(socket_path: &Path, grace: Duration) -> std::io::Result<()> {
         return Ok(());
     }
     if let Some(dir) = socket_path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::journal::ensure_private_dir(dir)?;
     }
     let _ = std::fs::remove_file(socket_path);
     let listener = seqpacket()?;
@@ -225,7 +225,9 @@ impl Client {
             return Ok(c);
         }
         let exe = std::env::current_exe()?;
+        use std::os::unix::fs::OpenOptionsExt;
         let log = std::fs::OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .append(true)
             .open(log)?;

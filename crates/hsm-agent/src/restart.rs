@@ -82,7 +82,7 @@ pub fn obtain_group(cfg: &AgentConfig) -> Result<Obtained, AgentError> {
             store: GroupStore::Systemd,
         });
     }
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::State {
+    crate::journal::ensure_private_dir(&cfg.state_dir).map_err(|source| AgentError::State {
         what: "state directory",
         path: cfg.state_dir.clone(),
         source,
