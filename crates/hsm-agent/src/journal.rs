@@ -105,16 +105,14 @@ pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)?;
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
-        return Err(std::io::Error::other(format!(
-            "{}: not a directory (a symlink is not accepted as the state directory)",
-            dir.display()
-        )));
+        return Err(std::io::Error::other(
+            "not a directory (a symlink is not accepted as the state directory)",
+        ));
     }
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
         return Err(std::io::Error::other(format!(
-            "{}: owned by uid {}, not by this user (uid {me}); refusing to keep state there",
-            dir.display(),
+            "owned by uid {}, not by this user (uid {me}); refusing to keep state there",
             meta.uid()
         )));
     }

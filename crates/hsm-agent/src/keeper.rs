@@ -141,7 +141,16 @@ pub fn run(socket_path: &Path, grace: Duration) -> std::io::Result<()> {
         }
         if ready[0] {
             if let Ok(c) = hsm_kernel::fdio::accept(listener.as_fd()) {
-                clients.push(c);
+                // Whoever connects can take the group (and answer every reader): only our
+                // own user may, whatever the socket's directory allows.
+                match peer_uid(&c) {
+                    Some(uid) if uid == nix::unistd::geteuid().as_raw() => clients.push(c),
+                    other => eprintln!(
+                        "hsm keeper: refused a connection from uid {}: only uid {} may use the keeper",
+                        other.map_or_else(|| "unknown".into(), |u| u.to_string()),
+                        nix::unistd::geteuid()
+                    ),
+                }
             }
         }
         if clients.is_empty() && group.is_some() {
@@ -306,6 +315,13 @@ impl Client {
             .ok()
             .map(|c| c.pid() as u32)
     }
+}
+
+/// The user at the other end of a connection (SO_PEERCRED).
+fn peer_uid(sock: &impl std::os::fd::AsFd) -> Option<u32> {
+    nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
 }
 
 /// The socket path in a state directory.
