@@ -174,6 +174,27 @@ impl MarkSink for GroupMarks {
     }
 }
 
+/// Learns what a blocked thread is about to do from `/proc/TID/syscall` (the thread that
+/// raised a pre-content event sleeps inside its syscall until it is answered).
+#[derive(Debug)]
+struct ProcIntent;
+
+impl hsm_core::IntentProbe for ProcIntent {
+    fn classify_now(&self, tid: i32) -> Option<hsm_core::Access> {
+        use hsm_kernel::intent::Access as K;
+        let seen = hsm_kernel::intent::classify_now(tid)?;
+        if seen.access != K::Read {
+            debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
+        }
+        Some(match seen.access {
+            K::Read => hsm_core::Access::Read,
+            K::Write => hsm_core::Access::Write,
+            K::Truncate { length } => hsm_core::Access::Truncate { length },
+            K::Shift => hsm_core::Access::Shift,
+        })
+    }
+}
+
 /// Run the agent until SIGTERM or SIGINT. Builds its own runtime so that every thread it
 /// creates is known as the agent's own.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {

@@ -20,8 +20,8 @@ use crate::events::Pending;
 use crate::journal::OldJournal;
 use crate::restart::{self, GroupStore};
 use crate::{
-    AgentError, AgentOptions, GroupMarks, OwnThreads, journal, marks, mounts, notify_systemd,
-    stats_json, write_atomic,
+    AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, journal, marks, mounts,
+    notify_systemd, stats_json, write_atomic,
 };
 
 /// Serve until SIGTERM or SIGINT (stop) or SIGUSR2 (hand over to a new agent).
@@ -105,6 +105,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
             metrics: metrics.clone(),
         }),
         private.clone(),
+        Arc::new(ProcIntent),
         metrics.clone(),
     );
 

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hsm_kernel::intent::Access;
 use hsm_kernel::stat::{self, FileStat};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
@@ -29,8 +28,8 @@ use crate::stub::{InodeKey, Stub, sweeper};
 use crate::stubio::{self, Loaded};
 
 pub use crate::api::{
-    AccessEvent, CoreOptions, DenyErrno, FileRange, IntentSource, Later, MarkSink, ProcReopener,
-    RemoteOpener, Reopener, UrlRemotes, Verdict,
+    Access, AccessEvent, CoreOptions, DenyErrno, FileRange, IntentProbe, IntentSource, Later,
+    MarkSink, NoThreads, ProcReopener, RemoteOpener, Reopener, UrlRemotes, Verdict,
 };
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,6 +44,8 @@ pub struct AgentCore {
     pub(crate) remotes: Arc<dyn RemoteOpener>,
     pub(crate) marks: Arc<dyn MarkSink>,
     pub(crate) reopener: Arc<dyn Reopener>,
+    /// What a blocked thread is about to do (the adapter knows how to ask).
+    pub(crate) intent: Arc<dyn IntentProbe>,
     pub(crate) stubs: Mutex<HashMap<InodeKey, Arc<Stub>>>,
     pub(crate) fetch_slots: Semaphore,
     /// Slots for requests that outlived SLOW_REQUEST (see `bounded_fetch`).
@@ -73,6 +74,7 @@ impl AgentCore {
         remotes: Arc<dyn RemoteOpener>,
         marks: Arc<dyn MarkSink>,
         reopener: Arc<dyn Reopener>,
+        intent: Arc<dyn IntentProbe>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -84,6 +86,7 @@ impl AgentCore {
             remotes,
             marks,
             reopener,
+            intent,
             stubs: Mutex::new(HashMap::new()),
             bandwidth,
             persist_tx: tx,

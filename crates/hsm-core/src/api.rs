@@ -8,10 +8,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hsm_kernel::intent::{self, Access};
 use hsm_kernel::stat::FileStat;
 use hsm_remote::{Remote, RemoteError};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::agent::lock;
 use crate::error::LocalError;
@@ -130,10 +129,45 @@ impl Reopener for ProcReopener {
     }
 }
 
+/// The kind of access that raised an event: what the blocked thread is about to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// read, pread, readv, a private or read-only mapping, exec.
+    Read,
+    /// Anything that may modify the file or that could not be classified. Anything not
+    /// proven to be a read is a write: a wrong "write" costs one flush, a wrong "read"
+    /// could lose a local write after a crash.
+    Write,
+    /// `truncate`/`ftruncate` to `length` bytes.
+    Truncate { length: u64 },
+    /// An `fallocate` that moves the file's tail (collapse or insert range): every byte from
+    /// the range's start to the end of the file must be local first.
+    Shift,
+}
+
+/// How the adapter learns what a blocked thread is doing (the kernel's event says only
+/// "data access to this range"). The fanotify adapter reads `/proc/TID/syscall`.
+pub trait IntentProbe: Send + Sync + std::fmt::Debug {
+    /// What thread `tid` is about to do, or `None` if it is still running (not yet blocked
+    /// in its syscall: ask again).
+    fn classify_now(&self, tid: i32) -> Option<Access>;
+}
+
+/// A probe for cores whose events always carry their intent ([`IntentSource::Known`]):
+/// any thread it is asked about is treated as a writer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoThreads;
+
+impl IntentProbe for NoThreads {
+    fn classify_now(&self, _tid: i32) -> Option<Access> {
+        Some(Access::Write)
+    }
+}
+
 /// How to learn what the accessing thread is doing.
 #[derive(Debug, Clone, Copy)]
 pub enum IntentSource {
-    /// Read `/proc/TID/syscall` of the blocked thread, only if the answer matters.
+    /// Ask the core's [`IntentProbe`] about this thread, only if the answer matters.
     Tid(i32),
     /// Already classified on an event thread; the thread id is kept for truncate tracking.
     Seen { tid: i32, access: Access },
@@ -148,13 +182,12 @@ const RUNNING_PATIENCE: Duration = Duration::from_millis(200);
 
 impl IntentSource {
     /// Without waiting: `None` if the thread is still running (try again later).
-    pub(crate) fn classify_now(&self) -> Option<Access> {
+    pub(crate) fn classify_now(&self, probe: &dyn IntentProbe) -> Option<Access> {
         match *self {
             IntentSource::Tid(tid) => {
                 for _ in 0..8 {
-                    if let Some(seen) = intent::classify_now(tid) {
-                        log_non_read(tid, &seen);
-                        return Some(seen.access);
+                    if let Some(access) = probe.classify_now(tid) {
+                        return Some(access);
                     }
                     std::thread::yield_now();
                 }
@@ -165,11 +198,11 @@ impl IntentSource {
     }
 
     /// Waiting (asynchronously) for a running thread to block.
-    pub(crate) async fn classify(&self) -> Access {
+    pub(crate) async fn classify(&self, probe: &dyn IntentProbe) -> Access {
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
-            if let Some(a) = self.classify_now() {
+            if let Some(a) = self.classify_now(probe) {
                 return a;
             }
             if start.elapsed() >= RUNNING_PATIENCE {
@@ -206,12 +239,6 @@ impl IntentSource {
             IntentSource::Tid(t) | IntentSource::Seen { tid: t, .. } => Some(t),
             IntentSource::Known(_) => None,
         }
-    }
-}
-
-fn log_non_read(tid: i32, seen: &intent::Observed) {
-    if seen.access != Access::Read {
-        debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
     }
 }
 

@@ -16,8 +16,8 @@ pub mod stubio;
 mod truncate;
 
 pub use agent::{
-    AccessEvent, AgentCore, CoreOptions, DenyErrno, FileRange, IntentSource, Later, MarkSink,
-    ProcReopener, RemoteOpener, Reopener, UrlRemotes, Verdict,
+    Access, AccessEvent, AgentCore, CoreOptions, DenyErrno, FileRange, IntentProbe, IntentSource,
+    Later, MarkSink, NoThreads, ProcReopener, RemoteOpener, Reopener, UrlRemotes, Verdict,
 };
 pub use error::{LocalError, ServeError, deny_errno};
 pub use metrics::Metrics;

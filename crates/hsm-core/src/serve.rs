@@ -7,13 +7,12 @@ use std::sync::atomic::Ordering;
 
 use crate::api::DenyErrno;
 use futures::FutureExt;
-use hsm_kernel::intent::Access;
 use hsm_kernel::stat::FileStat;
 use hsm_remote::Remote;
 use tracing::warn;
 
 use crate::agent::{AgentCore, lock};
-use crate::api::{AccessEvent, IntentSource, Later, Verdict, ambiguous, needed_range};
+use crate::api::{Access, AccessEvent, IntentSource, Later, Verdict, ambiguous, needed_range};
 use crate::error::{ServeError, deny_errno};
 use crate::fill::InlineClaim;
 use crate::metrics::Metrics;
@@ -30,7 +29,7 @@ impl Stub {
     ) -> Result<Verdict, Later> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
         let early = if ambiguous(ev.range) {
-            match ev.intent.classify_now() {
+            match ev.intent.classify_now(&*core.intent) {
                 Some(a) => Some(a),
                 None => return Err(Later(ev.intent)), // still on its way to sleep
             }
@@ -74,7 +73,7 @@ impl Stub {
         };
         let access = match early {
             Some(a) => a,
-            None if needs_intent => match ev.intent.classify_now() {
+            None if needs_intent => match ev.intent.classify_now(&*core.intent) {
                 Some(a) => a,
                 None => return Err(Later(ev.intent)), // still on its way to sleep
             },
@@ -179,7 +178,7 @@ impl Stub {
         }
         // Classify first when the range alone cannot say what is needed, or when it is free.
         let early = if ambiguous(ev.range) || ev.intent.is_classified() {
-            Some(ev.intent.classify().await)
+            Some(ev.intent.classify(&*core.intent).await)
         } else {
             None
         };
@@ -189,7 +188,7 @@ impl Stub {
         // we do (everything in range durable, nothing in flight, writes already guarded).
         let access = match early {
             Some(a) => a,
-            None if needs_intent => ev.intent.classify().await,
+            None if needs_intent => ev.intent.classify(&*core.intent).await,
             None => Access::Read,
         };
         if early.is_none() && access == Access::Shift {

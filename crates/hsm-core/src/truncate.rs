@@ -5,11 +5,11 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hsm_kernel::intent::{self, Access};
 use hsm_kernel::stat::{self};
 use tracing::warn;
 
 use crate::agent::{AgentCore, lock};
+use crate::api::Access;
 use crate::metrics::Metrics;
 use crate::stub::Stub;
 
@@ -55,9 +55,9 @@ impl Stub {
                 confirmed = Some(size);
                 break;
             }
-            let still_truncating = tid.is_some_and(|t| match intent::classify_now(t) {
+            let still_truncating = tid.is_some_and(|t| match core.intent.classify_now(t) {
                 None => true, // running: not done yet
-                Some(o) => matches!(o.access, Access::Truncate { length: l } if l == length),
+                Some(a) => matches!(a, Access::Truncate { length: l } if l == length),
             });
             if !still_truncating {
                 // The syscall is over: one last look decides.
