@@ -103,37 +103,12 @@ pub fn run(socket_path: &Path, grace: Duration) -> std::io::Result<()> {
             }
             match recv_fd(c.as_fd(), &mut buf) {
                 Ok((0, _)) | Err(_) => gone.push(i),
-                Ok((n, fd)) => match &buf[..n] {
-                    b"PUT" => {
-                        let reply: &[u8] = match (fd, &group) {
-                            (Some(fd), None) => {
-                                group = Some(fd);
-                                b"OK"
-                            }
-                            (_, Some(_)) => b"HELD",
-                            (None, None) => b"NOFD",
-                        };
-                        let _ = send_fd(c.as_fd(), reply, None);
-                    }
-                    b"GET" => {
-                        let _ = match &group {
-                            Some(g) => send_fd(c.as_fd(), b"FD", Some(g.as_fd())),
-                            None => send_fd(c.as_fd(), b"NONE", None),
-                        };
-                    }
-                    b"PING" => {
-                        let _ = send_fd(c.as_fd(), b"PONG", None);
-                    }
-                    b"CLOSE" => {
-                        drop(group.take());
-                        let _ = send_fd(c.as_fd(), b"OK", None);
+                Ok((n, fd)) => {
+                    if answer(c.as_fd(), &buf[..n], fd, &mut group) == Next::Close {
                         let _ = std::fs::remove_file(socket_path);
                         return Ok(());
                     }
-                    _ => {
-                        let _ = send_fd(c.as_fd(), b"ERR", None);
-                    }
-                },
+                }
             }
         }
         for i in gone.into_iter().rev() {
@@ -170,6 +145,49 @@ pub fn run(socket_path: &Path, grace: Duration) -> std::io::Result<()> {
             alone_since = None;
         }
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Next {
+    Serve,
+    Close,
+}
+
+/// Answer one request from a connected agent: PUT hands the group over (with its fd), GET
+/// asks for it, PING checks the keeper is alive, CLOSE drops the group (a clean stop: the
+/// agent has already answered its readers) and ends the keeper.
+fn answer(c: BorrowedFd<'_>, msg: &[u8], fd: Option<OwnedFd>, group: &mut Option<OwnedFd>) -> Next {
+    match msg {
+        b"PUT" => {
+            let reply: &[u8] = match (fd, &*group) {
+                (Some(fd), None) => {
+                    *group = Some(fd);
+                    b"OK"
+                }
+                (_, Some(_)) => b"HELD",
+                (None, None) => b"NOFD",
+            };
+            let _ = send_fd(c, reply, None);
+        }
+        b"GET" => {
+            let _ = match &*group {
+                Some(g) => send_fd(c, b"FD", Some(g.as_fd())),
+                None => send_fd(c, b"NONE", None),
+            };
+        }
+        b"PING" => {
+            let _ = send_fd(c, b"PONG", None);
+        }
+        b"CLOSE" => {
+            drop(group.take());
+            let _ = send_fd(c, b"OK", None);
+            return Next::Close;
+        }
+        _ => {
+            let _ = send_fd(c, b"ERR", None);
+        }
+    }
+    Next::Serve
 }
 
 /// Release a group nobody will serve without letting any reader see zeros: no new events
