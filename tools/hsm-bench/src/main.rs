@@ -5,14 +5,17 @@
 //! repeated (alternating order) and the medians are compared.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
+
+mod rig;
 use rand::{Rng, SeedableRng};
+use rig::*;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,221 +56,6 @@ struct Args {
     /// The script that runs the container-start test (podman, moto, the cached test image).
     #[arg(long, default_value = "tools/bench-container")]
     container_script: PathBuf,
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        out.status
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn drop_caches() -> Result<()> {
-    nix::unistd::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop_caches")?;
-    Ok(())
-}
-
-/// A loop-mounted ext4 filesystem, unmounted and detached on drop.
-struct LoopFs {
-    dev: String,
-    mnt: PathBuf,
-}
-
-impl LoopFs {
-    fn new(work: &Path, name: &str, size: &str, fs: &str) -> Result<Self> {
-        let img = work.join(format!("{name}.img"));
-        let mnt = work.join(name);
-        let _ = Command::new("umount")
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status();
-        std::fs::create_dir_all(&mnt)?;
-        let _ = std::fs::remove_file(&img);
-        sh("truncate", &["-s", size, img.to_str().context("utf8")?])?;
-        let img_s = img.to_str().context("utf8")?;
-        match fs {
-            "ext4" => sh("mkfs.ext4", &["-q", "-F", img_s])?,
-            // 512-byte inodes keep a stub's xattrs inside the inode (see docs/BENCHMARKS.md).
-            "ext4-i512" => sh("mkfs.ext4", &["-q", "-F", "-I", "512", img_s])?,
-            "xfs" => sh("mkfs.xfs", &["-q", "-f", img_s])?,
-            "btrfs" => sh("mkfs.btrfs", &["-q", "-f", img_s])?,
-            other => bail!("unknown filesystem {other:?} (ext4, ext4-i512, xfs or btrfs)"),
-        };
-        let dev = sh("losetup", &["-f", "--show", img.to_str().context("utf8")?])?;
-        sh("mount", &[&dev, mnt.to_str().context("utf8")?])?;
-        Ok(LoopFs { dev, mnt })
-    }
-}
-
-impl LoopFs {
-    /// Unmount and mount again: nothing of this filesystem (inodes, xattrs, data) stays
-    /// cached, while other filesystems' caches are untouched.
-    fn remount(&self) -> Result<()> {
-        nix::unistd::sync();
-        sh("umount", &[self.mnt.to_str().context("utf8")?])?;
-        sh("mount", &[&self.dev, self.mnt.to_str().context("utf8")?])?;
-        Ok(())
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-/// The agent, stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    fn start(a: &Args, tree: &Path) -> Result<Self> {
-        let (bin, work) = (&a.bin, &a.work);
-        let ready = work.join("agent.ready");
-        let _ = std::fs::remove_file(&ready);
-        let log = File::create(work.join("agent.log"))?;
-        let mut cmd = Command::new(bin.join("hsm"));
-        if let Some(cfg) = &a.agent_config {
-            cmd.arg("--config").arg(cfg);
-        }
-        let child = cmd
-            .args(["agent", tree.to_str().context("utf8")?, "--ready-file"])
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .stderr(log)
-            .spawn()
-            .context("starting hsm agent")?;
-        let mut agent = Agent { child };
-        for _ in 0..200 {
-            if ready.exists() {
-                return Ok(agent);
-            }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("hsm agent exited during start-up: {status}");
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        bail!("hsm agent not ready after 5 s")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn populate(bin: &Path, src: &Path, dst: &Path) -> Result<Duration> {
-    let t = Instant::now();
-    let status = Command::new(bin.join("hsm"))
-        .args(["populate", "--no-progress"])
-        .arg(src)
-        .arg(dst)
-        .env("RUST_LOG", "error")
-        .stderr(Stdio::null())
-        .status()?;
-    ensure!(status.success(), "hsm populate failed: {status}");
-    Ok(t.elapsed())
-}
-
-/// Fill a file with incompressible, non-zero data (zero pages would be skipped by fills).
-fn write_random(path: &Path, bytes: u64, seed: u64) -> Result<()> {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut f = File::create(path)?;
-    let mut buf = vec![0u8; 8 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        rng.fill(&mut buf[..]);
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Read a whole file sequentially with 128 KiB reads (what cat and cp do).
-fn read_all(path: &Path) -> Result<u64> {
-    let mut f = File::open(path).with_context(|| path.display().to_string())?;
-    let mut buf = vec![0u8; 128 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        total += n as u64;
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-struct Line {
-    name: &'static str,
-    hsm: f64,
-    base: f64,
-    unit: &'static str,
-    ratio: f64,
-    goal: f64,
-    at_most: bool,
-    detail: String,
-    /// Printed for information; not one of the goals.
-    info: bool,
-}
-
-impl Line {
-    fn met(&self) -> bool {
-        if self.at_most {
-            self.ratio <= self.goal
-        } else {
-            self.ratio >= self.goal
-        }
-    }
-}
-
-fn print_line(l: &Line) {
-    println!(
-        "{:<44} hsm {:>9.3} {:<3} baseline {:>9.3} {:<3} ratio {:>5.2}x  goal {} {:.2}x  {}   {}",
-        l.name,
-        l.hsm,
-        l.unit,
-        l.base,
-        l.unit,
-        l.ratio,
-        if l.at_most { "<=" } else { ">=" },
-        l.goal,
-        if l.info {
-            "info"
-        } else if l.met() {
-            "met"
-        } else {
-            "MISSED"
-        },
-        l.detail
-    );
 }
 
 /// Cold sequential read of a stub vs cp of the source + read of the copy, both + sync.
@@ -339,7 +127,14 @@ fn bench_seq(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
         ),
         info: false,
     }];
+    lines.extend(bench_reread(a, &stubdir, &copy)?);
+    let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_dir_all(&stubdir);
+    Ok(lines)
+}
 
+/// Re-read, page cache warm: the hydrated stub `stubdir/big.bin` vs the plain `copy`.
+fn bench_reread(a: &Args, stubdir: &Path, copy: &Path) -> Result<Vec<Line>> {
     // Re-read, page cache warm: the hydrated stub vs a plain file of the same bytes, both on
     // the filesystem the agent serves (the question is whether a hydrated file reads like a
     // plain one). With the agent running, the kernel runs its fanotify hook on every read of
@@ -350,15 +145,15 @@ fn bench_seq(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
         "the stub is not hydrated after a full read"
     );
     let (mut hsm_r, mut base_r, mut bare_r) = (Vec::new(), Vec::new(), Vec::new());
-    let agent = Agent::start(a, &stubdir)?;
+    let agent = Agent::start(a, stubdir)?;
     read_all(&stub)?;
-    read_all(&copy)?;
+    read_all(copy)?;
     for round in 0..(a.repeat * 3) {
         for side in [round % 2, 1 - round % 2] {
             let (path, out) = if side == 0 {
-                (&copy, &mut base_r)
+                (copy, &mut base_r)
             } else {
-                (&stub, &mut hsm_r)
+                (stub.as_path(), &mut hsm_r)
             };
             let t = Instant::now();
             for _ in 0..REREADS {
@@ -368,15 +163,16 @@ fn bench_seq(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
         }
     }
     drop(agent);
-    read_all(&copy)?;
+    read_all(copy)?;
     for _ in 0..(a.repeat * 3) {
         let t = Instant::now();
         for _ in 0..REREADS {
-            read_all(&copy)?;
+            read_all(copy)?;
         }
         bare_r.push(t.elapsed().as_secs_f64());
     }
     let (h, b, bare) = (median(&mut hsm_r), median(&mut base_r), median(&mut bare_r));
+    let mut lines = Vec::new();
     let detail = format!(
         "{} MiB, {} samples of {REREADS} reads each, medians",
         a.seq_mib,
@@ -404,8 +200,6 @@ fn bench_seq(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
         detail: format!("{detail}; includes the kernel's per-read fanotify hook"),
         info: true,
     });
-    let _ = std::fs::remove_file(&copy);
-    let _ = std::fs::remove_dir_all(&stubdir);
     Ok(lines)
 }
 
