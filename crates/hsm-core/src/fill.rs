@@ -88,7 +88,10 @@ impl Stub {
                 break gate;
             }
             drop(gate);
-            std::thread::sleep(Duration::from_millis(1));
+            // The barrier is lifted by the async side once the truncate is seen completing.
+            let mut barrier = self.barrier.subscribe();
+            let _ =
+                futures::executor::block_on(barrier.wait_for(|b| !b.is_some_and(|b| b < part.end)));
         };
         let written = self.write_blocking(part.start, &data)?;
         Metrics::add(&core.metrics.bytes_written, written);
