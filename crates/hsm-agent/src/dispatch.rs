@@ -28,12 +28,7 @@ pub(crate) struct Ctx {
     /// Open descriptors the agent may use before it stops reading events (each event
     /// brings one, each cached stub holds one); the rest is room for everything else.
     fd_budget: usize,
-    core: Arc<AgentCore>,
-    group: Arc<Group>,
-    pending: Arc<Pending>,
-    private: Arc<mounts::PrivateMounts>,
-    own: Arc<OwnThreads>,
-    metrics: Arc<Metrics>,
+    shared: Shared,
     rt: tokio::runtime::Handle,
     stopping: AtomicBool,
     paused: AtomicBool,
@@ -58,12 +53,7 @@ impl Ctx {
             fd_budget: (nofile as usize)
                 .saturating_sub(threads.max(1) * journal::EVENTS_PER_READ as usize + 1024)
                 .max(256),
-            core: shared.core,
-            group: shared.group,
-            pending: shared.pending,
-            private: shared.private,
-            own: shared.own,
-            metrics: shared.metrics,
+            shared,
             rt: tokio::runtime::Handle::current(),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -80,12 +70,12 @@ impl Ctx {
 /// what can be answered on the spot, hand the rest to the async core.
 pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
     let tid = hsm_kernel::sys::gettid();
-    ctx.own.add(tid);
+    ctx.shared.own.add(tid);
     let run = || -> Result<(), LoopError> {
         let fail = |op| move |errno| LoopError { op, errno };
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(fail("epoll_create"))?;
         ep.add(
-            ctx.group.as_fd(),
+            ctx.shared.group.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0),
         )
         .map_err(fail("epoll add fanotify"))?;
@@ -99,9 +89,9 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
                 // Events wait in the kernel's (unlimited) queue until answers free some
                 // descriptors; reading more now would fail them with EMFILE.
                 if !ctx.paused.swap(true, Ordering::Relaxed) {
-                    Metrics::inc(&ctx.metrics.reads_paused);
+                    Metrics::inc(&ctx.shared.metrics.reads_paused);
                     warn!(
-                        in_flight = ctx.pending.len(),
+                        in_flight = ctx.shared.pending.len(),
                         "open descriptors near the limit: reading events paused"
                     );
                 }
@@ -139,7 +129,7 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
     if let Err(e) = run() {
         error!(error = %e, "event thread failed");
     }
-    ctx.own.remove(tid);
+    ctx.shared.own.remove(tid);
 }
 
 /// How long an event thread keeps polling after its last event before it sleeps.
@@ -147,7 +137,7 @@ const SPIN_AFTER_EVENT: Duration = Duration::from_micros(100);
 
 /// Near the descriptor limit? (events in flight plus cached stubs, each one fd)
 fn over_fd_budget(ctx: &Ctx) -> bool {
-    ctx.pending.len() + ctx.core.cached_stubs() >= ctx.fd_budget
+    ctx.shared.pending.len() + ctx.shared.core.cached_stubs() >= ctx.fd_budget
 }
 
 /// Read and answer every queued event (until the descriptor budget is used); returns how
@@ -159,7 +149,7 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
             return n;
         }
         batch.clear();
-        let r = ctx.group.read_events(buf, batch);
+        let r = ctx.shared.group.read_events(buf, batch);
         n += batch.len();
         for ev in batch.drain(..) {
             dispatch(ctx, ev);
@@ -178,20 +168,20 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
 fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
     let Some(fd) = ev.fd else {
         if ev.mask & hsm_kernel::fanotify::FAN_Q_OVERFLOW != 0 {
-            Metrics::inc(&ctx.metrics.queue_overflows);
+            Metrics::inc(&ctx.shared.metrics.queue_overflows);
             error!("fanotify queue overflow: some accesses were allowed unserved");
         }
         return;
     };
-    let guard = ctx.pending.register(fd, ev.pid, ev.range);
-    if ev.mask & AGENT_EVENTS == 0 || ctx.own.contains(ev.pid) {
-        Metrics::inc(&ctx.metrics.events_own);
+    let guard = ctx.shared.pending.register(fd, ev.pid, ev.range);
+    if ev.mask & AGENT_EVENTS == 0 || ctx.shared.own.contains(ev.pid) {
+        Metrics::inc(&ctx.shared.metrics.events_own);
         guard.respond(Response::Allow);
         return;
     }
     let access = ev.mask & FAN_PRE_ACCESS != 0;
     let now = if access {
-        ctx.core.try_handle_now(&AccessEvent {
+        ctx.shared.core.try_handle_now(&AccessEvent {
             fd: guard.fd(),
             range: crate::core_range(ev.range),
             intent: IntentSource::Tid(ev.pid),
@@ -201,8 +191,8 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
         // through overlayfs, whose mappings of lower files raise no event (and whose exec
         // maps segments without one). An exec through a visible mount is served at mmap
         // time like any mapping.
-        let whole = !ctx.private.reached_directly(guard.fd(), ev.pid);
-        match ctx.core.try_open_now(guard.fd(), ev.pid, whole) {
+        let whole = !ctx.shared.private.reached_directly(guard.fd(), ev.pid);
+        match ctx.shared.core.try_open_now(guard.fd(), ev.pid, whole) {
             // Could not look at it now: its reads and mappings raise events of their own.
             Err(Later(_)) if !whole => Ok(Verdict::Allow),
             other => other,
@@ -213,7 +203,7 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
         Err(Later(_)) if !access => {
             let ctx2 = ctx.clone();
             ctx.rt.spawn(async move {
-                let verdict = ctx2.core.handle_open(guard.fd(), ev.pid).await;
+                let verdict = ctx2.shared.core.handle_open(guard.fd(), ev.pid).await;
                 answer(&ctx2, guard, verdict);
             });
         }
@@ -221,6 +211,7 @@ fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
             let ctx2 = ctx.clone();
             ctx.rt.spawn(async move {
                 let verdict = ctx2
+                    .shared
                     .core
                     .handle(AccessEvent {
                         fd: guard.fd(),
@@ -238,8 +229,8 @@ fn answer(ctx: &Ctx, guard: events::EventGuard, verdict: Verdict) {
     let response = match verdict {
         Verdict::Allow => Response::Allow,
         Verdict::AllowAndIgnore => {
-            match ctx.group.add_ignore_mark(guard.fd(), AGENT_EVENTS) {
-                Ok(()) => Metrics::inc(&ctx.metrics.ignore_marks),
+            match ctx.shared.group.add_ignore_mark(guard.fd(), AGENT_EVENTS) {
+                Ok(()) => Metrics::inc(&ctx.shared.metrics.ignore_marks),
                 Err(e) => debug!(error = %e, "could not place ignore mark"),
             }
             Response::Allow
