@@ -181,17 +181,11 @@ struct ProcIntent;
 
 impl hsm_core::IntentProbe for ProcIntent {
     fn classify_now(&self, tid: i32) -> Option<hsm_core::Access> {
-        use hsm_kernel::intent::Access as K;
         let seen = hsm_kernel::intent::classify_now(tid)?;
-        if seen.access != K::Read {
+        if seen.access != hsm_core::Access::Read {
             debug!(tid, syscall = ?seen.syscall, access = ?seen.access, "access is not a read");
         }
-        Some(match seen.access {
-            K::Read => hsm_core::Access::Read,
-            K::Write => hsm_core::Access::Write,
-            K::Truncate { length } => hsm_core::Access::Truncate { length },
-            K::Shift => hsm_core::Access::Shift,
-        })
+        Some(seen.access)
     }
 }
 

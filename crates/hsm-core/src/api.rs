@@ -129,21 +129,9 @@ impl Reopener for ProcReopener {
     }
 }
 
-/// The kind of access that raised an event: what the blocked thread is about to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// read, pread, readv, a private or read-only mapping, exec.
-    Read,
-    /// Anything that may modify the file or that could not be classified. Anything not
-    /// proven to be a read is a write: a wrong "write" costs one flush, a wrong "read"
-    /// could lose a local write after a crash.
-    Write,
-    /// `truncate`/`ftruncate` to `length` bytes.
-    Truncate { length: u64 },
-    /// An `fallocate` that moves the file's tail (collapse or insert range): every byte from
-    /// the range's start to the end of the file must be local first.
-    Shift,
-}
+/// The kind of access that raised an event (read, write, truncate, tail shift): the
+/// vocabulary the intent module of hsm-kernel already defines.
+pub use hsm_kernel::intent::Access;
 
 /// How the adapter learns what a blocked thread is doing (the kernel's event says only
 /// "data access to this range"). The fanotify adapter reads `/proc/TID/syscall`.
