@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hsm_core::metrics::Metrics;
@@ -14,7 +14,7 @@ use nix::sys::eventfd::EventFd;
 use tracing::{debug, error, warn};
 
 use crate::events::{self, Pending};
-use crate::{OwnThreads, journal, mounts};
+use crate::{OwnThreads, mounts};
 
 /// Why an event thread stopped serving: a system call on its epoll set failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,10 @@ pub(crate) struct Ctx {
     /// Open descriptors the agent may use before it stops reading events (each event
     /// brings one, each cached stub holds one); the rest is room for everything else.
     fd_budget: usize,
+    /// Descriptors the reads in progress may bring: each read claims room for the events
+    /// its buffer can hold before it reads, and gives the claim back once they are
+    /// registered, so concurrent reads never take the agent past the budget together.
+    reading: AtomicUsize,
     shared: Shared,
     rt: tokio::runtime::Handle,
     stopping: AtomicBool,
@@ -45,14 +49,15 @@ pub(crate) struct Shared {
 }
 
 impl Ctx {
-    /// `nofile`: the open-file limit; `threads`: how many event threads will read.
-    pub(crate) fn new(shared: Shared, nofile: u64, threads: usize) -> Self {
+    /// `nofile`: the open-file limit.
+    pub(crate) fn new(shared: Shared, nofile: u64) -> Self {
         Ctx {
-            // Every event thread may be inside one read (up to ~1365 events, each with an
-            // fd) when the budget is reached; 1024 more for sockets, files and the journal.
-            fd_budget: (nofile as usize)
-                .saturating_sub(threads.max(1) * journal::EVENTS_PER_READ as usize + 1024)
-                .max(256),
+            // What is left outside the budget is for descriptors held briefly: stub loads
+            // on the blocking pool (up to 512 at once), a writer per running fill, fetch
+            // connections, the journal, sockets and files. Too small a margin here failed
+            // reopens with EMFILE under 10,000 held events (fstest 038).
+            fd_budget: (nofile as usize).saturating_sub(FD_MARGIN).max(256),
+            reading: AtomicUsize::new(0),
             shared,
             rt: tokio::runtime::Handle::current(),
             stopping: AtomicBool::new(false),
@@ -135,9 +140,38 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
 /// How long an event thread keeps polling after its last event before it sleeps.
 const SPIN_AFTER_EVENT: Duration = Duration::from_micros(100);
 
-/// Near the descriptor limit? (events in flight plus cached stubs, each one fd)
+/// Descriptors kept outside the event budget (see [`Ctx::new`]).
+const FD_MARGIN: usize = 2048;
+
+/// The shortest event: metadata without an information record (an open permission
+/// event). A buffer of `n * MIN_EVENT_LEN` bytes returns at most `n` events.
+const MIN_EVENT_LEN: usize = hsm_kernel::fanotify::METADATA_LEN;
+
+/// Descriptors in use that the budget counts: events in flight, cached stubs, and the
+/// room claimed by reads in progress.
+fn fds_used(ctx: &Ctx) -> usize {
+    ctx.shared.pending.len() + ctx.shared.core.cached_stubs() + ctx.reading.load(Ordering::SeqCst)
+}
+
+/// Near the descriptor limit?
 fn over_fd_budget(ctx: &Ctx) -> bool {
-    ctx.shared.pending.len() + ctx.shared.core.cached_stubs() >= ctx.fd_budget
+    fds_used(ctx) >= ctx.fd_budget
+}
+
+/// Claim room for one read's events: returns how many bytes the read may use (0 when the
+/// budget is spent). Give the claim back with `release_room` once the events are
+/// registered as pending.
+fn claim_room(ctx: &Ctx, buf_len: usize) -> usize {
+    let most = buf_len / MIN_EVENT_LEN;
+    let mut claimed = 0;
+    let _ = ctx
+        .reading
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |reading| {
+            let used = ctx.shared.pending.len() + ctx.shared.core.cached_stubs() + reading;
+            claimed = ctx.fd_budget.saturating_sub(used).min(most);
+            (claimed > 0).then_some(reading + claimed)
+        });
+    claimed
 }
 
 /// Read and answer every queued event (until the descriptor budget is used); returns how
@@ -145,15 +179,20 @@ fn over_fd_budget(ctx: &Ctx) -> bool {
 fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
     let mut n = 0;
     loop {
-        if over_fd_budget(ctx) {
+        let room = claim_room(ctx, buf.len());
+        if room == 0 {
             return n;
         }
         batch.clear();
-        let r = ctx.shared.group.read_events(buf, batch);
+        // Never shorter than one event with its range record (a shorter buffer is EINVAL);
+        // that may exceed the claim by one event, which the margin covers.
+        let len = (room * MIN_EVENT_LEN).clamp(2 * MIN_EVENT_LEN, buf.len());
+        let r = ctx.shared.group.read_events(&mut buf[..len], batch);
         n += batch.len();
         for ev in batch.drain(..) {
             dispatch(ctx, ev);
         }
+        ctx.reading.fetch_sub(room, Ordering::SeqCst);
         match r {
             Ok(()) => {}
             Err(e) if e.errno() == Some(libc::EAGAIN) => return n,

@@ -34,9 +34,9 @@ const SLOT: u64 = 256;
 const STATE_IN_FLIGHT: u32 = 1;
 const FLAG_STOPPED_READING: u32 = 1;
 
-/// Most events one read of the agent's 64 KiB buffer can return (24-byte metadata plus a
-/// 24-byte range record each).
-pub const EVENTS_PER_READ: RawFd = 64 * 1024 / 48;
+/// Most events one read of the agent's 64 KiB buffer can return (24-byte metadata each;
+/// access events add a 24-byte range record, open events nothing).
+pub const EVENTS_PER_READ: RawFd = 64 * 1024 / 24;
 
 /// Highest fd number a journal can describe (the slot offset must stay sane).
 pub const MAX_FD: RawFd = 1 << 24;

@@ -140,7 +140,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         own,
         metrics,
     };
-    let ctx = Arc::new(Ctx::new(shared, nofile, cfg.event_threads));
+    let ctx = Arc::new(Ctx::new(shared, nofile));
     let stop = Arc::new(
         EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| AgentError::Io(e.into()))?,
