@@ -6,6 +6,7 @@
 
 mod dispatch;
 pub mod events;
+mod exporter;
 pub mod journal;
 pub mod keeper;
 mod marks;
@@ -82,6 +83,13 @@ pub enum AgentError {
     GuardRequired(#[source] hsm_bpf::BpfError),
     #[error("could not register with the stub guard: {0}")]
     GuardRegistration(#[source] hsm_bpf::BpfError),
+    /// `[metrics] listen` could not be bound.
+    #[error("[metrics] listen = \"{addr}\": cannot listen there: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fanotify: {0}")]
     Kernel(#[from] hsm_kernel::KernelError),
     #[error("{0}")]
@@ -113,6 +121,8 @@ pub struct AgentOptions {
     pub trees: Vec<PathBuf>,
     pub config: AgentConfig,
     pub remote: hsm_config::RemoteConfig,
+    /// Serve Prometheus metrics here (`[metrics] listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The core's view of an event's range: the core knows nothing of fanotify.

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hsm_config::{AgentConfig, MarkKind};
-use hsm_core::metrics::Metrics;
+use hsm_core::metrics::{Gauges, Metrics};
 use hsm_core::{AgentCore, CoreOptions, UrlRemotes};
 use hsm_kernel::fanotify::{DenyErrno, Group};
 use hsm_kernel::fdio::ReservedFds;
@@ -20,7 +20,7 @@ use crate::events::Pending;
 use crate::journal::OldJournal;
 use crate::restart::{self, GroupStore};
 use crate::{
-    AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, journal, marks, mounts,
+    AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, exporter, journal, marks, mounts,
     notify_systemd, stats_json, write_atomic,
 };
 
@@ -54,6 +54,8 @@ pub(crate) struct Running {
     store: GroupStore,
     registration: Option<hsm_bpf::Registration>,
     _fastpath: Option<hsm_bpf::fastpath::FastpathHandle>,
+    /// The Prometheus endpoint, served until the agent stops.
+    exporter: Option<tokio::task::JoinHandle<()>>,
     started: Instant,
 }
 
@@ -69,6 +71,8 @@ struct Earlier {
 async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, AgentError> {
     marks::preflight()?;
     let cfg = opts.config.clone();
+    // First, so a bad address stops the agent before it touches anything.
+    let metrics_listener = opts.metrics_listen.map(exporter::bind).transpose()?;
     let trees = resolve_trees(opts)?;
     let nofile = hsm_kernel::sys::raise_nofile_limit()?;
     debug!(nofile, "open file limit");
@@ -155,6 +159,23 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         );
     }
     spawn_recovery(&cfg, &core, &group, &private, earlier);
+    let started = Instant::now();
+    let exporter = metrics_listener.map(|l| {
+        let (core, pending) = (core.clone(), pending.clone());
+        exporter::spawn(
+            l,
+            Arc::new(move || {
+                core.metrics().render_prometheus(&Gauges {
+                    uptime_secs: started.elapsed().as_secs_f64(),
+                    cached_stubs: core.cached_stubs() as u64,
+                    events_in_flight: pending.len() as u64,
+                })
+            }),
+        )
+    });
+    if let Some(addr) = opts.metrics_listen {
+        info!(%addr, "serving Prometheus metrics at /metrics");
+    }
 
     if let Some(p) = &cfg.ready_file {
         std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
@@ -184,7 +205,8 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         store,
         registration,
         _fastpath: fastpath,
-        started: Instant::now(),
+        exporter,
+        started,
     })
 }
 
@@ -422,8 +444,12 @@ impl Running {
             journal,
             store,
             registration,
+            exporter,
             ..
         } = self;
+        if let Some(e) = exporter {
+            e.abort();
+        }
         drop(registration);
         // Every event is answered and nothing else holds the journal: remove it.
         drop((pending, ctx));

@@ -19,6 +19,7 @@ pub struct Config {
     pub populate: PopulateConfig,
     pub remote: RemoteConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Where the agent places its fanotify mark.
@@ -276,6 +277,15 @@ impl fmt::Debug for RemoteConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus endpoint (docs/METRICS.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` on this address ("127.0.0.1:9464", "[::1]:9464"); unset (the
+    /// default) serves nothing. No authentication: keep it on loopback or a private network.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -503,6 +513,29 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_is_an_address_or_an_error_naming_it() {
+        let c = Config::parse(
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parse");
+        assert_eq!(
+            c.metrics.listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let c = Config::parse("[metrics]\nlisten = \"[::1]:9464\"\n", Path::new("x.toml"))
+            .expect("parse v6");
+        assert_eq!(c.metrics.listen, Some("[::1]:9464".parse().expect("addr")));
+        assert_eq!(Config::default().metrics.listen, None);
+        let e = Config::parse("[metrics]\nlisten = \"localhost\"\n", Path::new("x.toml"))
+            .expect_err("no port");
+        assert!(
+            e.to_string().contains("x.toml") && e.to_string().contains("listen"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn empty_file_is_all_defaults() {
         let c = Config::parse("", Path::new("empty.toml")).expect("parse");
         assert_eq!(c, Config::default());
@@ -549,7 +582,7 @@ mod tests {
                 );
             }
         }
-        for optional in ["ready_file", "stats_file"] {
+        for optional in ["ready_file", "stats_file", "listen"] {
             assert!(
                 text.contains(&format!("# {optional} = ")),
                 "mention {optional}"

@@ -176,7 +176,9 @@ impl Stub {
         let core2 = core.clone();
         let r = run.clone();
         let handle = tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = stub.run_fill(&core2, r.clone()).await;
+            core2.metrics.fill_duration.observe(started.elapsed());
             {
                 let mut s = lock(&stub.state);
                 s.clear_inflight(r.clone());

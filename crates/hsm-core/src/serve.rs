@@ -130,7 +130,9 @@ impl Stub {
             }
         };
         Metrics::inc(&core.metrics.fills);
+        let started = std::time::Instant::now();
         let result = self.fill_inline(core, run.clone());
+        core.metrics.fill_duration.observe(started.elapsed());
         {
             let mut s = lock(&self.state);
             if result.is_ok() {

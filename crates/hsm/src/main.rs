@@ -131,6 +131,9 @@ enum Command {
         /// "auto" or "off" (default: [agent] keeper).
         #[arg(long, env = "HSM_KEEPER")]
         keeper: Option<hsm_config::KeeperMode>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (default: [metrics] listen).
+        #[arg(long, env = "HSM_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -244,7 +247,11 @@ fn main() -> ExitCode {
             stats_file,
             state_dir,
             keeper,
+            metrics_listen,
         } => {
+            if metrics_listen.is_some() {
+                cfg.metrics.listen = metrics_listen;
+            }
             if let Some(d) = state_dir {
                 cfg.agent.state_dir = d;
             }
@@ -264,6 +271,7 @@ fn main() -> ExitCode {
                 trees: dst,
                 config: cfg.agent.clone(),
                 remote: cfg.remote.clone(),
+                metrics_listen: cfg.metrics.listen,
             })
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from)
