@@ -4,6 +4,7 @@
 //! [`hsm_core::AccessEvent`] for the core, writes the answer, and places ignore marks for
 //! files with nothing to fetch. Policy lives in `hsm-core`; this crate only translates.
 
+pub mod cache;
 mod dispatch;
 pub mod events;
 mod exporter;

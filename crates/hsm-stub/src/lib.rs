@@ -29,6 +29,12 @@ pub const MARKER_XATTR: &str = "security.bpf.hsm";
 pub const META_XATTR: &str = "trusted.hsm.meta";
 /// Name of the resident-map xattr (`trusted.*`: CAP_SYS_ADMIN to read or write).
 pub const MAP_XATTR: &str = "trusted.hsm.map";
+/// Name of the origin xattr of a fully fetched file that is still a copy of its remote
+/// object (what `hsm evict` needs to make it a stub again).
+pub const ORIGIN_XATTR: &str = "trusted.hsm.origin";
+/// Name of the pin xattr, on a file or a directory (covering everything below it): pinned
+/// files are kept whole and never evicted. Its value is empty.
+pub const PIN_XATTR: &str = "trusted.hsm.pin";
 
 /// Upper bound on granules per file, so the bitmap stays at 2048 bytes.
 pub const MAX_GRANULES: u64 = 16384;
