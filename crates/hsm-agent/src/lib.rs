@@ -215,10 +215,42 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     runtime.block_on(serve::serve(opts, own))
 }
 
+/// Replace `path` with `text` all at once. The temporary file gets a fresh name and is
+/// created exclusively without following symlinks, and `rename` replaces a symlink at
+/// `path` rather than writing through it: a link planted in a shared directory can never
+/// make the agent overwrite the file it points at.
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
+    for attempt in 0..16u32 {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.{attempt}.tmp", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp);
+        let mut file = match file {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        let written = file.write_all(text.as_bytes()).and_then(|()| {
+            drop(file);
+            std::fs::rename(&tmp, path)
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return written;
+    }
+    Err(std::io::Error::other("could not create a temporary file"))
 }
 
 fn stats_json(core: &AgentCore, started: Instant, pending: usize) -> String {
@@ -238,5 +270,31 @@ fn notify_systemd(state: &str) {
     }
     if let Err(e) = restart::notify_with_fd(state, None) {
         warn!(error = %e, "could not notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod write_atomic_tests {
+    use super::write_atomic;
+
+    #[test]
+    fn replaces_a_symlink_instead_of_writing_through_it() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let stats = d.path().join("stats.json");
+        std::os::unix::fs::symlink(&victim, &stats).unwrap();
+        // The old fixed temporary name, planted as a link too.
+        std::os::unix::fs::symlink(&victim, d.path().join("stats.tmp")).unwrap();
+        write_atomic(&stats, "{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&stats).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&stats).unwrap(), "{}");
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp") && n != "stats.tmp")
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 }

@@ -178,7 +178,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     }
 
     if let Some(p) = &cfg.ready_file {
-        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
+        write_atomic(p, &format!("{}\n", std::process::id())).map_err(|source| {
             AgentError::State {
                 what: "ready file",
                 path: p.clone(),
