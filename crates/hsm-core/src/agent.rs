@@ -159,7 +159,7 @@ impl AgentCore {
             .map_err(|e| ServeError::TaskFailed(e.to_string()))?
     }
 
-    fn cached(&self, st: &FileStat) -> Option<Arc<Stub>> {
+    pub(crate) fn cached(&self, st: &FileStat) -> Option<Arc<Stub>> {
         lock(&self.stubs).get(&InodeKey::of(st)).cloned()
     }
 
@@ -173,7 +173,7 @@ impl AgentCore {
         };
         if map.is_complete() {
             // A crash between the last persist and finalisation; finish the job.
-            stubio::finalize(dup.as_fd())?;
+            stubio::finalize(dup.as_fd(), &meta, &map)?;
             self.marks.ignore(dup.as_fd());
             Metrics::inc(&self.metrics.hydrated);
             info!(path = %self.reopener.path_of(dup.as_fd()), "stub fully resident; now an ordinary file");
@@ -321,6 +321,17 @@ impl AgentCore {
     /// still carried them would look like a stub.
     pub async fn handle_open(self: &Arc<Self>, fd: BorrowedFd<'_>, tid: i32) -> Verdict {
         Metrics::inc(&self.metrics.open_hydrations);
+        self.make_whole(fd, tid).await
+    }
+
+    /// Make the file at `fd` (opened on the agent's own mount, so it raises no event)
+    /// entirely resident and an ordinary file: `hsm hydrate` and `hsm pin`. A file that is
+    /// not a stub is left as it is. A deny carries the errno a reader would have seen.
+    pub async fn hydrate(self: &Arc<Self>, fd: BorrowedFd<'_>) -> Verdict {
+        self.make_whole(fd, hsm_kernel::sys::gettid()).await
+    }
+
+    async fn make_whole(self: &Arc<Self>, fd: BorrowedFd<'_>, tid: i32) -> Verdict {
         let verdict = self
             .handle(AccessEvent {
                 fd,

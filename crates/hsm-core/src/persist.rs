@@ -39,7 +39,8 @@ impl Stub {
         };
         let stub = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            stubio::persist_map(stub.fd.as_fd(), &snapshot, sync_meta).map(|done| (snapshot, done))
+            stubio::persist_map(stub.fd.as_fd(), &stub.meta, &snapshot, sync_meta)
+                .map(|done| (snapshot, done))
         })
         .await
         .map_err(|e| ServeError::TaskFailed(e.to_string()))?;
@@ -50,7 +51,7 @@ impl Stub {
     /// never claims bytes written after the sync), or `None` if nothing changed.
     fn persist_begin(&self, sync_meta: bool) -> Option<ResidentMap> {
         let mut s = lock(&self.state);
-        if s.finalized || (!s.dirty && (!sync_meta || s.meta_synced)) {
+        if s.finalized || s.retired || (!s.dirty && (!sync_meta || s.meta_synced)) {
             return None;
         }
         s.dirty = false;
@@ -171,7 +172,7 @@ async fn persist_group(core: &Arc<AgentCore>, group: &[Arc<Stub>]) -> Vec<(Arc<S
             .into_iter()
             .map(|(s, m)| {
                 let r = synced.clone().and_then(|()| {
-                    stubio::commit_map(s.fd.as_fd(), &m, false).map(|done| (m, done))
+                    stubio::commit_map(s.fd.as_fd(), &s.meta, &m, false).map(|done| (m, done))
                 });
                 (s, r)
             })

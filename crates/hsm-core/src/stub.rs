@@ -61,6 +61,9 @@ pub(crate) struct StubState {
     /// Readahead has been started up to here.
     pub(crate) readahead_until: u64,
     pub(crate) finalized: bool,
+    /// Dropped from the cache for an eviction: its map on disk is the eviction's to
+    /// change, so nothing persists it any more (a later access loads a fresh state).
+    pub(crate) retired: bool,
 }
 
 impl StubState {
@@ -189,6 +192,7 @@ impl Stub {
                 seq_next: 0,
                 readahead_until: 0,
                 finalized: false,
+                retired: false,
             }),
             meta,
             gate: tokio::sync::RwLock::new(()),
@@ -240,6 +244,31 @@ impl AgentCore {
         for (_, key) in idle.into_iter().take(excess) {
             stubs.remove(&key);
         }
+    }
+}
+
+impl AgentCore {
+    /// Before an eviction changes a stub's map and punches its data: make the cached
+    /// state durable and drop it, so the next access loads what the eviction leaves.
+    /// Returns `false`, leaving it cached, when it is busy (fills in flight, a truncate
+    /// barrier, changes not yet durable). The caller must then hold a lease that proves
+    /// nobody has the file open (so no access can be using the dropped state).
+    pub async fn release_for_evict(self: &Arc<Self>, st: &FileStat) -> Result<bool, ServeError> {
+        let Some(stub) = self.cached(st) else {
+            return Ok(true);
+        };
+        stub.persist(self, false).await?;
+        let mut stubs = lock(&self.stubs);
+        let mut s = lock(&stub.state);
+        if s.dirty || !s.inflight.is_empty() || stub.barrier.borrow().is_some() {
+            return Ok(false);
+        }
+        s.retired = true;
+        drop(s);
+        if stubs.get(&stub.key).is_some_and(|c| Arc::ptr_eq(c, &stub)) {
+            stubs.remove(&stub.key);
+        }
+        Ok(true)
     }
 }
 

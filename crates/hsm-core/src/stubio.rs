@@ -6,7 +6,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use hsm_kernel::stat::Timestamp;
 use hsm_kernel::xattr::{self, SetMode};
-use hsm_stub::{MAP_XATTR, MARKER_XATTR, META_XATTR, Marker, MarkerState, Meta, ResidentMap};
+use hsm_stub::{
+    MAP_XATTR, MARKER_XATTR, META_XATTR, Marker, MarkerState, Meta, ORIGIN_XATTR, Origin,
+    ResidentMap,
+};
 
 use crate::error::{LocalError, ServeError};
 
@@ -308,11 +311,12 @@ fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> Result<(),
 /// never make a later fill overwrite bytes the user wrote and synced.
 pub fn persist_map(
     fd: BorrowedFd<'_>,
+    meta: &Meta,
     map: &ResidentMap,
     sync_meta: bool,
 ) -> Result<bool, LocalError> {
     nix::unistd::fdatasync(fd).map_err(|e| LocalError::from_errno("fdatasync", e))?;
-    commit_map(fd, map, sync_meta)
+    commit_map(fd, meta, map, sync_meta)
 }
 
 /// Record `map` in the map xattr; the data it describes must already be durable.
@@ -327,28 +331,98 @@ pub fn store_map(fd: BorrowedFd<'_>, map: &ResidentMap, sync_meta: bool) -> Resu
 
 /// Turn a fully resident stub into an ordinary file. The marker goes first: a crash after it
 /// leaves harmless orphan `trusted.*` attributes, never a marker without metadata.
-pub fn finalize(fd: BorrowedFd<'_>) -> Result<(), LocalError> {
+pub fn finalize(fd: BorrowedFd<'_>, meta: &Meta, map: &ResidentMap) -> Result<(), LocalError> {
     nix::unistd::fdatasync(fd).map_err(|e| LocalError::from_errno("fdatasync", e))?;
-    remove_stub_xattrs(fd)
+    remove_stub_xattrs(fd, meta, map)
 }
 
-/// [`finalize`] for a stub whose data is already durable (just synced).
-pub fn remove_stub_xattrs(fd: BorrowedFd<'_>) -> Result<(), LocalError> {
+/// [`finalize`] for a stub whose data is already durable (just synced). A stub never
+/// written locally first gets its origin record, so `hsm evict` can make it a stub again.
+pub fn remove_stub_xattrs(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    map: &ResidentMap,
+) -> Result<(), LocalError> {
+    if !map.locally_modified() {
+        // Only an optimisation for later: a file without the record is never evicted.
+        if let Err(e) = write_origin(fd, meta, map) {
+            tracing::warn!(path = %path_of(fd), error = %e,
+                           "no origin record: this file cannot be evicted");
+        }
+    }
     for name in [MARKER_XATTR, META_XATTR, MAP_XATTR] {
         xattr::fremove(fd, name).map_err(|e| LocalError::from_kernel("remove stub xattr", &e))?;
     }
     Ok(())
 }
 
+/// Chunk size of the digest in an origin record when the stub has no manifest digests.
+pub const ORIGIN_CHUNK_SHIFT: u8 = 20;
+
+/// Record what a complete stub is a copy of, and the digest of its bytes now.
+fn write_origin(fd: BorrowedFd<'_>, meta: &Meta, map: &ResidentMap) -> Result<(), LocalError> {
+    let (chunk_shift, digest) = match &meta.integrity {
+        // Every chunk was verified against these digests as it was fetched.
+        Some(i) => (i.chunk_shift, i.list_hash),
+        None => (
+            ORIGIN_CHUNK_SHIFT,
+            content_digest(fd, meta.remote_size, ORIGIN_CHUNK_SHIFT)?,
+        ),
+    };
+    let origin = Origin {
+        granule_shift: map.granule_shift(),
+        chunk_shift,
+        digest,
+        meta: meta.clone(),
+    };
+    let value = origin
+        .encode()
+        .map_err(|e| LocalError::from_io("encode origin", &std::io::Error::other(e)))?;
+    xattr::fset(fd, ORIGIN_XATTR, &value, SetMode::Any)
+        .map_err(|e| LocalError::from_kernel("write origin xattr", &e))
+}
+
+/// The digest an origin record keeps: BLAKE3 of the BLAKE3 digests of the first `size`
+/// bytes cut into `1 << chunk_shift` chunks (a manifest's list hash, computed locally).
+/// Fails if the file is shorter than `size`.
+pub fn content_digest(
+    fd: BorrowedFd<'_>,
+    size: u64,
+    chunk_shift: u8,
+) -> Result<[u8; 32], LocalError> {
+    let mut digester = hsm_manifest::ChunkDigester::new(1u64 << chunk_shift);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < size {
+        let want = ((size - offset) as usize).min(buf.len());
+        match nix::sys::uio::pread(fd, &mut buf[..want], offset as i64) {
+            Ok(0) => {
+                return Err(LocalError::from_io(
+                    "digest file",
+                    &std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                ));
+            }
+            Ok(n) => {
+                digester.update(&buf[..n]);
+                offset += n as u64;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(LocalError::from_errno("pread", e)),
+        }
+    }
+    Ok(hsm_manifest::list_hash(&digester.finish()))
+}
+
 /// After the data of `map` is durable: record the map, or, when it is complete, make the
 /// stub an ordinary file. Returns whether it finalised.
 pub fn commit_map(
     fd: BorrowedFd<'_>,
+    meta: &Meta,
     map: &ResidentMap,
     sync_meta: bool,
 ) -> Result<bool, LocalError> {
     if map.is_complete() {
-        remove_stub_xattrs(fd)?;
+        remove_stub_xattrs(fd, meta, map)?;
         return Ok(true);
     }
     store_map(fd, map, sync_meta)?;

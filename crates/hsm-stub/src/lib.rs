@@ -16,12 +16,14 @@ mod error;
 mod map;
 mod marker;
 mod meta;
+mod origin;
 mod varint;
 
 pub use error::FormatError;
 pub use map::{MissingGranules, ResidentMap, choose_granule_shift};
 pub use marker::{MARKER_LEN, Marker, MarkerState};
 pub use meta::{DigestAlgorithm, ExtraField, Integrity, Meta, tags};
+pub use origin::Origin;
 
 /// Name of the marker xattr. Only CAP_SYS_ADMIN may set `security.*` attributes.
 pub const MARKER_XATTR: &str = "security.bpf.hsm";
