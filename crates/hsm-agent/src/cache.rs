@@ -1,12 +1,26 @@
 //! The cache lifecycle commands the control socket runs: hydrate, evict, pin and unpin
 //! paths inside the served trees. Each walks the paths it is given (never following
 //! symlinks, never leaving the tree's filesystem) and reports one [`FileOutcome`] per
-//! regular file.
+//! regular file. docs/SEMANTICS.md ("Eviction and pins") says what each guarantees.
 
+use std::ffi::CString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use hsm_core::{AgentCore, Reopener, Verdict};
+use hsm_kernel::fanotify::{AGENT_EVENTS, Group};
+use hsm_kernel::stat::{self, FileStat};
+use hsm_kernel::xattr::{self, SetMode};
+use hsm_stub::{
+    MAP_XATTR, MARKER_XATTR, META_XATTR, Marker, ORIGIN_XATTR, Origin, PIN_XATTR, ResidentMap,
+};
 use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::mounts::PrivateMounts;
 
 /// A lifecycle command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -16,6 +30,9 @@ pub enum Op {
     Evict,
     Pin,
     Unpin,
+    /// Hydrate what pins cover under the paths (after `hsm populate` added files below a
+    /// pinned directory).
+    Repin,
 }
 
 /// What happened to one file.
@@ -38,13 +55,43 @@ pub enum FileOutcome {
 }
 
 /// Where the commands act: what `serve` builds at start-up.
-#[derive(Debug)]
 pub struct CacheOps {
-    #[allow(dead_code)] // until the commands land
     pub(crate) trees: Vec<PathBuf>,
+    core: Arc<AgentCore>,
+    group: Arc<Group>,
+    private: Arc<PrivateMounts>,
 }
 
+impl std::fmt::Debug for CacheOps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheOps")
+            .field("trees", &self.trees)
+            .finish()
+    }
+}
+
+/// How often, and how long apart, an eviction retries a file the agent itself still holds
+/// (a state the persister has not let go of yet) before calling it in use.
+const LEASE_TRIES: u32 = 5;
+const LEASE_RETRY: Duration = Duration::from_millis(100);
+
 impl CacheOps {
+    pub(crate) fn new(
+        trees: Vec<PathBuf>,
+        core: Arc<AgentCore>,
+        group: Arc<Group>,
+        private: Arc<PrivateMounts>,
+    ) -> Result<Self, hsm_kernel::KernelError> {
+        // Evictions hold leases; a lease break signals SIGIO, whose default kills.
+        hsm_kernel::sys::ignore_sigio()?;
+        Ok(CacheOps {
+            trees,
+            core,
+            group,
+            private,
+        })
+    }
+
     /// Run `op` on every regular file under `paths`, calling `each` once per file as it is
     /// done (for progress). Paths outside every served tree fail with a message naming
     /// them, as [`FileOutcome::Failed`] for the path itself.
@@ -55,12 +102,458 @@ impl CacheOps {
         each: &mut (dyn FnMut(&Path, FileOutcome) + Send),
     ) {
         for p in paths {
-            each(
-                &p,
-                FileOutcome::Failed {
-                    error: format!("{op:?}: not implemented yet"),
-                },
-            );
+            let files = {
+                let this = self.clone();
+                let p2 = p.clone();
+                tokio::task::spawn_blocking(move || this.walk(op, &p2)).await
+            };
+            let files = match files {
+                Ok(Ok(f)) => f,
+                Ok(Err(error)) => {
+                    each(&p, FileOutcome::Failed { error });
+                    continue;
+                }
+                Err(e) => {
+                    each(
+                        &p,
+                        FileOutcome::Failed {
+                            error: e.to_string(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            for f in files {
+                let outcome = self.one(op, &f).await;
+                each(&f.path, outcome);
+            }
         }
+    }
+
+    /// The regular files under `path` (itself, if it is one) with whether a pin covers
+    /// each. Pin and unpin change the pin xattrs on the way.
+    fn walk(&self, op: Op, path: &Path) -> Result<Vec<Found>, String> {
+        let shown = path.display();
+        let real = std::fs::canonicalize(path).map_err(|e| format!("{shown}: {e}"))?;
+        let tree = self
+            .trees
+            .iter()
+            .find(|t| real.starts_with(t))
+            .ok_or_else(|| {
+                format!(
+                    "{shown}: not inside a tree this agent serves ({})",
+                    self.trees
+                        .iter()
+                        .map(|t| t.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let top = open_path(&real).map_err(|e| format!("{shown}: {e}"))?;
+        let top_st = stat::fstatx(top.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
+        let dev = top_st.dev;
+        match op {
+            Op::Pin => set_pin(&real, true).map_err(|e| format!("{shown}: pin: {e}"))?,
+            Op::Unpin => set_pin(&real, false).map_err(|e| format!("{shown}: unpin: {e}"))?,
+            _ => {}
+        }
+        // Pins on the directories above it, up to the tree's root.
+        let mut pinned = false;
+        let mut up = real.parent();
+        while let Some(d) = up.filter(|d| d.starts_with(tree)) {
+            pinned |= has_pin(d);
+            up = d.parent();
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![(real, top_st, pinned)];
+        while let Some((p, st, above)) = stack.pop() {
+            let here = above || has_pin(&p);
+            if st.is_file() {
+                out.push(Found {
+                    path: p,
+                    pinned: here,
+                });
+            } else if st.is_dir() && st.dev == dev {
+                let entries = std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                for e in entries {
+                    let e = e.map_err(|e| format!("{}: {e}", p.display()))?;
+                    let child = e.path();
+                    let Ok(fd) = open_path(&child) else { continue };
+                    let Ok(cst) = stat::fstatx(fd.as_fd()) else {
+                        continue;
+                    };
+                    if op == Op::Unpin && (cst.is_dir() || cst.is_file()) {
+                        let _ = set_pin(&child, false);
+                    }
+                    if cst.is_dir() || cst.is_file() {
+                        stack.push((child, cst, here));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    async fn one(self: &Arc<Self>, op: Op, f: &Found) -> FileOutcome {
+        match op {
+            Op::Hydrate | Op::Pin => self.hydrate(&f.path).await,
+            Op::Repin if f.pinned => self.hydrate(&f.path).await,
+            Op::Repin => FileOutcome::Skipped {
+                reason: "not pinned".into(),
+            },
+            Op::Unpin => FileOutcome::Unpinned,
+            Op::Evict if f.pinned => FileOutcome::Skipped {
+                reason: "pinned".into(),
+            },
+            Op::Evict => self.evict(&f.path).await,
+        }
+    }
+
+    /// Open `path`'s file on the agent's private mount (no events; see mounts.rs).
+    fn reopen(&self, path: &Path, flags: i32) -> Result<(OwnedFd, FileStat), String> {
+        let shown = path.display();
+        let o = open_path(path).map_err(|e| format!("{shown}: {e}"))?;
+        let st = stat::fstatx(o.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
+        if !st.is_file() {
+            return Err(format!("{shown}: not a regular file"));
+        }
+        let fd = self
+            .private
+            .reopen(o.as_fd(), &st, flags | libc::O_LARGEFILE | libc::O_NOFOLLOW)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        Ok((fd, st))
+    }
+
+    async fn hydrate(&self, path: &Path) -> FileOutcome {
+        let (fd, before) = match self.reopen(path, libc::O_RDONLY) {
+            Ok(x) => x,
+            Err(error) => return FileOutcome::Failed { error },
+        };
+        match self.core.hydrate(fd.as_fd()).await {
+            Verdict::Deny(errno) => FileOutcome::Failed {
+                error: format!("{}: {}", path.display(), errno.name()),
+            },
+            _ => {
+                let after = stat::fstatx(fd.as_fd()).map(|s| s.blocks).unwrap_or(0);
+                FileOutcome::Hydrated {
+                    fetched: after.saturating_sub(before.blocks) * 512,
+                }
+            }
+        }
+    }
+
+    async fn evict(self: &Arc<Self>, path: &Path) -> FileOutcome {
+        let (probe, st) = match self.reopen(path, libc::O_RDONLY) {
+            Ok(x) => x,
+            Err(error) => return FileOutcome::Failed { error },
+        };
+        let kind = match classify(probe.as_fd()) {
+            Ok(k) => k,
+            Err(error) => {
+                return FileOutcome::Failed {
+                    error: format!("{}: {error}", path.display()),
+                };
+            }
+        };
+        drop(probe);
+        let outcome = match kind {
+            Kind::Local => {
+                return FileOutcome::Skipped {
+                    reason: "not a copy of a remote object (local file, or written locally)".into(),
+                };
+            }
+            Kind::Building => {
+                return FileOutcome::Skipped {
+                    reason: "populate is still building it".into(),
+                };
+            }
+            Kind::Stub => {
+                match self.core.release_for_evict(&st).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return FileOutcome::Skipped {
+                            reason: "in use: fills in flight".into(),
+                        };
+                    }
+                    Err(e) => {
+                        return FileOutcome::Failed {
+                            error: format!("{}: {e}", path.display()),
+                        };
+                    }
+                }
+                let (this, p) = (self.clone(), path.to_path_buf());
+                tokio::task::spawn_blocking(move || this.evict_stub(&p)).await
+            }
+            Kind::Hydrated(origin) => {
+                let (this, p) = (self.clone(), path.to_path_buf());
+                tokio::task::spawn_blocking(move || this.evict_hydrated(&p, &origin)).await
+            }
+        };
+        outcome.unwrap_or_else(|e| FileOutcome::Failed {
+            error: e.to_string(),
+        })
+    }
+
+    /// Open for writing and take a write lease: proof that nobody else has the file open,
+    /// mapped or executing, and that nobody opens it until the lease is given back.
+    fn lease(&self, path: &Path) -> Result<Option<(OwnedFd, FileStat)>, String> {
+        for _ in 0..LEASE_TRIES {
+            let (w, st) = match self.reopen(path, libc::O_RDWR) {
+                Ok(x) => x,
+                // Being executed.
+                Err(e) if e.ends_with(&busy_text()) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match hsm_kernel::sys::write_lease(w.as_fd()) {
+                Ok(true) => return Ok(Some((w, st))),
+                Ok(false) => std::thread::sleep(LEASE_RETRY),
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Ok(None)
+    }
+
+    /// A partly fetched stub: forget what is resident, then give the blocks back.
+    fn evict_stub(&self, path: &Path) -> FileOutcome {
+        let shown = path.display();
+        let (w, st) = match self.lease(path) {
+            Ok(Some(x)) => x,
+            Ok(None) => return in_use(),
+            Err(error) => return FileOutcome::Failed { error },
+        };
+        let (meta, map) = match hsm_core::stubio::load(w.as_fd()) {
+            Ok(hsm_core::stubio::Loaded::Stub { meta, map }) => (meta, map),
+            Ok(_) => {
+                return FileOutcome::Skipped {
+                    reason: "no longer a stub".into(),
+                };
+            }
+            Err(e) => {
+                return FileOutcome::Failed {
+                    error: format!("{shown}: {e}"),
+                };
+            }
+        };
+        if map.locally_modified() || map.floor() < meta.remote_size {
+            return FileOutcome::Skipped {
+                reason: "modified locally".into(),
+            };
+        }
+        if map.resident_count() == 0 && st.blocks == 0 {
+            return FileOutcome::AlreadyStub;
+        }
+        let fresh = match ResidentMap::new(meta.stub_id, meta.remote_size, map.granule_shift()) {
+            Ok(m) => m,
+            Err(e) => {
+                return FileOutcome::Failed {
+                    error: format!("{shown}: {e}"),
+                };
+            }
+        };
+        let r = (|| -> Result<(), String> {
+            // The map first, durably: a crash after the punch must not leave a map
+            // claiming bytes that are gone.
+            xattr::fset(w.as_fd(), MAP_XATTR, &fresh.encode(), SetMode::Replace)
+                .map_err(|e| e.to_string())?;
+            nix::unistd::fsync(&w).map_err(|e| format!("fsync: {e}"))?;
+            give_back(w.as_fd(), &st)
+        })();
+        finish(path, w, &st, r)
+    }
+
+    /// A fully fetched file with an origin record: check it is still that copy, make it a
+    /// stub again (metadata, an empty map, then the marker), then give the blocks back.
+    fn evict_hydrated(&self, path: &Path, origin: &Origin) -> FileOutcome {
+        let shown = path.display();
+        // Digest before the lease (a big file takes a while; openers wait on a lease), then
+        // prove under the lease that nothing changed since: any write moves the ctime.
+        let (probe, before) = match self.reopen(path, libc::O_RDONLY) {
+            Ok(x) => x,
+            Err(error) => return FileOutcome::Failed { error },
+        };
+        if before.size != origin.meta.remote_size {
+            return modified();
+        }
+        match hsm_core::stubio::content_digest(
+            probe.as_fd(),
+            origin.meta.remote_size,
+            origin.chunk_shift,
+        ) {
+            Ok(d) if d == origin.digest => {}
+            Ok(_) => return modified(),
+            Err(e) => {
+                return FileOutcome::Failed {
+                    error: format!("{shown}: {e}"),
+                };
+            }
+        }
+        drop(probe);
+        let (w, st) = match self.lease(path) {
+            Ok(Some(x)) => x,
+            Ok(None) => return in_use(),
+            Err(error) => return FileOutcome::Failed { error },
+        };
+        if st.ctime != before.ctime || st.size != before.size || st.ino != before.ino {
+            return modified();
+        }
+        let r = (|| -> Result<(), String> {
+            let meta = origin.meta.encode().map_err(|e| e.to_string())?;
+            let map = ResidentMap::new(
+                origin.meta.stub_id,
+                origin.meta.remote_size,
+                origin.granule_shift,
+            )
+            .map_err(|e| e.to_string())?;
+            let fd = w.as_fd();
+            xattr::fset(fd, META_XATTR, &meta, SetMode::Any).map_err(|e| e.to_string())?;
+            xattr::fset(fd, MAP_XATTR, &map.encode(), SetMode::Any).map_err(|e| e.to_string())?;
+            // The marker last: from here on it is a stub (with every byte still present).
+            xattr::fset(fd, MARKER_XATTR, &Marker::ready().encode(), SetMode::Any)
+                .map_err(|e| e.to_string())?;
+            // Durable before the data goes: a crash must never leave an ordinary file with
+            // holes where its bytes were.
+            nix::unistd::fsync(&w).map_err(|e| format!("fsync: {e}"))?;
+            // Its accesses must reach the agent again.
+            self.group
+                .remove_ignore_mark(fd, AGENT_EVENTS)
+                .map_err(|e| e.to_string())?;
+            give_back(fd, &st)?;
+            // While the marker is there the origin record means nothing; at the next
+            // finalisation it is written afresh.
+            xattr::fremove(fd, ORIGIN_XATTR).map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        finish(path, w, &st, r)
+    }
+}
+
+/// Punch out every byte and put the times back (the punch is not a modification).
+fn give_back(fd: BorrowedFd<'_>, st: &FileStat) -> Result<(), String> {
+    if st.size > 0 {
+        hsm_kernel::sys::punch_hole(fd, 0, st.size).map_err(|e| e.to_string())?;
+    }
+    hsm_core::stubio::restore_mtime(fd, st.mtime).map_err(|e| e.to_string())
+}
+
+/// Check the lease held to the end, give it back, report.
+fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), String>) -> FileOutcome {
+    let held = hsm_kernel::sys::lease_held(w.as_fd()).unwrap_or(false);
+    let after = stat::fstatx(w.as_fd())
+        .map(|s| s.blocks)
+        .unwrap_or(st.blocks);
+    let _ = hsm_kernel::sys::release_lease(w.as_fd());
+    drop(w);
+    match r {
+        Ok(()) => {
+            if !held {
+                // Another open waited longer than the lease-break time; it found a stub
+                // (every step it could see was a valid state), but say so.
+                warn!(path = %path.display(), "lease broken during eviction");
+            }
+            info!(path = %path.display(), "evicted");
+            FileOutcome::Evicted {
+                freed: st.blocks.saturating_sub(after) * 512,
+            }
+        }
+        Err(e) => FileOutcome::Failed {
+            error: format!("{}: {e}", path.display()),
+        },
+    }
+}
+
+fn in_use() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "in use: open, mapped or executing".into(),
+    }
+}
+
+fn modified() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "modified locally".into(),
+    }
+}
+
+fn busy_text() -> String {
+    std::io::Error::from_raw_os_error(libc::ETXTBSY).to_string()
+}
+
+struct Found {
+    path: PathBuf,
+    pinned: bool,
+}
+
+enum Kind {
+    /// A stub (some bytes may be resident).
+    Stub,
+    /// Populate is still building it.
+    Building,
+    /// Fully fetched, with its origin record.
+    Hydrated(Origin),
+    /// Anything else: never evicted.
+    Local,
+}
+
+fn classify(fd: BorrowedFd<'_>) -> Result<Kind, String> {
+    let mut buf = Vec::new();
+    if xattr::fget(fd, MARKER_XATTR, &mut buf).map_err(|e| e.to_string())? {
+        let m = Marker::decode(&buf).map_err(|e| e.to_string())?;
+        return Ok(match m.state {
+            hsm_stub::MarkerState::Building => Kind::Building,
+            _ => Kind::Stub,
+        });
+    }
+    if xattr::fget(fd, ORIGIN_XATTR, &mut buf).map_err(|e| e.to_string())? {
+        return Origin::decode(&buf)
+            .map(Kind::Hydrated)
+            .map_err(|e| format!("origin record: {e}"));
+    }
+    Ok(Kind::Local)
+}
+
+/// `O_PATH | O_NOFOLLOW`: the entry itself, never what a symlink points at.
+fn open_path(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fd = nix::fcntl::open(
+        c.as_c_str(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok(fd)
+}
+
+fn has_pin(path: &Path) -> bool {
+    let Ok(fd) = open_for_xattr(path) else {
+        return false;
+    };
+    let mut buf = Vec::new();
+    xattr::fget(fd.as_fd(), PIN_XATTR, &mut buf).unwrap_or(false)
+}
+
+/// xattrs cannot be read or set through an `O_PATH` descriptor: a read-only open of a
+/// file or directory, never following a symlink.
+fn open_for_xattr(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fd = nix::fcntl::open(
+        c.as_c_str(),
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC
+            | nix::fcntl::OFlag::O_NONBLOCK,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok(fd)
+}
+
+fn set_pin(path: &Path, on: bool) -> Result<(), String> {
+    let fd = open_for_xattr(path).map_err(|e| e.to_string())?;
+    if on {
+        xattr::fset(fd.as_fd(), PIN_XATTR, b"", SetMode::Any).map_err(|e| e.to_string())
+    } else {
+        xattr::fremove(fd.as_fd(), PIN_XATTR)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }

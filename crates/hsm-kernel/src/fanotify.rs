@@ -322,6 +322,31 @@ impl Group {
         Ok(())
     }
 
+    /// Remove the ignore mark [`Group::add_ignore_mark`] placed on the inode behind `file`,
+    /// so its events reach the group again (a file turned back into a stub). No mark is
+    /// not an error.
+    pub fn remove_ignore_mark(&self, file: BorrowedFd<'_>, mask: u64) -> Result<()> {
+        let flags = libc::FAN_MARK_REMOVE | libc::FAN_MARK_INODE | libc::FAN_MARK_IGNORE;
+        // SAFETY: as in add_ignore_mark.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags,
+                mask,
+                file.as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(());
+            }
+            return Err(KernelError::last("fanotify_mark remove ignore"));
+        }
+        Ok(())
+    }
+
     /// Ignore `mask` for every access made through the mount of `dir` (a mount mark with
     /// an ignore mask). The agent puts one on its private clone of each served filesystem,
     /// so its own opens and fills there raise nothing: an agent waiting on its own event

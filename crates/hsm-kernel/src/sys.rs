@@ -185,3 +185,73 @@ mod proc_tests {
         );
     }
 }
+
+/// Take a write lease on `fd` (`F_SETLEASE F_WRLCK`): granted only while no other open
+/// file description of the inode exists (not open elsewhere, not mapped, not executing);
+/// while held, any other open of the inode waits (up to `/proc/sys/fs/lease-break-time`)
+/// until [`release_lease`] or the descriptor is closed. `Ok(false)` when the inode is in
+/// use (EAGAIN, or ETXTBSY for a file being executed). The kernel signals a break with
+/// SIGIO to the holder: the holder must ignore SIGIO ([`ignore_sigio`]) or it is killed.
+pub fn write_lease(fd: BorrowedFd<'_>) -> Result<bool> {
+    // SAFETY: plain fcntl on a valid descriptor.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    if rc < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if matches!(
+            errno,
+            Some(libc::EAGAIN) | Some(libc::ETXTBSY) | Some(libc::EBUSY)
+        ) {
+            return Ok(false);
+        }
+        return Err(KernelError::last("fcntl(F_SETLEASE, F_WRLCK)"));
+    }
+    Ok(true)
+}
+
+/// Is a write lease taken with [`write_lease`] still held, unbroken? (`F_GETLEASE`: a
+/// lease being broken by another open reports the type it is being downgraded to.)
+pub fn lease_held(fd: BorrowedFd<'_>) -> Result<bool> {
+    // SAFETY: plain fcntl on a valid descriptor.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) };
+    if rc < 0 {
+        return Err(KernelError::last("fcntl(F_GETLEASE)"));
+    }
+    Ok(rc == libc::F_WRLCK)
+}
+
+/// Give up a lease taken with [`write_lease`].
+pub fn release_lease(fd: BorrowedFd<'_>) -> Result<()> {
+    // SAFETY: plain fcntl on a valid descriptor.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    if rc < 0 {
+        return Err(KernelError::last("fcntl(F_SETLEASE, F_UNLCK)"));
+    }
+    Ok(())
+}
+
+/// Ignore SIGIO for the whole process: lease breaks then wait for the holder instead of
+/// killing it (SIGIO's default action is to terminate).
+pub fn ignore_sigio() -> Result<()> {
+    // SAFETY: setting a signal disposition to SIG_IGN installs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGIO,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .map_err(|e| KernelError::from_errno("signal(SIGIO, SIG_IGN)", e))?;
+    Ok(())
+}
+
+/// Give back the blocks of `len` bytes at `offset` (`FALLOC_FL_PUNCH_HOLE`, keeping the
+/// size): they read as zeros until written again, and their page cache is dropped.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<()> {
+    nix::fcntl::fallocate(
+        fd,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(|e| KernelError::from_errno("fallocate(PUNCH_HOLE)", e))
+}

@@ -41,7 +41,11 @@ struct Args {
     /// Repetitions of each timed side (median taken).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run only these tests: seq, reread, latency, populate, container (comma separated).
+    /// Hydrated files the eviction test evicts.
+    #[arg(long, default_value_t = 10_000)]
+    evict_files: usize,
+    /// Run only these tests: seq, reread, latency, populate, container, evict (comma
+    /// separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also print the results as JSON on stdout.
@@ -346,6 +350,102 @@ fn bench_latency(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
 }
 
 /// Populate of many files vs cp -a --attributes-only, as a rate ratio.
+/// Evicting hydrated files (`hsm evict DIR`: each file checked against its digest, made a
+/// stub again durably, then punched) vs punching the same amount out of plain copies
+/// (open, `fallocate(PUNCH_HOLE)`, close per file, in this process).
+fn bench_evict(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let n = a.evict_files;
+    let srcdir = src.mnt.join("evict");
+    if std::fs::read_dir(&srcdir).map(|d| d.count()).unwrap_or(0) != n {
+        let _ = std::fs::remove_dir_all(&srcdir);
+        std::fs::create_dir_all(&srcdir)?;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+        let mut buf = vec![0u8; 16 << 10];
+        for i in 0..n {
+            rng.fill(&mut buf[..]);
+            std::fs::write(srcdir.join(format!("f{i:05}")), &buf)?;
+        }
+    }
+    let plain = dst.mnt.join("evict-plain");
+    let stubs = dst.mnt.join("evict-stub");
+    let (mut hsm_s, mut base_s) = (Vec::new(), Vec::new());
+    for round in 0..a.repeat.max(1) {
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                let _ = std::fs::remove_dir_all(&plain);
+                sh("cp", &["-a", path_str(&srcdir)?, path_str(&plain)?])?;
+                sh("sync", &[])?;
+                let t = Instant::now();
+                for e in std::fs::read_dir(&plain)? {
+                    let f = std::fs::OpenOptions::new().write(true).open(e?.path())?;
+                    let len = f.metadata()?.len() as i64;
+                    nix::fcntl::fallocate(
+                        &f,
+                        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        len,
+                    )?;
+                }
+                sh("sync", &[])?;
+                base_s.push(t.elapsed().as_secs_f64());
+            } else {
+                let _ = std::fs::remove_dir_all(&stubs);
+                populate(&a.bin, &srcdir, &stubs)?;
+                let agent = Agent::start(a, &stubs)?;
+                hsm_cmd(a, &["hydrate", "--no-progress", path_str(&stubs)?])?;
+                sh("sync", &[])?;
+                let t = Instant::now();
+                hsm_cmd(a, &["evict", path_str(&stubs)?])?;
+                sh("sync", &[])?;
+                hsm_s.push(t.elapsed().as_secs_f64());
+                let held: u64 = std::fs::read_dir(&stubs)?
+                    .map(|e| Ok(std::os::unix::fs::MetadataExt::blocks(&e?.metadata()?)))
+                    .sum::<Result<u64>>()?;
+                ensure!(
+                    held == 0,
+                    "after hsm evict the stubs still hold {held} blocks"
+                );
+                drop(agent);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&plain);
+    let _ = std::fs::remove_dir_all(&stubs);
+    let (h, b) = (median(&mut hsm_s), median(&mut base_s));
+    Ok(vec![Line {
+        name: "evict hydrated files (vs punching holes)",
+        hsm: h,
+        base: b,
+        unit: "s",
+        ratio: h / b,
+        goal: 0.0,
+        at_most: true,
+        detail: format!("{n} files of 16 KiB x {} rounds", a.repeat.max(1)),
+        info: true,
+    }])
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+/// Run `hsm ARGS` against the running agent (its default state directory).
+fn hsm_cmd(a: &Args, args: &[&str]) -> Result<()> {
+    let out = Command::new(a.bin.join("hsm"))
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .with_context(|| format!("running hsm {}", args.join(" ")))?;
+    ensure!(
+        out.status.success(),
+        "hsm {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 fn bench_populate(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
     let srcdir = src.mnt.join("many");
     let n = a.populate_files;
@@ -535,6 +635,12 @@ fn main() -> Result<()> {
     }
     if want("populate") {
         for l in bench_populate(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("evict") {
+        for l in bench_evict(&a, &src, &dst)? {
             print_line(&l);
             lines.push(l);
         }
