@@ -342,6 +342,10 @@ pub(crate) fn start(state_dir: &Path, agent: Agent) -> io::Result<Control> {
 
 impl Control {
     /// Stop accepting; remove the socket unless a successor has already bound its own there.
+    ///
+    /// In a hand-over this runs before the journal says "stopped reading", and the
+    /// successor binds only after it has seen that, so the check and the removal here
+    /// cannot interleave with the successor's unlink and bind.
     pub(crate) fn close(self) {
         self.task.abort();
         self.sampler.abort();
