@@ -39,17 +39,38 @@ fn exchange(
         .context("sending the request to the agent")?;
     for l in BufReader::new(stream).lines() {
         let l = l.context("reading the agent's answer")?;
-        let mut v: serde_json::Value = serde_json::from_str(&l)
-            .with_context(|| format!("the agent answered something that is not JSON: {l:?}"))?;
-        if let Some(e) = v.get("error") {
-            bail!("{}", e.as_str().unwrap_or("error"));
+        match parse_line(&l)? {
+            Line::File(v) => line(&v),
+            Line::Done(d) => return Ok(d),
         }
-        if let Some(d) = v.get_mut("done") {
-            return Ok(d.take());
-        }
-        line(&v);
     }
     bail!("the agent closed the connection before it was done (did it stop?)")
+}
+
+/// One line of an answer.
+#[derive(Debug, PartialEq)]
+enum Line {
+    /// `{"file": PATH, "outcome": ...}`
+    File(serde_json::Value),
+    /// The value of `{"done": ...}`.
+    Done(serde_json::Value),
+}
+
+/// Parse an answer line; `{"error": ...}` becomes the error.
+fn parse_line(l: &str) -> anyhow::Result<Line> {
+    let mut v: serde_json::Value = serde_json::from_str(l)
+        .with_context(|| format!("the agent answered something that is not JSON: {l:?}"))?;
+    // A per-file line has a "file" (a failed one carries an "error" too).
+    if v.get("file").is_some() {
+        return Ok(Line::File(v));
+    }
+    if let Some(e) = v.get("error") {
+        bail!("{}", e.as_str().unwrap_or("error"));
+    }
+    match v.get_mut("done") {
+        Some(d) => Ok(Line::Done(d.take())),
+        None => bail!("the agent answered a line this hsm does not know: {l}"),
+    }
 }
 
 /// Paths as the agent needs them: absolute (made so against the current directory).
@@ -234,7 +255,11 @@ pub fn cache(
 }
 
 fn format_summary(verb: &str, s: &Summary) -> String {
-    let mut parts = vec![format!("{} files", s.files)];
+    let mut parts = vec![format!(
+        "{} file{}",
+        s.files,
+        if s.files == 1 { "" } else { "s" }
+    )];
     for (n, what) in [
         (s.hydrated, "hydrated"),
         (s.evicted, "evicted"),
@@ -259,6 +284,24 @@ fn format_summary(verb: &str, s: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answer_lines() {
+        let f = r#"{"file":"/t/a","outcome":"failed","error":"EIO"}"#;
+        assert!(matches!(parse_line(f), Ok(Line::File(v)) if v["error"] == "EIO"));
+        let d = r#"{"done":{"files":1}}"#;
+        assert_eq!(
+            parse_line(d).ok(),
+            Some(Line::Done(serde_json::json!({"files": 1})))
+        );
+        let e = parse_line(r#"{"error":"the control socket is root-only: run as root"}"#);
+        assert_eq!(
+            e.err().map(|e| e.to_string()).as_deref(),
+            Some(hsm_agent::control::ROOT_ONLY)
+        );
+        assert!(parse_line("not json").is_err());
+        assert!(parse_line("{}").is_err());
+    }
 
     #[test]
     fn formats_bytes_and_durations() {
