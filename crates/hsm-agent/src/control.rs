@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::cache::{CacheOps, FileOutcome, Op};
-use crate::events::Pending;
+use crate::events::{DENY_ERRNOS, Pending};
 
 /// The socket's name in the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -142,11 +142,13 @@ pub struct StatusReport {
     /// Bytes fetched per second over the last minute (or since start, if shorter).
     pub fetch_rate: f64,
     pub bytes_fetched: u64,
-    /// Denied events (answered EIO, ENOSPC or EDQUOT) in the last hour, all errnos together.
+    /// Events the agent denied in the last hour, all errnos together.
     pub denies_last_hour: u64,
+    /// The same per errno ("EIO", "ENOSPC", ...), only those with denies.
+    pub denies_by_errno_last_hour: std::collections::BTreeMap<String, u64>,
     /// Failed fills in the last hour.
     pub fill_errors_last_hour: u64,
-    /// Denied events since the agent started.
+    /// Events the agent denied since it started.
     pub denies_total: u64,
     pub trees: Vec<TreeStatus>,
 }
@@ -185,7 +187,7 @@ pub struct TreeStatus {
 struct Sample {
     at: Instant,
     bytes_fetched: u64,
-    denies: u64,
+    denied: [u64; DENY_ERRNOS.len()],
     fill_errors: u64,
 }
 
@@ -234,7 +236,7 @@ impl Agent {
         Sample {
             at: Instant::now(),
             bytes_fetched: m.bytes_fetched.load(r),
-            denies: m.denies.load(r),
+            denied: self.pending.denied(),
             fill_errors: m.fill_errors.load(r),
         }
     }
@@ -274,6 +276,15 @@ impl Agent {
             })
             .unwrap_or(0.0);
         let hour = since(ERROR_WINDOW);
+        let by_errno: std::collections::BTreeMap<String, u64> = DENY_ERRNOS
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let before = hour.map_or(0, |s| s.denied[i]);
+                (e.name().to_string(), now.denied[i].saturating_sub(before))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
         let fills = m.fills.load(r);
         let done = m.fill_duration.snapshot().count();
         StatusReport {
@@ -286,11 +297,12 @@ impl Agent {
             events_in_flight: self.pending.len() as u64,
             fetch_rate,
             bytes_fetched: now.bytes_fetched,
-            denies_last_hour: hour.map_or(now.denies, |s| now.denies.saturating_sub(s.denies)),
+            denies_last_hour: by_errno.values().sum(),
+            denies_by_errno_last_hour: by_errno,
             fill_errors_last_hour: hour.map_or(now.fill_errors, |s| {
                 now.fill_errors.saturating_sub(s.fill_errors)
             }),
-            denies_total: now.denies,
+            denies_total: now.denied.iter().sum(),
             trees: Vec::new(),
         }
     }

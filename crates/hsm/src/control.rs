@@ -130,8 +130,20 @@ fn format_status(r: &StatusReport) -> String {
         (
             "errors",
             format!(
-                "{} denies and {} failed fills in the last hour ({} denies since start)",
-                r.denies_last_hour, r.fill_errors_last_hour, r.denies_total
+                "{} denies{} and {} failed fills in the last hour ({} denies since start)",
+                r.denies_last_hour,
+                if r.denies_by_errno_last_hour.is_empty() {
+                    String::new()
+                } else {
+                    let each: Vec<String> = r
+                        .denies_by_errno_last_hour
+                        .iter()
+                        .map(|(e, n)| format!("{e} {n}"))
+                        .collect();
+                    format!(" ({})", each.join(", "))
+                },
+                r.fill_errors_last_hour,
+                r.denies_total
             ),
         ),
     ];
