@@ -212,10 +212,8 @@ impl Agent {
         group_store: &'static str,
         guard: bool,
         trees: Vec<PathBuf>,
+        cache: Arc<CacheOps>,
     ) -> Self {
-        let cache = Arc::new(CacheOps {
-            trees: trees.clone(),
-        });
         let a = Agent {
             core,
             pending,

@@ -15,6 +15,7 @@ use hsm_kernel::fdio::ReservedFds;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
+use crate::cache::CacheOps;
 use crate::dispatch::{Ctx, Shared, event_thread};
 use crate::events::Pending;
 use crate::journal::OldJournal;
@@ -193,6 +194,9 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         group_store,
         registration.is_some(),
         trees.clone(),
+        Arc::new(CacheOps {
+            trees: trees.clone(),
+        }),
     );
     let control = control::start(&cfg.state_dir, agent).map_err(|source| AgentError::State {
         what: "control socket",
