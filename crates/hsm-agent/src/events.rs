@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hsm_kernel::fanotify::{DenyErrno, FileRange, Group, Response};
@@ -37,7 +37,22 @@ pub struct Pending {
     /// With a keeper, every event is journaled from read to answer (docs/SEMANTICS.md).
     journal: Option<Arc<Journal>>,
     journal_failed: AtomicBool,
+    /// Events answered with a deny, per errno (in [`DENY_ERRNOS`] order): every deny the
+    /// agent writes, also those of a shutdown or a failed task, which the core's `denies`
+    /// counter does not see. For `hsm status`.
+    denied: [AtomicU64; DENY_ERRNOS.len()],
 }
+
+/// The errnos a deny can carry, in the order [`Pending::denied`] reports them.
+pub const DENY_ERRNOS: [DenyErrno; 7] = [
+    DenyErrno::Eio,
+    DenyErrno::Eperm,
+    DenyErrno::Ebusy,
+    DenyErrno::Etxtbsy,
+    DenyErrno::Eagain,
+    DenyErrno::Enospc,
+    DenyErrno::Edquot,
+];
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -50,6 +65,7 @@ impl Pending {
             slots: Mutex::new(HashMap::new()),
             journal,
             journal_failed: AtomicBool::new(false),
+            denied: Default::default(),
         }
     }
 
@@ -91,6 +107,11 @@ impl Pending {
         if slot.answered.swap(true, Ordering::AcqRel) {
             return false;
         }
+        if let Response::Deny(errno) = response {
+            if let Some(i) = DENY_ERRNOS.iter().position(|&e| e == errno) {
+                self.denied[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Err(e) = self.group.respond(slot.fd.as_fd(), response) {
             error!(fd = slot.fd.as_raw_fd(), error = %e, "could not answer a fanotify event");
         }
@@ -116,6 +137,11 @@ impl Pending {
             let max = lock(&self.slots).keys().copied().max().unwrap_or(-1);
             j.reset_high_water(max);
         }
+    }
+
+    /// Events denied so far, per errno, in [`DENY_ERRNOS`] order.
+    pub fn denied(&self) -> [u64; DENY_ERRNOS.len()] {
+        std::array::from_fn(|i| self.denied[i].load(Ordering::Relaxed))
     }
 
     /// Events registered and not yet finished.

@@ -5,6 +5,7 @@
 //! files with nothing to fetch. Policy lives in `hsm-core`; this crate only translates.
 
 pub mod cache;
+pub mod control;
 mod dispatch;
 pub mod events;
 mod exporter;

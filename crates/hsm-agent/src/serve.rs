@@ -15,13 +15,14 @@ use hsm_kernel::fdio::ReservedFds;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
+use crate::cache::CacheOps;
 use crate::dispatch::{Ctx, Shared, event_thread};
 use crate::events::Pending;
 use crate::journal::OldJournal;
 use crate::restart::{self, GroupStore};
 use crate::{
-    AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, exporter, journal, marks, mounts,
-    notify_systemd, stats_json, write_atomic,
+    AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, control, exporter, journal,
+    marks, mounts, notify_systemd, stats_json, write_atomic,
 };
 
 /// Serve until SIGTERM or SIGINT (stop) or SIGUSR2 (hand over to a new agent).
@@ -56,6 +57,8 @@ pub(crate) struct Running {
     _fastpath: Option<hsm_bpf::fastpath::FastpathHandle>,
     /// The Prometheus endpoint, served until the agent stops.
     exporter: Option<tokio::task::JoinHandle<()>>,
+    /// The control socket (`hsm status`, `hsm hydrate`, ...).
+    control: Option<control::Control>,
     started: Instant,
 }
 
@@ -177,6 +180,33 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         info!(%addr, "serving Prometheus metrics at /metrics");
     }
 
+    // The control socket, once the marks are placed: a command served from here on acts
+    // on trees this agent serves. Before the ready file, so that "ready" includes it.
+    let group_store = match &store {
+        GroupStore::Keeper(_) => "keeper",
+        GroupStore::Systemd => "systemd",
+        GroupStore::None => "none",
+    };
+    let agent = control::Agent::new(
+        core.clone(),
+        pending.clone(),
+        started,
+        group_store,
+        registration.is_some(),
+        trees.clone(),
+        Arc::new(CacheOps::new(
+            trees.clone(),
+            core.clone(),
+            group.clone(),
+            private.clone(),
+        )?),
+    );
+    let control = control::start(&cfg.state_dir, agent).map_err(|source| AgentError::State {
+        what: "control socket",
+        path: control::socket_path(&cfg.state_dir),
+        source,
+    })?;
+
     if let Some(p) = &cfg.ready_file {
         write_atomic(p, &format!("{}\n", std::process::id())).map_err(|source| {
             AgentError::State {
@@ -206,6 +236,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         registration,
         _fastpath: fastpath,
         exporter,
+        control: Some(control),
         started,
     })
 }
@@ -413,6 +444,10 @@ impl Running {
     ///   to say so, then reads the same group); we finish what we read and leave without
     ///   releasing anything.
     async fn stop(mut self, how: Stop) {
+        // No new commands; a successor's socket is left alone.
+        if let Some(c) = self.control.take() {
+            c.close();
+        }
         match how {
             Stop::Shutdown => {
                 notify_systemd("STOPPING=1");

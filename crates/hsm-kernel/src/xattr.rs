@@ -74,6 +74,53 @@ pub fn fget(fd: BorrowedFd<'_>, name: &str, buf: &mut Vec<u8>) -> Result<bool> {
     }
 }
 
+/// Read attribute `name` of `path` itself (a symlink is not followed) into `buf` (resized
+/// to fit). Returns `false` when it is absent. For walks that must not open files in a
+/// served tree (opening one would raise events).
+pub fn lget(path: &std::path::Path, name: &str, buf: &mut Vec<u8>) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = cname(name)?;
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| KernelError::Sys {
+        op: format!("lgetxattr {name}: path with a NUL byte"),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })?;
+    if buf.capacity() < 256 {
+        buf.reserve(256 - buf.len());
+    }
+    loop {
+        let cap = buf.capacity();
+        buf.resize(cap, 0);
+        // SAFETY: buf has `cap` writable bytes; p and c are NUL-terminated.
+        let n = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                cap,
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENODATA) => {
+                buf.clear();
+                return Ok(false);
+            }
+            // Too small: grow and retry (the value may grow again in between).
+            Some(libc::ERANGE) => buf.reserve(cap.max(4096)),
+            _ => {
+                return Err(KernelError::Sys {
+                    op: format!("lgetxattr {name}"),
+                    source: err,
+                });
+            }
+        }
+    }
+}
+
 /// Set attribute `name` to `value`.
 pub fn fset(fd: BorrowedFd<'_>, name: &str, value: &[u8], mode: SetMode) -> Result<()> {
     let c = cname(name)?;
@@ -120,6 +167,25 @@ pub fn fremove(fd: BorrowedFd<'_>, name: &str) -> Result<bool> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn lget_reads_by_path_without_following_symlinks() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("f");
+        let file = std::fs::File::create(&f).expect("create");
+        let mut buf = Vec::new();
+        assert!(!lget(&f, "user.hsm.test", &mut buf).expect("get absent"));
+        match fset(file.as_fd(), "user.hsm.test", &[5u8; 300], SetMode::Create) {
+            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => return,
+            r => r.expect("set"),
+        }
+        let mut small = Vec::with_capacity(4);
+        assert!(lget(&f, "user.hsm.test", &mut small).expect("get"));
+        assert_eq!(small, vec![5u8; 300]);
+        // The link itself has no such attribute (user.* cannot be set on symlinks).
+        std::os::unix::fs::symlink(&f, d.path().join("l")).expect("symlink");
+        assert!(!lget(&d.path().join("l"), "user.hsm.test", &mut buf).expect("link"));
+    }
 
     #[test]
     fn user_xattr_round_trip() {

@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tracing::warn;
 
@@ -30,11 +30,31 @@ use crate::finish::{finish_dirs, finish_links};
 use crate::source::{Attrs, Source, SourceEntry};
 use crate::sync::sync_dir;
 
+pub use indicatif::ProgressBar;
 pub use publish::{
     PublishOptions, PublishSummary, UploadError, publish, publish_to, publish_with_objects,
 };
 pub use remote::RemoteSource;
 pub use source::{LocalSource, SourceError};
+
+/// The progress bar every command draws on stderr, when `enabled` and stderr is a
+/// terminal (hidden otherwise): a bar towards `total`, or a ticking spinner without one.
+/// `template` is indicatif's.
+pub fn progress_bar(enabled: bool, total: Option<u64>, template: &str) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+    let fallback = match total {
+        Some(_) => ProgressStyle::default_bar(),
+        None => ProgressStyle::default_spinner(),
+    };
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or(fallback));
+    if total.is_none() {
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    }
+    pb
+}
 
 /// The source for `input`: a local directory is walked unless it holds a published manifest;
 /// an object-store URL is read through its manifest, or its listing when it has none.
@@ -181,7 +201,8 @@ impl std::fmt::Display for Summary {
     }
 }
 
-fn human_bytes(b: u64) -> String {
+/// Bytes for people: "512 B", "3.0 MiB".
+pub fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -273,19 +294,11 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     let root_attrs = source
         .root_attrs()
         .map_err(|e| PopulateError::Setup(format!("source {e}")))?;
-    let progress = if opts.progress && std::io::stderr().is_terminal() {
-        let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{spinner} populate [{elapsed_precise}] {pos} entries, {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        pb.enable_steady_tick(std::time::Duration::from_millis(120));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = progress_bar(
+        opts.progress,
+        None,
+        "{spinner} populate [{elapsed_precise}] {pos} entries, {msg}",
+    );
     let root_dev = hsm_kernel::stat::fstatx(root.as_fd())
         .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?
         .dev;

@@ -12,7 +12,6 @@ mod resume;
 mod upload;
 mod walk;
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,6 @@ use std::time::{Duration, Instant};
 use hsm_config::RemoteConfig;
 use hsm_manifest::{FileObject, MANIFEST_KEY};
 use hsm_remote::{RemoteError, RemoteUrl, Store, open_store};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -360,18 +358,11 @@ async fn upload_files(
         todo,
     } = plan;
     let total: u64 = todo.iter().map(|&i| walked.files[i].size).sum();
-    let progress = if opts.progress && std::io::stderr().is_terminal() {
-        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template(
-                "publish [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let progress = crate::progress_bar(
+        opts.progress,
+        Some(total),
+        "publish [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    );
     let mut set = tokio::task::JoinSet::new();
     let mut next = std::mem::take(todo).into_iter();
     let mut last_checkpoint = Instant::now();

@@ -1,12 +1,13 @@
 //! `hsm`: make a directory tree look complete while its bytes live in an object store.
 
+mod control;
 mod doctor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use hsm_config::{ByteSize, Config, LogFormat, MarkKind};
 
 #[derive(Debug, Parser)]
@@ -135,6 +136,81 @@ enum Command {
         #[arg(long, env = "HSM_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
     },
+    /// Show the running agent's state and, per served tree, what is stub, local, pinned
+    /// and cached (the agent walks the trees; big ones take a while).
+    Status {
+        /// Only this file or directory (inside a served tree).
+        path: Option<PathBuf>,
+        /// Print one JSON object (docs/CONTROL.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Fetch every byte of the stubs under PATHs now, so they read without the remote.
+    /// Always waits until done.
+    Hydrate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print the summary and each file's outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Wait until every file is done (what hydrate always does; accepted for scripts).
+        #[arg(long)]
+        wait: bool,
+        /// Never draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Give back the local bytes of files under PATHs that are still copies of their
+    /// remote objects (they become stubs again); pinned, modified and busy files are skipped.
+    Evict {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print the summary and each file's outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Pin PATHs: fetch them whole and never evict them.
+    Pin {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print the summary and each file's outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Remove the pins of PATHs.
+    Unpin {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print the summary and each file's outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+}
+
+/// Which agent a command talks to.
+#[derive(Debug, Args)]
+struct AgentSocket {
+    /// The agent's state directory, holding control.sock (default: [agent] state_dir).
+    #[arg(long, env = "HSM_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl AgentSocket {
+    fn dir(&self, cfg: &Config) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| cfg.agent.state_dir.clone())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +352,43 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from)
         }
+        Command::Status { path, json, agent } => {
+            control::status(&agent.dir(&cfg), path.as_deref(), json)
+        }
+        Command::Hydrate {
+            paths,
+            json,
+            wait: _,
+            no_progress,
+            agent,
+        } => control::cache(
+            &agent.dir(&cfg),
+            hsm_agent::cache::Op::Hydrate,
+            &paths,
+            json,
+            !no_progress,
+        ),
+        Command::Evict { paths, json, agent } => control::cache(
+            &agent.dir(&cfg),
+            hsm_agent::cache::Op::Evict,
+            &paths,
+            json,
+            false,
+        ),
+        Command::Pin { paths, json, agent } => control::cache(
+            &agent.dir(&cfg),
+            hsm_agent::cache::Op::Pin,
+            &paths,
+            json,
+            false,
+        ),
+        Command::Unpin { paths, json, agent } => control::cache(
+            &agent.dir(&cfg),
+            hsm_agent::cache::Op::Unpin,
+            &paths,
+            json,
+            false,
+        ),
     };
     match result {
         Ok(code) => code,
