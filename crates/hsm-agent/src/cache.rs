@@ -244,6 +244,16 @@ impl CacheOps {
     }
 
     async fn evict(self: &Arc<Self>, path: &Path) -> FileOutcome {
+        // A stub that became whole between the look and the lease is evicted as what it
+        // became.
+        let first = self.evict_once(path).await;
+        if first == no_longer_a_stub() {
+            return self.evict_once(path).await;
+        }
+        first
+    }
+
+    async fn evict_once(self: &Arc<Self>, path: &Path) -> FileOutcome {
         let (probe, st) = match self.reopen(path, libc::O_RDONLY) {
             Ok(x) => x,
             Err(error) => return FileOutcome::Failed { error },
@@ -324,11 +334,7 @@ impl CacheOps {
         };
         let (meta, map) = match hsm_core::stubio::load(w.as_fd()) {
             Ok(hsm_core::stubio::Loaded::Stub { meta, map }) => (meta, map),
-            Ok(_) => {
-                return FileOutcome::Skipped {
-                    reason: "no longer a stub".into(),
-                };
-            }
+            Ok(_) => return no_longer_a_stub(),
             Err(e) => {
                 return FileOutcome::Failed {
                     error: format!("{shown}: {e}"),
@@ -340,7 +346,8 @@ impl CacheOps {
                 reason: "modified locally".into(),
             };
         }
-        if map.resident_count() == 0 && st.blocks == 0 {
+        // Blocks would count an external xattr block: ask for data instead.
+        if map.resident_count() == 0 && !has_data(w.as_fd(), st.size) {
             return FileOutcome::AlreadyStub;
         }
         let fresh = match ResidentMap::new(meta.stub_id, meta.remote_size, map.granule_shift()) {
@@ -459,6 +466,21 @@ fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), String>) -> File
         Err(e) => FileOutcome::Failed {
             error: format!("{}: {e}", path.display()),
         },
+    }
+}
+
+fn no_longer_a_stub() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "no longer a stub".into(),
+    }
+}
+
+/// Does the file hold any data (`SEEK_DATA` finds some before `size`)?
+fn has_data(fd: BorrowedFd<'_>, size: u64) -> bool {
+    match nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekData) {
+        Ok(off) => (off as u64) < size,
+        Err(nix::errno::Errno::ENXIO) => false,
+        Err(_) => true,
     }
 }
 

@@ -266,6 +266,42 @@ pub fn cache(
     })
 }
 
+/// After `hsm populate DST`: ask the agent serving DST, if one runs, to hydrate what pins
+/// cover (files the run added below a pinned directory). Best effort: without an agent
+/// nothing is said (the next `hsm pin`, or first access, fetches them); a failure is a
+/// warning, never a failed populate.
+pub fn hydrate_pinned(state_dir: &Path, dst: &Path) {
+    if !socket_path(state_dir).exists() {
+        return;
+    }
+    let req = match absolute(&[dst.to_path_buf()]) {
+        Ok(paths) => Request::Cache {
+            op: Op::Repin,
+            paths,
+        },
+        Err(_) => return,
+    };
+    let mut hydrated = 0u64;
+    let done = exchange(state_dir, &req, |v| match v.get("outcome").and_then(|o| o.as_str()) {
+        Some("hydrated") if v.get("fetched").and_then(|f| f.as_u64()).unwrap_or(0) > 0 => {
+            hydrated += 1
+        }
+        Some("failed") => eprintln!(
+            "hsm: populate: hydrating pinned {}: {}",
+            v.get("file").and_then(|f| f.as_str()).unwrap_or("?"),
+            v.get("error").and_then(|r| r.as_str()).unwrap_or("failed")
+        ),
+        _ => {}
+    });
+    match done {
+        Ok(_) if hydrated > 0 => {
+            eprintln!("hsm: populate: the agent hydrated {hydrated} pinned files")
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("hsm: populate: could not ask the agent to hydrate pinned files: {e:#}"),
+    }
+}
+
 fn format_summary(verb: &str, s: &Summary) -> String {
     let mut parts = vec![format!(
         "{} file{}",

@@ -48,6 +48,10 @@ enum Command {
         /// Never draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// A running agent serving DST is asked to hydrate what this run added below
+        /// pinned directories (docs/SEMANTICS.md, "Eviction and pins").
+        #[command(flatten)]
+        agent: AgentSocket,
     },
     /// Upload a local tree or a container image to a store and write its manifest (re-runs
     /// skip unchanged files).
@@ -257,6 +261,7 @@ fn main() -> ExitCode {
             jobs,
             min_granule,
             no_progress,
+            agent,
         } => {
             if let Some(j) = jobs {
                 cfg.populate.jobs = j;
@@ -264,7 +269,11 @@ fn main() -> ExitCode {
             if let Some(g) = min_granule {
                 cfg.populate.min_granule = g;
             }
-            populate(&cfg, &src, &dst, force, json, !no_progress)
+            let code = populate(&cfg, &src, &dst, force, json, !no_progress);
+            if matches!(code, Ok(ExitCode::SUCCESS)) {
+                control::hydrate_pinned(&agent.dir(&cfg), &dst);
+            }
+            code
         }
         Command::Publish {
             src,
