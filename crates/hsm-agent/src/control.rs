@@ -417,6 +417,15 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>) {
             return;
         }
     };
+    let relative = match &req {
+        Request::Status { path, .. } => path.iter().find(|p| p.is_relative()),
+        Request::Cache { paths, .. } => paths.iter().find(|p| p.is_relative()),
+    };
+    if let Some(p) = relative {
+        let e = format!("{}: paths sent to the agent must be absolute", p.display());
+        let _ = wr.write_all(error_line(&e).as_bytes()).await;
+        return;
+    }
     debug!(?req, "control request");
     // The work runs in its own task and sends lines here; this task writes them, so a
     // slow client only slows its own answer.
