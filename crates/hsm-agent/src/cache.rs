@@ -511,7 +511,7 @@ enum Kind {
     /// Populate is still building it.
     Building,
     /// Fully fetched, with its origin record.
-    Hydrated(Origin),
+    Hydrated(Box<Origin>),
     /// Anything else: never evicted.
     Local,
 }
@@ -527,7 +527,7 @@ fn classify(fd: BorrowedFd<'_>) -> Result<Kind, String> {
     }
     if xattr::fget(fd, ORIGIN_XATTR, &mut buf).map_err(|e| e.to_string())? {
         return Origin::decode(&buf)
-            .map(Kind::Hydrated)
+            .map(|o| Kind::Hydrated(Box::new(o)))
             .map_err(|e| format!("origin record: {e}"));
     }
     Ok(Kind::Local)

@@ -280,20 +280,20 @@ mod write_atomic_tests {
 
     #[test]
     fn replaces_a_symlink_instead_of_writing_through_it() {
-        let d = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().expect("test setup");
         let victim = d.path().join("victim");
-        std::fs::write(&victim, "precious").unwrap();
+        std::fs::write(&victim, "precious").expect("test setup");
         let stats = d.path().join("stats.json");
-        std::os::unix::fs::symlink(&victim, &stats).unwrap();
+        std::os::unix::fs::symlink(&victim, &stats).expect("test setup");
         // The old fixed temporary name, planted as a link too.
-        std::os::unix::fs::symlink(&victim, d.path().join("stats.tmp")).unwrap();
-        write_atomic(&stats, "{}").unwrap();
-        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
-        assert!(!std::fs::symlink_metadata(&stats).unwrap().is_symlink());
-        assert_eq!(std::fs::read_to_string(&stats).unwrap(), "{}");
+        std::os::unix::fs::symlink(&victim, d.path().join("stats.tmp")).expect("test setup");
+        write_atomic(&stats, "{}").expect("test setup");
+        assert_eq!(std::fs::read_to_string(&victim).expect("test setup"), "precious");
+        assert!(!std::fs::symlink_metadata(&stats).expect("test setup").is_symlink());
+        assert_eq!(std::fs::read_to_string(&stats).expect("test setup"), "{}");
         let left: Vec<_> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .expect("test setup")
+            .map(|e| e.expect("test setup").file_name().into_string().expect("test setup"))
             .filter(|n| n.ends_with(".tmp") && n != "stats.tmp")
             .collect();
         assert!(left.is_empty(), "temporary files left: {left:?}");

@@ -149,9 +149,13 @@ impl AgentCore {
         if let Some(s) = self.cached(st) {
             return Ok(Lookup::Stub(s));
         }
-        let dup = self
-            .reopener
-            .reopen(fd, st, libc::O_RDONLY | libc::O_LARGEFILE)?;
+        let dup = crate::api::reopen_waiting_async(
+            self.reopener.as_ref(),
+            fd,
+            st,
+            libc::O_RDONLY | libc::O_LARGEFILE,
+        )
+        .await?;
         let core = self.clone();
         let st = *st;
         tokio::task::spawn_blocking(move || core.load_blocking(dup, &st))

@@ -103,6 +103,47 @@ pub trait Reopener: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// How long a reopen waits for descriptors to come back before the access fails.
+const DESCRIPTORS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const DESCRIPTORS_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// [`Reopener::reopen`], waiting out EMFILE/ENFILE (descriptors come back as events are
+/// answered) for up to 30 s. Blocking: for blocking threads only.
+pub(crate) fn reopen_waiting(
+    r: &dyn Reopener,
+    file: BorrowedFd<'_>,
+    st: &FileStat,
+    flags: i32,
+) -> Result<OwnedFd, LocalError> {
+    let deadline = std::time::Instant::now() + DESCRIPTORS_WAIT;
+    loop {
+        match r.reopen(file, st, flags) {
+            Err(LocalError::TooManyFiles { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(DESCRIPTORS_RETRY)
+            }
+            other => return other,
+        }
+    }
+}
+
+/// [`reopen_waiting`] for async code.
+pub(crate) async fn reopen_waiting_async(
+    r: &dyn Reopener,
+    file: BorrowedFd<'_>,
+    st: &FileStat,
+    flags: i32,
+) -> Result<OwnedFd, LocalError> {
+    let deadline = tokio::time::Instant::now() + DESCRIPTORS_WAIT;
+    loop {
+        match r.reopen(file, st, flags) {
+            Err(LocalError::TooManyFiles { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(DESCRIPTORS_RETRY).await
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Reopens through `/proc/self/fd`: for tests and tools that serve plain files without
 /// fanotify (such opens raise events where a group watches the file).
 #[derive(Debug, Default)]

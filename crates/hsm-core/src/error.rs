@@ -11,6 +11,10 @@ pub enum LocalError {
     NoSpace { op: &'static str },
     #[error("{op}: disk quota exceeded")]
     QuotaExceeded { op: &'static str },
+    /// EMFILE or ENFILE: passing (descriptors come back as events are answered), so the
+    /// reopens that hit it wait and retry instead of failing the reader.
+    #[error("{op}: too many open files")]
+    TooManyFiles { op: &'static str },
     #[error("{op}: {message}")]
     Other { op: &'static str, message: String },
 }
@@ -21,6 +25,7 @@ impl LocalError {
         match e.raw_os_error() {
             Some(libc::ENOSPC) => LocalError::NoSpace { op },
             Some(libc::EDQUOT) => LocalError::QuotaExceeded { op },
+            Some(libc::EMFILE) | Some(libc::ENFILE) => LocalError::TooManyFiles { op },
             _ => LocalError::Other {
                 op,
                 message: e.to_string(),
@@ -84,7 +89,7 @@ pub fn deny_errno(e: &ServeError) -> DenyErrno {
         ServeError::Local(l) => match l {
             LocalError::NoSpace { .. } => DenyErrno::Enospc,
             LocalError::QuotaExceeded { .. } => DenyErrno::Edquot,
-            LocalError::Other { .. } => DenyErrno::Eio,
+            LocalError::TooManyFiles { .. } | LocalError::Other { .. } => DenyErrno::Eio,
         },
         ServeError::Metadata(_) => DenyErrno::Eio,
         ServeError::Inconsistent(_) => DenyErrno::Eio,

@@ -384,9 +384,12 @@ impl Stub {
         let n = end - offset;
         // Opened per fill and closed after it: a cached writer would make exec of the file
         // fail with ETXTBSY.
-        let writer =
-            self.reopener
-                .reopen(self.fd.as_fd(), &st, libc::O_RDWR | libc::O_LARGEFILE)?;
+        let writer = crate::api::reopen_waiting(
+            self.reopener.as_ref(),
+            self.fd.as_fd(),
+            &st,
+            libc::O_RDWR | libc::O_LARGEFILE,
+        )?;
         let fd = writer.as_fd();
         let written = match body {
             Body::Bytes(data) => stubio::write_data(fd, offset, &data[..n as usize])?,

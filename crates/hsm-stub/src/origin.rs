@@ -97,7 +97,7 @@ mod tests {
             digest: [9; 32],
             meta: meta(),
         };
-        assert_eq!(Origin::decode(&o.encode().unwrap()).unwrap(), o);
+        assert_eq!(Origin::decode(&o.encode().expect("test setup")).expect("test setup"), o);
     }
 
     #[test]
@@ -109,7 +109,7 @@ mod tests {
             meta: meta(),
         }
         .encode()
-        .unwrap();
+        .expect("test setup");
         assert!(matches!(
             Origin::decode(&good[..10]),
             Err(FormatError::Truncated { .. })

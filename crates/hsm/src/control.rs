@@ -282,23 +282,27 @@ pub fn hydrate_pinned(state_dir: &Path, dst: &Path) {
         Err(_) => return,
     };
     let mut hydrated = 0u64;
-    let done = exchange(state_dir, &req, |v| match v.get("outcome").and_then(|o| o.as_str()) {
-        Some("hydrated") if v.get("fetched").and_then(|f| f.as_u64()).unwrap_or(0) > 0 => {
-            hydrated += 1
+    let done = exchange(state_dir, &req, |v| {
+        match v.get("outcome").and_then(|o| o.as_str()) {
+            Some("hydrated") if v.get("fetched").and_then(|f| f.as_u64()).unwrap_or(0) > 0 => {
+                hydrated += 1
+            }
+            Some("failed") => eprintln!(
+                "hsm: populate: hydrating pinned {}: {}",
+                v.get("file").and_then(|f| f.as_str()).unwrap_or("?"),
+                v.get("error").and_then(|r| r.as_str()).unwrap_or("failed")
+            ),
+            _ => {}
         }
-        Some("failed") => eprintln!(
-            "hsm: populate: hydrating pinned {}: {}",
-            v.get("file").and_then(|f| f.as_str()).unwrap_or("?"),
-            v.get("error").and_then(|r| r.as_str()).unwrap_or("failed")
-        ),
-        _ => {}
     });
     match done {
         Ok(_) if hydrated > 0 => {
             eprintln!("hsm: populate: the agent hydrated {hydrated} pinned files")
         }
         Ok(_) => {}
-        Err(e) => eprintln!("hsm: populate: could not ask the agent to hydrate pinned files: {e:#}"),
+        Err(e) => {
+            eprintln!("hsm: populate: could not ask the agent to hydrate pinned files: {e:#}")
+        }
     }
 }
 
