@@ -22,8 +22,10 @@ pub const RESOLVE: ResolveFlag = ResolveFlag::RESOLVE_BENEATH
     .union(ResolveFlag::RESOLVE_NO_SYMLINKS)
     .union(ResolveFlag::RESOLVE_NO_MAGICLINKS);
 
-/// `openat2(root, rel, flags)` with [`RESOLVE`]; an empty `rel` opens `root` itself (".").
-/// A symlink in any component fails with `ELOOP`, an escape with `EXDEV`.
+/// `openat2(root, rel, flags | O_CLOEXEC)` with [`RESOLVE`]; an empty `rel` opens `root`
+/// itself ("."). A symlink in any component fails with `ELOOP` (a final one: unless `flags`
+/// has `O_NOFOLLOW`, which opens it with `O_PATH` and makes other opens fail), an escape
+/// with `EXDEV`.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlag) -> Result<OwnedFd, Errno> {
     let rel: &Path = if rel.as_os_str().is_empty() {
         Path::new(".")
@@ -31,13 +33,13 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlag) -> Result<Ow
         rel
     };
     let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .flags(flags | OFlag::O_CLOEXEC)
         .mode(Mode::empty())
         .resolve(RESOLVE);
     openat2(root, rel, how)
 }
 
-/// The directory `rel` below `root`, read-only, with no symlink in any component.
+/// The directory `rel` below `root`, read-only, with no symlink in any component (`ELOOP`).
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Errno> {
     open_beneath(root, rel, OFlag::O_DIRECTORY | OFlag::O_RDONLY)
 }
@@ -97,7 +99,7 @@ pub fn open_regular_beneath(
     let fd = open_beneath(
         root,
         rel,
-        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW,
     )
     .map_err(|e| match e {
         Errno::ELOOP | Errno::EXDEV => OpenFileError::Symlink(e),
@@ -116,7 +118,7 @@ pub fn open_regular_beneath(
 /// symlink is reported as itself (like `lstat`), one in an earlier component is refused. An
 /// `O_PATH` open: nothing is opened for reading, so no FIFO or device can block or notice it.
 pub fn stat_beneath(root: BorrowedFd<'_>, rel: &Path) -> Result<FileStat, OpenFileError> {
-    let fd = open_beneath(root, rel, OFlag::O_PATH).map_err(|e| match e {
+    let fd = open_beneath(root, rel, OFlag::O_PATH | OFlag::O_NOFOLLOW).map_err(|e| match e {
         Errno::ELOOP | Errno::EXDEV => OpenFileError::Symlink(e),
         e => OpenFileError::Open(e),
     })?;
@@ -182,7 +184,10 @@ mod tests {
                 .expect("stat")
                 .is_file()
         );
-        assert!(open_dir_beneath(r.as_fd(), Path::new("dirlink")).is_err());
+        assert_eq!(
+            open_dir_beneath(r.as_fd(), Path::new("dirlink")).err(),
+            Some(Errno::ELOOP)
+        );
         assert!(open_dir_beneath(r.as_fd(), Path::new("")).is_ok());
     }
 }

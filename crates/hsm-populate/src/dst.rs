@@ -93,7 +93,7 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> OpResult<OwnedFd> {
     } else {
         rel
     };
-    hsm_kernel::beneath::open_dir_beneath(root, rel)
+    hsm_kernel::beneath::open_beneath(root, rel, DIR_FLAGS)
         .map_err(|e| op_error("open", rel.as_os_str(), e))
 }
 
