@@ -1,6 +1,7 @@
 //! The kernel interface of hsm: every syscall the project makes that `nix` does not wrap
 //! safely lives here, behind small typed wrappers.
 //!
+//! - [`beneath`]: opening paths below a root descriptor without following symlinks.
 //! - [`fanotify`]: pre-content groups, marks, event parsing and responses.
 //! - [`xattr`]: extended attributes on descriptors (the stub marker and metadata).
 //! - [`stat`]: `statx` on descriptors and directory entries.
@@ -14,6 +15,7 @@
 // else in the workspace (bar the mmap test tool). Every block carries a SAFETY comment.
 #![allow(unsafe_code)]
 
+pub mod beneath;
 pub mod fanotify;
 pub mod fdio;
 pub mod intent;

@@ -18,7 +18,7 @@ use hsm_stub::{
     XATTR_BUDGET, choose_granule_shift,
 };
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
@@ -93,12 +93,8 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> OpResult<OwnedFd> {
     } else {
         rel
     };
-    let how = OpenHow::new().flags(DIR_FLAGS).resolve(
-        ResolveFlag::RESOLVE_BENEATH
-            | ResolveFlag::RESOLVE_NO_SYMLINKS
-            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-    );
-    openat2(root, rel, how).map_err(|e| op_error("open", rel.as_os_str(), e))
+    hsm_kernel::beneath::open_beneath(root, rel, DIR_FLAGS)
+        .map_err(|e| op_error("open", rel.as_os_str(), e))
 }
 
 /// Open the child directory `name` of `dir` without following a symlink.

@@ -385,7 +385,7 @@ async fn upload_files(
             let f = &walked.files[i];
             let fut = upload_file(
                 store.clone(),
-                src_root.join(&f.rel),
+                src_root.to_path_buf(),
                 f.rel.clone(),
                 (f.size, (f.attrs.mtime.sec, f.attrs.mtime.nsec)),
                 opts.chunk_size,

@@ -3,14 +3,16 @@
 //! The local walker ([`LocalSource`]) and the object-store source ([`crate::remote::RemoteSource`],
 //! from a manifest or a listing) produce the same [`SourceEntry`] model.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use hsm_kernel::stat::Timestamp;
+use hsm_kernel::beneath::{self, OpenFileError};
+use hsm_kernel::stat::{FileStat, Timestamp};
 use hsm_remote::{KeyError, RemoteError, RemoteUrl, key_from_relative_path, local_etag};
+use nix::errno::Errno;
 
 /// Why a source (or part of it) cannot be read. Every variant names the path, URL or key.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,16 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// A local path has a symlink where a directory was (swapped in since it was listed,
+    /// or given as a path through one): populate never follows a symlink inside SRC.
+    #[error(
+        "{}: refused: a component is a symbolic link (populate never follows one inside SRC)",
+        .0.display()
+    )]
+    SymlinkInPath(PathBuf),
+    /// A local path is not the regular file it must be (a FIFO, a device, a directory).
+    #[error("{}: refused: not a regular file but a {kind}", .path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("{0}: not a local directory")]
     NotLocal(String),
     #[error("{}: not a directory", .0.display())]
@@ -137,10 +149,47 @@ pub trait Source: Sync {
 }
 
 /// A local directory, served to the agent through hsm-remote's local backend.
+///
+/// Everything below the root is reached from a descriptor of it with
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` ([`hsm_kernel::beneath`]): a symlink is
+/// listed as a symlink (and recreated as one in DST), never descended through, even when
+/// a user swaps a directory for one while populate walks; files are opened non-blocking
+/// and only when they are regular files, so a FIFO cannot hang populate.
 #[derive(Debug)]
 pub struct LocalSource {
     root: PathBuf,
+    root_fd: OwnedFd,
     url: String,
+}
+
+/// The [`SourceError`] for a failed open of `path` (below a local source's root).
+fn open_err(path: &Path, e: OpenFileError) -> SourceError {
+    match e {
+        OpenFileError::Symlink(_) => SourceError::SymlinkInPath(path.to_path_buf()),
+        OpenFileError::NotRegular(kind) => SourceError::NotRegular {
+            path: path.to_path_buf(),
+            kind,
+        },
+        OpenFileError::Open(e) => SourceError::Io {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+        OpenFileError::Stat(e) => SourceError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        },
+    }
+}
+
+/// The [`SourceError`] for a failed directory open of `path`.
+fn dir_err(path: &Path, e: Errno) -> SourceError {
+    match e {
+        Errno::ELOOP | Errno::EXDEV => SourceError::SymlinkInPath(path.to_path_buf()),
+        e => SourceError::Io {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+    }
 }
 
 impl LocalSource {
@@ -161,24 +210,34 @@ impl LocalSource {
         )?
         .as_str()
         .to_string();
-        Ok(LocalSource { root, url })
+        // The root itself was resolved once above; from here on nothing is resolved by name.
+        let root_fd = nix::fcntl::open(
+            &root,
+            nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| dir_err(&root, e))?;
+        Ok(LocalSource { root, root_fd, url })
+    }
+
+    /// Open the regular file `rel` (relative to the root) for reading: no symlink in any
+    /// component, not blocking on a FIFO, refused unless it is a regular file.
+    pub fn open_file(&self, rel: &Path) -> Result<(std::fs::File, FileStat), SourceError> {
+        beneath::open_regular_beneath(self.root_fd.as_fd(), rel)
+            .map_err(|e| open_err(&self.root.join(rel), e))
     }
 }
 
-fn ts(sec: i64, nsec: i64) -> Timestamp {
-    Timestamp {
-        sec,
-        nsec: nsec as u32,
-    }
-}
-
-fn attrs_of(md: &std::fs::Metadata) -> Attrs {
+fn attrs_of(st: &FileStat) -> Attrs {
     Attrs {
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        atime: ts(md.atime(), md.atime_nsec()),
-        mtime: ts(md.mtime(), md.mtime_nsec()),
+        mode: st.mode & 0o7777,
+        uid: st.uid,
+        gid: st.gid,
+        atime: st.atime,
+        mtime: st.mtime,
     }
 }
 
@@ -192,56 +251,73 @@ impl Source for LocalSource {
     }
 
     fn root_attrs(&self) -> Result<Attrs, SourceError> {
-        std::fs::symlink_metadata(&self.root)
-            .map(|md| attrs_of(&md))
-            .map_err(io_err(&self.root))
+        hsm_kernel::stat::fstatx(self.root_fd.as_fd())
+            .map(|st| attrs_of(&st))
+            .map_err(|e| SourceError::Io {
+                path: self.root.clone(),
+                source: std::io::Error::other(e),
+            })
     }
 
     fn list(&self, rel: &Path) -> Result<Vec<SourceEntry>, SourceError> {
         let dir = self.root.join(rel);
-        let rd = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
+        // Entered beneath the root with no symlink in any component: a directory swapped
+        // for a symlink since its parent was listed is refused here, never followed.
+        let fd =
+            beneath::open_dir_beneath(self.root_fd.as_fd(), rel).map_err(|e| dir_err(&dir, e))?;
+        let mut rd = nix::dir::Dir::from_fd(fd).map_err(|e| dir_err(&dir, e))?;
+        let mut names = Vec::new();
+        for ent in rd.iter() {
+            let ent = ent.map_err(|e| dir_err(&dir, e))?;
+            let name = ent.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            names.push(name.to_owned());
+        }
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(io_err(&dir))?;
-            let path = ent.path();
-            let md = std::fs::symlink_metadata(&path).map_err(io_err(&path))?;
-            let ft = md.file_type();
-            let kind = if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_file() {
-                let rel_path = rel.join(ent.file_name());
-                Kind::File(FileInfo {
-                    size: md.size(),
-                    key: key_from_relative_path(&rel_path),
-                    etag: Some(local_etag(
-                        md.ino(),
-                        md.size(),
-                        md.mtime(),
-                        md.mtime_nsec() as u32,
-                    )),
-                    version: None,
-                    link_id: (md.nlink() > 1).then(|| (md.dev(), md.ino())),
-                    maybe_sparse: md.blocks() * 512 < md.size(),
-                    integrity: None,
-                })
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(io_err(&path))?;
-                Kind::Symlink {
-                    target: target.into_os_string(),
+        for cname in names {
+            let name = OsStr::from_bytes(cname.to_bytes()).to_os_string();
+            let path = dir.join(&name);
+            let st = match hsm_kernel::stat::statx_at(rd.as_fd(), &cname) {
+                Ok(st) => st,
+                // Removed since the directory was read: it is simply not there any more.
+                Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+                Err(e) => {
+                    return Err(SourceError::Io {
+                        path,
+                        source: std::io::Error::other(e),
+                    });
                 }
-            } else if ft.is_fifo() {
-                Kind::Special("fifo")
-            } else if ft.is_socket() {
-                Kind::Special("socket")
-            } else if ft.is_block_device() {
-                Kind::Special("block device")
-            } else {
-                Kind::Special("character device")
+            };
+            let kind = match st.file_type() {
+                libc::S_IFDIR => Kind::Dir,
+                libc::S_IFREG => {
+                    let rel_path = rel.join(&name);
+                    Kind::File(FileInfo {
+                        size: st.size,
+                        key: key_from_relative_path(&rel_path),
+                        etag: Some(local_etag(st.ino, st.size, st.mtime.sec, st.mtime.nsec)),
+                        version: None,
+                        link_id: (st.nlink > 1).then_some((st.dev, st.ino)),
+                        maybe_sparse: st.blocks * 512 < st.size,
+                        integrity: None,
+                    })
+                }
+                libc::S_IFLNK => {
+                    let target = nix::fcntl::readlinkat(rd.as_fd(), cname.as_c_str())
+                        .map_err(|e| dir_err(&path, e))?;
+                    Kind::Symlink { target }
+                }
+                libc::S_IFIFO => Kind::Special("fifo"),
+                libc::S_IFSOCK => Kind::Special("socket"),
+                libc::S_IFBLK => Kind::Special("block device"),
+                _ => Kind::Special("character device"),
             };
             out.push(SourceEntry {
-                name: ent.file_name(),
+                name,
                 kind,
-                attrs: attrs_of(&md),
+                attrs: attrs_of(&st),
             });
         }
         out.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -250,7 +326,9 @@ impl Source for LocalSource {
 
     fn holes(&self, rel: &Path, size: u64) -> Vec<Range<u64>> {
         use nix::unistd::{Whence, lseek};
-        let Ok(f) = std::fs::File::open(self.root.join(rel)) else {
+        // Not a regular file any more (a FIFO swapped in), or through a symlink: no holes
+        // to report, and never a blocking open. The agent refuses such an object anyway.
+        let Ok((f, _)) = self.open_file(rel) else {
             return Vec::new();
         };
         let mut holes = Vec::new();
@@ -281,9 +359,9 @@ impl Source for LocalSource {
     }
 
     fn current_etag(&self, key: &str) -> Option<String> {
-        let md = std::fs::symlink_metadata(self.root.join(key)).ok()?;
-        md.is_file()
-            .then(|| local_etag(md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32))
+        let st = beneath::stat_beneath(self.root_fd.as_fd(), Path::new(key)).ok()?;
+        st.is_file()
+            .then(|| local_etag(st.ino, st.size, st.mtime.sec, st.mtime.nsec))
     }
 }
 
@@ -325,5 +403,66 @@ mod tests {
             "{holes:?}"
         );
         assert!(holes.last().is_some_and(|h| h.end == 8 << 20), "{holes:?}");
+    }
+
+    /// A directory swapped for a symlink (to a directory populate's user may not read) is
+    /// listed as a symlink and never entered; a FIFO swapped in for a file is refused
+    /// without blocking, also by `holes`, which opens the file.
+    #[test]
+    fn never_follows_symlinks_nor_blocks_on_fifos() {
+        let d = tempfile::tempdir().expect("tmp");
+        let src = d.path().join("src");
+        let secret = d.path().join("secret");
+        std::fs::create_dir_all(src.join("user/sub")).expect("mkdir");
+        std::fs::create_dir(&secret).expect("mkdir");
+        std::fs::write(secret.join("key"), b"root only").expect("write");
+        std::fs::write(src.join("user/sub/f"), b"x").expect("write");
+        let s = LocalSource::open(src.to_str().expect("utf8")).expect("open");
+        assert!(matches!(
+            s.list(Path::new("user")).expect("list")[0].kind,
+            Kind::Dir
+        ));
+
+        // The swap, between the listing of user/ and the walk into user/sub.
+        std::fs::rename(src.join("user/sub"), src.join("user/old")).expect("rename");
+        std::os::unix::fs::symlink(&secret, src.join("user/sub")).expect("symlink");
+        let e = s
+            .list(Path::new("user/sub"))
+            .expect_err("entered a symlink");
+        assert!(matches!(e, SourceError::SymlinkInPath(_)), "{e:?}");
+        assert!(e.to_string().contains("user/sub"), "{e}");
+        let listed = s.list(Path::new("user")).expect("list");
+        let sub = listed.iter().find(|e| e.name == "sub").expect("sub");
+        assert_eq!(
+            sub.kind,
+            Kind::Symlink {
+                target: secret.clone().into_os_string()
+            }
+        );
+        assert_eq!(s.current_etag("user/sub/key"), None);
+        assert!(matches!(
+            s.open_file(Path::new("user/sub/key")),
+            Err(SourceError::SymlinkInPath(_))
+        ));
+        assert!(s.holes(Path::new("user/sub/key"), 8 << 20).is_empty());
+
+        // A FIFO where a (sparse) file was: refused at once, never waited on.
+        nix::unistd::mkfifo(&src.join("user/fifo"), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let holes = s.holes(Path::new("user/fifo"), 8 << 20);
+            let opened = s.open_file(Path::new("user/fifo")).map(|_| ());
+            tx.send((holes, opened)).expect("send");
+        });
+        let (holes, opened) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("blocked on a FIFO");
+        assert!(holes.is_empty());
+        let e = opened.expect_err("a FIFO is not a file");
+        assert!(
+            matches!(e, SourceError::NotRegular { kind: "fifo", .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("user/fifo"), "{e}");
     }
 }

@@ -2,6 +2,8 @@
 //! turned into the project's own.
 
 use std::ops::Range;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,6 +15,9 @@ use object_store::{
 };
 
 use hsm_config::RemoteConfig;
+use hsm_kernel::beneath::{self, OpenFileError};
+use hsm_kernel::stat::FileStat;
+use nix::errno::Errno;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, RetryConfig};
 
@@ -28,6 +33,11 @@ pub struct ObjectStoreRemote {
     store: Arc<dyn ObjectStore>,
     /// object_store's local backend runs its file I/O inline when no runtime is current.
     inline: bool,
+    /// For a local store (`file://`), its root directory: every read of an object's bytes
+    /// or metadata opens the object here itself ([`hsm_kernel::beneath`]: no symlink in any
+    /// component, nothing but a regular file, never blocking in `open`), not through
+    /// object_store, whose local backend follows symlinks and opens FIFOs blocking.
+    local_root: Option<PathBuf>,
 }
 
 /// Open the store at `url` (for publish and populate) with the `[remote]` configuration.
@@ -122,7 +132,137 @@ impl ObjectStoreRemote {
             store: build_object_store(url, cfg)?,
             // object_store's local backend runs its file I/O inline outside a runtime.
             inline: matches!(url, RemoteUrl::Local { .. }),
+            local_root: match url {
+                RemoteUrl::Local { root, .. } => Some(root.clone()),
+                RemoteUrl::Object { .. } => None,
+            },
         })
+    }
+
+    /// Open object `key` of the local store at `root`: a regular file reached without
+    /// following a symlink in any component (see [`ObjectStoreRemote::local_root`]).
+    fn open_local(&self, root: &Path, key: &str) -> Result<(std::fs::File, FileStat), RemoteError> {
+        let path = self.path(key)?;
+        let root_fd = nix::fcntl::open(
+            root,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| RemoteError::Failed {
+            url: self.url.clone(),
+            key: key.to_string(),
+            detail: format!("open the store's directory {}: {e}", root.display()),
+        })?;
+        beneath::open_regular_beneath(root_fd.as_fd(), Path::new(path.as_ref()))
+            .map_err(|e| self.local_err(key, e))
+    }
+
+    /// `statx` of object `key` of the local store at `root`, refused unless it is a regular
+    /// file reached without a symlink.
+    fn stat_local(&self, root: &Path, key: &str) -> Result<FileStat, RemoteError> {
+        let path = self.path(key)?;
+        let root_fd = nix::fcntl::open(
+            root,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| RemoteError::Failed {
+            url: self.url.clone(),
+            key: key.to_string(),
+            detail: format!("open the store's directory {}: {e}", root.display()),
+        })?;
+        let st = beneath::stat_beneath(root_fd.as_fd(), Path::new(path.as_ref()))
+            .map_err(|e| self.local_err(key, e))?;
+        if st.is_file() {
+            Ok(st)
+        } else if st.is_symlink() {
+            Err(self.local_err(key, OpenFileError::Symlink(Errno::ELOOP)))
+        } else {
+            Err(self.local_err(key, OpenFileError::NotRegular(beneath::kind_of(st.mode))))
+        }
+    }
+
+    /// The one mapping of a refused or failed local open to [`RemoteError`].
+    fn local_err(&self, key: &str, e: OpenFileError) -> RemoteError {
+        let url = self.url.clone();
+        let key = key.to_string();
+        match e {
+            OpenFileError::Open(Errno::ENOENT | Errno::ENOTDIR)
+            | OpenFileError::NotRegular("directory") => RemoteError::NotFound { url, key },
+            OpenFileError::Open(e @ (Errno::EACCES | Errno::EPERM)) => {
+                RemoteError::PermissionDenied {
+                    url,
+                    key,
+                    detail: format!("read: {e}"),
+                }
+            }
+            OpenFileError::Symlink(_) => RemoteError::PermissionDenied {
+                url,
+                key,
+                detail: "refused: a component of the key is a symbolic link (a local store \
+                         never follows one)"
+                    .into(),
+            },
+            OpenFileError::NotRegular(kind) => RemoteError::Failed {
+                url,
+                key,
+                detail: format!(
+                    "refused: not a regular file but a {kind} (a local store serves only \
+                     regular files)"
+                ),
+            },
+            other => RemoteError::Failed {
+                url,
+                key,
+                detail: format!("read: {other}"),
+            },
+        }
+    }
+
+    /// A ranged read of a local store's object, with object_store's semantics (ETag as
+    /// `If-Match`, a range clamped to the object's end) but through [`Self::open_local`].
+    fn open_range_local(
+        &self,
+        root: &Path,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<(std::fs::File, Range<u64>), RemoteError> {
+        let (file, st) = self.open_local(root, key)?;
+        let etag = local_etag(st.ino, st.size, st.mtime.sec, st.mtime.nsec);
+        if let Some(want) = expect.etag.as_deref()
+            && want != "*"
+            && want.split(',').map(str::trim).all(|w| w != etag)
+        {
+            return Err(RemoteError::Changed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!("precondition failed: {etag} does not match {want}"),
+            });
+        }
+        if st.size != expect.size {
+            return Err(RemoteError::Changed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!(
+                    "size is now {} bytes, was {} at populate",
+                    st.size, expect.size
+                ),
+            });
+        }
+        if range.end <= range.start || range.start >= st.size {
+            return Err(RemoteError::Failed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!("read: range {range:?} is not within {} bytes", st.size),
+            });
+        }
+        let got = range.start..range.end.min(st.size);
+        Ok((file, got))
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath, RemoteError> {
@@ -226,6 +366,16 @@ impl Remote for ObjectStoreRemote {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<Bytes, RemoteError> {
+        if let Some(root) = &self.local_root {
+            let (file, got) = self.open_range_local(root, key, range.clone(), expect)?;
+            let bytes = read_at_most(&file, got).map_err(|e| RemoteError::Failed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!("read: {e}"),
+            })?;
+            self.check_len(key, &range, bytes.len() as u64)?;
+            return Ok(bytes);
+        }
         let result = self.open_range(key, range.clone(), expect).await?;
         let bytes = result
             .bytes()
@@ -241,6 +391,12 @@ impl Remote for ObjectStoreRemote {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<Body, RemoteError> {
+        if let Some(root) = &self.local_root {
+            let (file, got) = self.open_range_local(root, key, range.clone(), expect)?;
+            let body = Body::File { file, range: got };
+            self.check_len(key, &range, body.len())?;
+            return Ok(body);
+        }
         let result = self.open_range(key, range.clone(), expect).await?;
         let body = match result.payload {
             GetResultPayload::File(file, _) => Body::File {
@@ -259,6 +415,15 @@ impl Remote for ObjectStoreRemote {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
+        if let Some(root) = &self.local_root {
+            let st = self.stat_local(root, key)?;
+            return Ok(ObjectInfo {
+                key: key.to_string(),
+                size: st.size,
+                etag: Some(local_etag(st.ino, st.size, st.mtime.sec, st.mtime.nsec)),
+                version: None,
+            });
+        }
         let path = self.path(key)?;
         let meta = self
             .store
@@ -300,6 +465,14 @@ impl Store for ObjectStoreRemote {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, RemoteError> {
+        if let Some(root) = &self.local_root {
+            let (file, st) = self.open_local(root, key)?;
+            return read_at_most(&file, 0..st.size).map_err(|e| RemoteError::Failed {
+                url: self.url.clone(),
+                key: key.to_string(),
+                detail: format!("read: {e}"),
+            });
+        }
         let path = self.path(key)?;
         let result = self
             .store
@@ -415,6 +588,25 @@ pub fn local_etag(ino: u64, size: u64, mtime_sec: i64, mtime_nsec: u32) -> Strin
     format!("\"{ino:x}-{micros:x}-{size:x}\"")
 }
 
+/// Bytes `range` of `file`, fewer where the file ends first (the caller checks the length).
+fn read_at_most(file: &std::fs::File, range: Range<u64>) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(range.end.saturating_sub(range.start))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match file.read_at(&mut buf[done..], range.start + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(Bytes::from(buf))
+}
+
 /// A duration as object_store's configuration strings take it.
 fn millis(d: std::time::Duration) -> String {
     format!("{}ms", d.as_millis())
@@ -505,6 +697,69 @@ mod tests {
         std::fs::write(&file, &data[..50_000]).expect("rewrite");
         let e = r.get_range(key, 0..10, &expect).await.expect_err("changed");
         assert!(matches!(e, RemoteError::Changed { .. }), "{e:?}");
+    }
+
+    /// A local store never follows a symlink in a key and never opens anything but a regular
+    /// file: a user who can write under the store's root cannot make the agent read a file
+    /// outside it, nor park it in `open()` of a FIFO (both would run on its event threads).
+    #[test]
+    fn local_store_refuses_symlinks_and_fifos_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("store");
+        let secret = dir.path().join("secret");
+        std::fs::create_dir_all(root.join("user")).expect("mkdir");
+        std::fs::create_dir(&secret).expect("mkdir");
+        std::fs::write(secret.join("f"), b"root only").expect("write");
+        std::fs::write(root.join("user/ok"), b"fine").expect("write");
+        std::os::unix::fs::symlink(&secret, root.join("user/dirlink")).expect("symlink");
+        std::os::unix::fs::symlink(secret.join("f"), root.join("user/filelink")).expect("symlink");
+        nix::unistd::mkfifo(&root.join("user/fifo"), nix::sys::stat::Mode::S_IRWXU)
+            .expect("mkfifo");
+        let md = std::fs::metadata(secret.join("f")).expect("stat");
+        let any = Expect {
+            etag: None,
+            version: None,
+            size: md.size(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On a thread of its own (with no runtime: the inline path the event threads take),
+        // so that a blocking open fails the test by the timeout instead of hanging it.
+        std::thread::spawn(move || {
+            let r = local(&root);
+            use futures::executor::block_on as run;
+            let mut out = Vec::new();
+            for key in ["user/dirlink/f", "user/filelink", "user/fifo"] {
+                let got = run(r.get_range(key, 0..4, &any)).map(|b| b.len() as u64);
+                out.push((key, "get_range", got));
+                let body = run(r.get_body(key, 0..4, &any)).map(|b| b.len());
+                out.push((key, "get_body", body));
+                let head = run(r.head(key)).map(|i| i.size);
+                out.push((key, "head", head));
+                let whole = run(r.get(key)).map(|b| b.len() as u64);
+                out.push((key, "get", whole));
+            }
+            let ok = run(r.get("user/ok")).map(|b| b.len());
+            tx.send((out, ok)).expect("send");
+        });
+        let (out, ok) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a local store blocked on a symlink or a FIFO");
+        assert_eq!(ok.expect("an ordinary object reads"), 4);
+        for (key, op, got) in out {
+            let e = got.expect_err(&format!("{op} {key} must be refused"));
+            let text = e.to_string();
+            assert!(text.contains(key), "{op} {key}: {text}");
+            if key.ends_with("fifo") {
+                assert!(matches!(e, RemoteError::Failed { .. }), "{op} {key}: {e:?}");
+                assert!(text.contains("not a regular file but a fifo"), "{text}");
+            } else {
+                assert!(
+                    matches!(e, RemoteError::PermissionDenied { .. }),
+                    "{op} {key}: {e:?}"
+                );
+                assert!(text.contains("symbolic link"), "{text}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -14,18 +14,37 @@ use super::{MULTIPART_THRESHOLD, PART_SIZE, UploadError};
 /// Parts of one file in flight at once.
 const PARTS_IN_FLIGHT: usize = 2;
 
-/// Read, digest and upload one file. The file must still have the size and mtime the walk
-/// saw when it has been read, else the upload is refused (publish again once it is quiet).
+/// Read, digest and upload one file, `key` below the source directory `root`. The file must
+/// still have the size and mtime the walk saw when it has been read, else the upload is
+/// refused (publish again once it is quiet). It is opened beneath `root` with no symlink in
+/// any component, non-blocking, and only if it is a regular file: a directory swapped for a
+/// symlink cannot make publish upload a file from outside SRC, nor a FIFO hang it.
 pub(super) async fn upload_file(
     store: Arc<dyn Store>,
-    path: PathBuf,
+    root: PathBuf,
     key: String,
     want: (u64, (i64, u32)),
     chunk_size: u64,
     progress: ProgressBar,
 ) -> Result<FileObject, UploadError> {
     let io = |op| move |source| UploadError::Io { op, source };
-    let file = std::fs::File::open(&path).map_err(io("open"))?;
+    let root_fd = nix::fcntl::open(
+        &root,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| UploadError::Io {
+        op: "open",
+        source: e.into(),
+    })?;
+    let (file, _) = hsm_kernel::beneath::open_regular_beneath(
+        std::os::fd::AsFd::as_fd(&root_fd),
+        std::path::Path::new(&key),
+    )
+    .map_err(|e| UploadError::Io {
+        op: "open",
+        source: std::io::Error::other(e),
+    })?;
     let changed = |f: &std::fs::File| -> Result<(), UploadError> {
         let md = f.metadata().map_err(io("stat"))?;
         if md.size() != want.0 || (md.mtime(), md.mtime_nsec() as u32) != want.1 {
