@@ -152,6 +152,9 @@ impl CacheOps {
         let top = open_path(&real).map_err(|e| format!("{shown}: {e}"))?;
         let top_st = stat::fstatx(top.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
         let dev = top_st.dev;
+        if !top_st.is_file() && !top_st.is_dir() {
+            return Err(format!("{shown}: not a regular file or a directory"));
+        }
         match op {
             Op::Pin => set_pin(&real, true).map_err(|e| format!("{shown}: pin: {e}"))?,
             Op::Unpin => set_pin(&real, false).map_err(|e| format!("{shown}: unpin: {e}"))?,
@@ -545,16 +548,14 @@ fn open_path(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Read by path without following a symlink and without opening the file.
 fn has_pin(path: &Path) -> bool {
-    let Ok(fd) = open_for_xattr(path) else {
-        return false;
-    };
     let mut buf = Vec::new();
-    xattr::fget(fd.as_fd(), PIN_XATTR, &mut buf).unwrap_or(false)
+    xattr::lget(path, PIN_XATTR, &mut buf).unwrap_or(false)
 }
 
-/// xattrs cannot be read or set through an `O_PATH` descriptor: a read-only open of a
-/// file or directory, never following a symlink.
+/// xattrs cannot be set through an `O_PATH` descriptor: a read-only open of a file or
+/// directory (the caller checked which), never following a symlink.
 fn open_for_xattr(path: &Path) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -288,12 +288,24 @@ mod write_atomic_tests {
         // The old fixed temporary name, planted as a link too.
         std::os::unix::fs::symlink(&victim, d.path().join("stats.tmp")).expect("test setup");
         write_atomic(&stats, "{}").expect("test setup");
-        assert_eq!(std::fs::read_to_string(&victim).expect("test setup"), "precious");
-        assert!(!std::fs::symlink_metadata(&stats).expect("test setup").is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("test setup"),
+            "precious"
+        );
+        assert!(
+            !std::fs::symlink_metadata(&stats)
+                .expect("test setup")
+                .is_symlink()
+        );
         assert_eq!(std::fs::read_to_string(&stats).expect("test setup"), "{}");
         let left: Vec<_> = std::fs::read_dir(d.path())
             .expect("test setup")
-            .map(|e| e.expect("test setup").file_name().into_string().expect("test setup"))
+            .map(|e| {
+                e.expect("test setup")
+                    .file_name()
+                    .into_string()
+                    .expect("test setup")
+            })
             .filter(|n| n.ends_with(".tmp") && n != "stats.tmp")
             .collect();
         assert!(left.is_empty(), "temporary files left: {left:?}");

@@ -97,7 +97,10 @@ mod tests {
             digest: [9; 32],
             meta: meta(),
         };
-        assert_eq!(Origin::decode(&o.encode().expect("test setup")).expect("test setup"), o);
+        assert_eq!(
+            Origin::decode(&o.encode().expect("test setup")).expect("test setup"),
+            o
+        );
     }
 
     #[test]
