@@ -125,7 +125,15 @@ impl CacheOps {
             };
             for f in files {
                 let outcome = self.one(op, &f).await;
+                if op == Op::Evict {
+                    self.tell_budget(&f.path, &outcome);
+                }
                 each(&f.path, outcome);
+            }
+        }
+        if op == Op::Unpin {
+            if let Some(b) = self.core.budget() {
+                b.pins_changed();
             }
         }
     }
@@ -206,15 +214,70 @@ impl CacheOps {
                 reason: "not pinned".into(),
             },
             Op::Unpin => FileOutcome::Unpinned,
-            Op::Evict if f.pinned => FileOutcome::Skipped {
-                reason: "pinned".into(),
-            },
+            Op::Evict if f.pinned => pinned(),
             Op::Evict => self.evict(&f.path).await,
         }
     }
 
+    /// An `hsm evict` changed what the bounded cache counts.
+    fn tell_budget(&self, path: &Path, outcome: &FileOutcome) {
+        let Some(b) = self.core.budget() else { return };
+        let evicted = matches!(outcome, FileOutcome::Evicted { .. });
+        if !evicted && *outcome != modified() && *outcome != not_remote() {
+            return;
+        }
+        if let Ok(fd) = open_path(path) {
+            if let Ok(st) = stat::fstatx(fd.as_fd()) {
+                b.forget(&st, evicted);
+            }
+        }
+    }
+
+    pub(crate) fn private(&self) -> &Arc<PrivateMounts> {
+        &self.private
+    }
+
+    /// Evict one file for the bounded cache: the same checks and steps as `hsm evict`
+    /// (pins included).
+    pub(crate) async fn evict_one(self: &Arc<Self>, path: &Path) -> FileOutcome {
+        let found = {
+            let (this, p) = (self.clone(), path.to_path_buf());
+            tokio::task::spawn_blocking(move || this.walk(Op::Evict, &p)).await
+        };
+        match found {
+            Ok(Ok(files)) => match files.as_slice() {
+                [f] => self.one(Op::Evict, f).await,
+                _ => FileOutcome::Failed {
+                    error: format!("{}: no longer a file", path.display()),
+                },
+            },
+            Ok(Err(error)) => FileOutcome::Failed { error },
+            Err(e) => FileOutcome::Failed {
+                error: e.to_string(),
+            },
+        }
+    }
+
+    /// What a skipped eviction means for the bounded cache.
+    pub(crate) fn skip_kind(o: &FileOutcome) -> hsm_core::EvictOutcome {
+        use hsm_core::EvictOutcome as E;
+        if *o == pinned() {
+            E::Pinned
+        } else if *o == modified() || *o == not_remote() {
+            E::NotCache
+        } else if *o == in_use()
+            || *o == fills_in_flight()
+            || *o == building()
+            || *o == no_longer_a_stub()
+        {
+            E::InUse
+        } else {
+            E::Failed(format!("{o:?}"))
+        }
+    }
+
     /// Open `path`'s file on the agent's private mount (no events; see mounts.rs).
-    fn reopen(&self, path: &Path, flags: i32) -> Result<(OwnedFd, FileStat), String> {
+    pub(crate) fn reopen(&self, path: &Path, flags: i32) -> Result<(OwnedFd, FileStat), String> {
         let shown = path.display();
         let o = open_path(path).map_err(|e| format!("{shown}: {e}"))?;
         let st = stat::fstatx(o.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
@@ -271,24 +334,12 @@ impl CacheOps {
         };
         drop(probe);
         let outcome = match kind {
-            Kind::Local => {
-                return FileOutcome::Skipped {
-                    reason: "not a copy of a remote object (local file, or written locally)".into(),
-                };
-            }
-            Kind::Building => {
-                return FileOutcome::Skipped {
-                    reason: "populate is still building it".into(),
-                };
-            }
+            Kind::Local => return not_remote(),
+            Kind::Building => return building(),
             Kind::Stub => {
                 match self.core.release_for_evict(&st).await {
                     Ok(true) => {}
-                    Ok(false) => {
-                        return FileOutcome::Skipped {
-                            reason: "in use: fills in flight".into(),
-                        };
-                    }
+                    Ok(false) => return fills_in_flight(),
                     Err(e) => {
                         return FileOutcome::Failed {
                             error: format!("{}: {e}", path.display()),
@@ -345,9 +396,7 @@ impl CacheOps {
             }
         };
         if map.locally_modified() || map.floor() < meta.remote_size {
-            return FileOutcome::Skipped {
-                reason: "modified locally".into(),
-            };
+            return modified();
         }
         // Blocks would count an external xattr block: ask for data instead.
         if map.resident_count() == 0 && !has_data(w.as_fd(), st.size) {
@@ -484,6 +533,30 @@ fn has_data(fd: BorrowedFd<'_>, size: u64) -> bool {
         Ok(off) => (off as u64) < size,
         Err(nix::errno::Errno::ENXIO) => false,
         Err(_) => true,
+    }
+}
+
+fn pinned() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "pinned".into(),
+    }
+}
+
+fn not_remote() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "not a copy of a remote object (local file, or written locally)".into(),
+    }
+}
+
+fn building() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "populate is still building it".into(),
+    }
+}
+
+fn fills_in_flight() -> FileOutcome {
+    FileOutcome::Skipped {
+        reason: "in use: fills in flight".into(),
     }
 }
 

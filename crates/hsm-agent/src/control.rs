@@ -150,6 +150,9 @@ pub struct StatusReport {
     pub fill_errors_last_hour: u64,
     /// Events the agent denied since it started.
     pub denies_total: u64,
+    /// The bounded cache, when `[cache] max_size` is set.
+    #[serde(default)]
+    pub cache: Option<hsm_core::BudgetStatus>,
     pub trees: Vec<TreeStatus>,
 }
 
@@ -301,6 +304,7 @@ impl Agent {
                 now.fill_errors.saturating_sub(s.fill_errors)
             }),
             denies_total: now.denied.iter().sum(),
+            cache: self.core.budget().map(|b| b.status()),
             trees: Vec::new(),
         }
     }
@@ -452,7 +456,14 @@ async fn run(req: Request, agent: Arc<Agent>, tx: tokio::sync::mpsc::UnboundedSe
             let line = match walked {
                 Ok(Ok(trees)) => {
                     let mut report = agent.report();
-                    report.trees = trees;
+                    let limit = report.cache.map(|c| c.max_bytes);
+                    report.trees = trees
+                        .into_iter()
+                        .map(|t| TreeStatus {
+                            cache_limit: limit,
+                            ..t
+                        })
+                        .collect();
                     serde_json::json!({ "done": report }).to_string()
                 }
                 Ok(Err(e)) => error_line(&e).trim_end().to_string(),

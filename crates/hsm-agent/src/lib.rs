@@ -4,6 +4,7 @@
 //! [`hsm_core::AccessEvent`] for the core, writes the answer, and places ignore marks for
 //! files with nothing to fetch. Policy lives in `hsm-core`; this crate only translates.
 
+mod bounded;
 pub mod cache;
 pub mod control;
 mod dispatch;
@@ -125,6 +126,8 @@ pub struct AgentOptions {
     pub remote: hsm_config::RemoteConfig,
     /// Serve Prometheus metrics here (`[metrics] listen`).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[cache]`: the bounded cache.
+    pub cache: hsm_config::CacheConfig,
 }
 
 /// The core's view of an event's range: the core knows nothing of fanotify.
@@ -175,6 +178,8 @@ impl OwnThreads {
 struct GroupMarks {
     group: Arc<Group>,
     metrics: Arc<Metrics>,
+    /// The bounded cache's open notifications (`bounded.rs`), when there is a limit.
+    opens: Option<Arc<Group>>,
 }
 
 impl MarkSink for GroupMarks {
@@ -182,6 +187,14 @@ impl MarkSink for GroupMarks {
         match self.group.add_ignore_mark(fd, AGENT_EVENTS) {
             Ok(()) => Metrics::inc(&self.metrics.ignore_marks),
             Err(e) => debug!(error = %e, "could not place ignore mark"),
+        }
+    }
+
+    fn watch_opens(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        if let Some(g) = &self.opens {
+            if let Err(e) = g.add_open_mark(fd) {
+                debug!(error = %e, "could not place open mark");
+            }
         }
     }
 }

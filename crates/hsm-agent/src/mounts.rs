@@ -63,6 +63,15 @@ impl PrivateMounts {
         Ok(())
     }
 
+    /// Keep the agent's own opens through its private mounts out of the open
+    /// notifications of the bounded cache (they are not uses).
+    pub fn exclude_opens(&self, group: &Group) -> Result<(), AgentError> {
+        for (_, m) in &self.mounts {
+            group.ignore_mount(m.dir(), libc::FAN_OPEN)?;
+        }
+        Ok(())
+    }
+
     /// Reopen a file by handle on the first private mount that has it.
     pub fn open_handle(&self, handle: &FileHandle, flags: i32) -> Option<OwnedFd> {
         self.mounts

@@ -15,6 +15,7 @@ use hsm_kernel::fdio::ReservedFds;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
+use crate::bounded;
 use crate::cache::CacheOps;
 use crate::dispatch::{Ctx, Shared, event_thread};
 use crate::events::Pending;
@@ -104,12 +105,20 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
             "mark = \"mount\" covers only the trees' own mounts: overlayfs layers, other mount namespaces and other bind mounts of the trees are not served (their stubs read as holes); use the default filesystem mark"
         );
     }
+    // The bounded cache, if configured: its limits and the group that hears opens of
+    // fully fetched files (docs/SEMANTICS.md, "The bounded cache").
+    let cache_limits = bounded::limits(&opts.cache, &trees)?;
+    let opens = match cache_limits {
+        Some(_) => Some(bounded::open_watch(&private)?),
+        None => None,
+    };
     let core = AgentCore::new(
         core_options(opts),
         Arc::new(UrlRemotes::new(opts.remote.clone())),
         Arc::new(GroupMarks {
             group: group.clone(),
             metrics: metrics.clone(),
+            opens: opens.clone(),
         }),
         private.clone(),
         Arc::new(ProcIntent),
@@ -172,6 +181,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
                     uptime_secs: started.elapsed().as_secs_f64(),
                     cached_stubs: core.cached_stubs() as u64,
                     events_in_flight: pending.len() as u64,
+                    cache: core.budget().map(|b| b.status()).unwrap_or_default(),
                 })
             }),
         )
@@ -187,6 +197,25 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         GroupStore::Systemd => "systemd",
         GroupStore::None => "none",
     };
+    let ops = Arc::new(CacheOps::new(
+        trees.clone(),
+        core.clone(),
+        group.clone(),
+        private.clone(),
+    )?);
+    if let (Some(limits), Some(opens)) = (cache_limits, opens) {
+        let budget = hsm_core::Budget::new(limits);
+        core.set_budget(budget.clone());
+        budget.start(Arc::new(bounded::OpsEvictor(ops.clone())));
+        bounded::spawn_open_reader(opens.clone(), budget.clone())?;
+        bounded::spawn_adoption(ops.clone(), budget, opens);
+        info!(
+            max = limits.max,
+            high = limits.high,
+            low = limits.low,
+            "bounded cache"
+        );
+    }
     let agent = control::Agent::new(
         core.clone(),
         pending.clone(),
@@ -194,12 +223,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         group_store,
         registration.is_some(),
         trees.clone(),
-        Arc::new(CacheOps::new(
-            trees.clone(),
-            core.clone(),
-            group.clone(),
-            private.clone(),
-        )?),
+        ops,
     );
     let control = control::start(&cfg.state_dir, agent).map_err(|source| AgentError::State {
         what: "control socket",

@@ -20,6 +20,7 @@ pub struct Config {
     pub remote: RemoteConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub cache: CacheConfig,
 }
 
 /// Where the agent places its fanotify mark.
@@ -286,6 +287,136 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// `[cache]`: the bounded cache (docs/SEMANTICS.md, "The bounded cache").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// The most remote data the served trees may hold locally: a size ("64 MiB") or a
+    /// percentage of the filesystem holding the first tree ("20%"). "0" (the default):
+    /// no limit.
+    pub max_size: CacheSize,
+    /// Eviction starts when use would pass this share of `max_size`.
+    pub high_watermark: Percent,
+    /// ... and stops once use is down to this share.
+    pub low_watermark: Percent,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: CacheSize::Bytes(0),
+            high_watermark: Percent(95),
+            low_watermark: Percent(85),
+        }
+    }
+}
+
+/// `max_size`: bytes, or a percentage of a filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSize {
+    Bytes(u64),
+    /// Hundredths of a percent ("12.5%" is 1250).
+    Percent(u32),
+}
+
+impl CacheSize {
+    /// The limit in bytes for a filesystem of `fs_bytes` (0: no limit).
+    pub fn bytes(self, fs_bytes: u64) -> u64 {
+        match self {
+            CacheSize::Bytes(b) => b,
+            CacheSize::Percent(p) => (fs_bytes as u128 * p as u128 / 10_000) as u64,
+        }
+    }
+}
+
+impl FromStr for CacheSize {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let t = s.trim();
+        match t.strip_suffix('%') {
+            Some(p) => {
+                let v: f64 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| expected(s, "a size (\"64 MiB\") or a percentage (\"20%\")"))?;
+                if !(v > 0.0 && v <= 100.0) {
+                    return Err(expected(s, "a percentage above 0 and at most 100"));
+                }
+                Ok(CacheSize::Percent((v * 100.0).round() as u32))
+            }
+            None => t.parse::<ByteSize>().map(|b| CacheSize::Bytes(b.0)),
+        }
+    }
+}
+
+impl fmt::Display for CacheSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheSize::Bytes(b) => ByteSize(*b).fmt(f),
+            CacheSize::Percent(p) if p % 100 == 0 => write!(f, "{}%", p / 100),
+            CacheSize::Percent(p) => write!(f, "{}.{:02}%", p / 100, p % 100),
+        }
+    }
+}
+
+impl Serialize for CacheSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CacheSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(CacheSize::Bytes(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A whole percentage, written "90%".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Percent(pub u8);
+
+impl FromStr for Percent {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let t = s.trim();
+        let n: u8 = t
+            .strip_suffix('%')
+            .unwrap_or(t)
+            .trim()
+            .parse()
+            .map_err(|_| expected(s, "a whole percentage such as \"90%\""))?;
+        if !(1..=100).contains(&n) {
+            return Err(expected(s, "a percentage from 1% to 100%"));
+        }
+        Ok(Percent(n))
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}%", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -379,6 +510,16 @@ impl Config {
         }
         if a.cache_entries < 16 {
             return Err(bad("agent.cache_entries", "must be at least 16".into()));
+        }
+        let c = &self.cache;
+        if c.low_watermark >= c.high_watermark {
+            return Err(bad(
+                "cache.low_watermark",
+                format!(
+                    "{}% must be below cache.high_watermark ({}%)",
+                    c.low_watermark.0, c.high_watermark.0
+                ),
+            ));
         }
         let g = self.populate.min_granule.0;
         if !g.is_power_of_two() || !(4096..=1 << 40).contains(&g) {
@@ -510,6 +651,18 @@ mod tests {
         assert!("99999999999T".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(8 << 20).to_string(), "8 MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000");
+        assert_eq!("20%".parse::<CacheSize>(), Ok(CacheSize::Percent(2000)));
+        assert_eq!("12.5 %".parse::<CacheSize>(), Ok(CacheSize::Percent(1250)));
+        assert_eq!(
+            "64 MiB".parse::<CacheSize>(),
+            Ok(CacheSize::Bytes(64 << 20))
+        );
+        assert!("0%".parse::<CacheSize>().is_err());
+        assert!("150%".parse::<CacheSize>().is_err());
+        assert_eq!(CacheSize::Percent(2000).bytes(1000), 200);
+        assert_eq!(CacheSize::Percent(1250).to_string(), "12.50%");
+        assert_eq!("90%".parse::<Percent>(), Ok(Percent(90)));
+        assert!("0%".parse::<Percent>().is_err());
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct AgentCore {
     /// concurrent first fills wait for one fetch instead of each fetching.
     pub(crate) manifests: tokio::sync::Mutex<HashMap<ManifestId, Arc<ManifestDigests>>>,
     epoch: Instant,
+    /// The bounded cache, when `[cache] max_size` is set.
+    pub(crate) budget: std::sync::OnceLock<Arc<crate::budget::Budget>>,
     /// For spawning from threads outside the runtime (the adapter's event threads).
     pub(crate) rt: tokio::runtime::Handle,
 }
@@ -97,6 +99,7 @@ impl AgentCore {
             persist_gate: tokio::sync::Mutex::new(()),
             manifests: tokio::sync::Mutex::new(HashMap::new()),
             epoch: Instant::now(),
+            budget: std::sync::OnceLock::new(),
             rt: tokio::runtime::Handle::current(),
         });
         tokio::spawn(persister(Arc::downgrade(&core), rx));
@@ -106,6 +109,26 @@ impl AgentCore {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Bound the bytes of remote data held locally (once, before serving).
+    pub fn set_budget(&self, budget: Arc<crate::budget::Budget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    pub fn budget(&self) -> Option<&Arc<crate::budget::Budget>> {
+        self.budget.get()
+    }
+
+    /// A file that is not a stub was accessed: if it is counted by the bounded cache, that
+    /// is a use of it, and its opens are watched from now on (its reads raise no events).
+    fn cached_file_seen(&self, fd: BorrowedFd<'_>, st: &FileStat) {
+        if let Some(b) = self.budget() {
+            if b.counts(st) {
+                b.touch(st);
+                self.marks.watch_opens(fd);
+            }
+        }
     }
 
     /// Serve one access. Never panics; every failure becomes a deny with a logged cause.
@@ -290,6 +313,7 @@ impl AgentCore {
             return Ok(match stubio::load(fd) {
                 Ok(Loaded::NotStub) if st.nlink > 0 => {
                     Metrics::inc(&self.metrics.events_not_stub);
+                    self.cached_file_seen(fd, &st);
                     Verdict::AllowAndIgnore
                 }
                 // A stub, one still being built, or unreadable metadata: its reads decide.
@@ -375,6 +399,7 @@ impl AgentCore {
             Ok(Lookup::Stub(_)) => Verdict::Allow,
             Ok(Lookup::NotStub) => {
                 Metrics::inc(&self.metrics.events_not_stub);
+                self.cached_file_seen(ev.fd, st);
                 // An unlinked file may be a stub populate is still building (it sets the
                 // size before the marker): never cache "not a stub" for it.
                 if st.nlink == 0 {

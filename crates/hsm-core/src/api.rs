@@ -81,6 +81,9 @@ impl RemoteOpener for UrlRemotes {
 pub trait MarkSink: Send + Sync + std::fmt::Debug {
     /// Stop events for the inode behind `fd`. Best effort: failures are logged.
     fn ignore(&self, fd: BorrowedFd<'_>);
+    /// Report the opens of the (ignored) file behind `fd` to the bounded cache, which
+    /// otherwise would never see it used again. Best effort; nothing without a cache limit.
+    fn watch_opens(&self, _fd: BorrowedFd<'_>) {}
 }
 
 /// Opens the agent's own descriptors for the files events name (the adapter provides it).

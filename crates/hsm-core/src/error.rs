@@ -69,6 +69,11 @@ pub enum ServeError {
     /// A fill task died without reporting (a bug; never expected).
     #[error("fill task failed: {0}")]
     TaskFailed(String),
+    /// The bounded cache cannot make room for this fill (`[cache] max_size`).
+    #[error(
+        "the cache cannot hold {needed} more bytes (max_size {limit} bytes; the rest is in use or pinned)"
+    )]
+    CacheFull { needed: u64, limit: u64 },
 }
 
 /// The errno a reader sees for `e`. Every cause is matched explicitly so that a new error
@@ -95,6 +100,7 @@ pub fn deny_errno(e: &ServeError) -> DenyErrno {
         ServeError::Inconsistent(_) => DenyErrno::Eio,
         ServeError::ShuttingDown => DenyErrno::Eio,
         ServeError::TaskFailed(_) => DenyErrno::Eio,
+        ServeError::CacheFull { .. } => DenyErrno::Enospc,
     }
 }
 
@@ -258,6 +264,13 @@ mod doc_tests {
             (
                 "internal failure of a fill task",
                 ServeError::TaskFailed("x".into()),
+            ),
+            (
+                "the bounded cache cannot make room for the fill",
+                ServeError::CacheFull {
+                    needed: 2,
+                    limit: 1,
+                },
             ),
         ];
         for (cause, err) in &cases {

@@ -106,6 +106,31 @@ impl Stub {
         granules: &[u64],
         background: bool,
     ) -> Result<(), ServeError> {
+        // Room in the bounded cache first: a fill that cannot fit fails before any of it is
+        // fetched. Readahead never waits for room (nor makes any).
+        let budget = core.budget().cloned();
+        let mut charged = 0;
+        if let Some(b) = &budget {
+            let bytes: u64 = {
+                let s = lock(&self.state);
+                granules
+                    .iter()
+                    .filter(|g| !s.resident.is_resident(**g) && !s.inflight.contains_key(*g))
+                    .map(|&g| s.run_bytes(&(g..g + 1)))
+                    .sum()
+            };
+            if bytes > 0 {
+                if background {
+                    if !b.try_charge(self.fd.as_fd(), self.key, bytes) {
+                        return Ok(());
+                    }
+                } else {
+                    b.charge(self.fd.as_fd(), self.key, bytes).await?;
+                }
+                charged = bytes;
+            }
+        }
+        let mut started = 0;
         let waits: Vec<SharedFill> = {
             let mut s = lock(&self.state);
             let per_request = (core.opts.max_request_size >> s.resident.granule_shift()).max(1);
@@ -128,6 +153,7 @@ impl Stub {
                     Some(r) if r.end == g && r.end - r.start < per_request => r.end += 1,
                     _ => {
                         if let Some(r) = run.take() {
+                            started += s.run_bytes(&r);
                             waits.push(self.start_fill(core, &mut s, r, background));
                         }
                         run = Some(g..g + 1);
@@ -135,10 +161,19 @@ impl Stub {
                 }
             }
             if let Some(r) = run {
+                started += s.run_bytes(&r);
                 waits.push(self.start_fill(core, &mut s, r, background));
             }
             waits
         };
+        // Others may have started or finished some of these granules since the charge.
+        if let Some(b) = &budget {
+            if charged > started {
+                b.refund(self.key, charged - started);
+            } else if started > charged {
+                b.add(self.fd.as_fd(), self.key, started - charged);
+            }
+        }
         if background {
             return Ok(());
         }
@@ -186,6 +221,9 @@ impl Stub {
                     Ok(()) => stub.mark_filled(&core2, &mut s, r),
                     Err(e) => {
                         Metrics::inc(&core2.metrics.fill_errors);
+                        if let Some(b) = core2.budget() {
+                            b.refund(stub.key, s.run_bytes(&r));
+                        }
                         if background {
                             debug!(path = %stub.path(), error = %e, "readahead failed");
                         }

@@ -5,6 +5,7 @@
 
 pub mod agent;
 mod api;
+pub mod budget;
 pub mod error;
 mod fill;
 mod integrity;
@@ -19,5 +20,6 @@ pub use agent::{
     Access, AccessEvent, AgentCore, CoreOptions, DenyErrno, FileRange, IntentProbe, IntentSource,
     Later, MarkSink, NoThreads, ProcReopener, RemoteOpener, Reopener, UrlRemotes, Verdict,
 };
+pub use budget::{Budget, BudgetStatus, CacheLimits, EvictOutcome, Evictor, FileKey};
 pub use error::{LocalError, ServeError, deny_errno};
 pub use metrics::Metrics;

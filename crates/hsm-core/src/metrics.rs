@@ -119,6 +119,10 @@ impl Metrics {
             family(&mut out, name, help, "gauge");
             let _ = writeln!(out, "{name} {}", float(value));
         }
+        for (name, help, kind, value) in gauges.cache_series() {
+            family(&mut out, name, help, kind);
+            let _ = writeln!(out, "{name} {}", float(value));
+        }
         let h = self.fill_duration.snapshot();
         family(&mut out, FILL_DURATION, FILL_DURATION_HELP, "histogram");
         let mut cumulative = 0;
@@ -145,6 +149,12 @@ impl Metrics {
             .map(|(n, _, _)| n)
             .collect();
         names.extend(Gauges::default().series().into_iter().map(|(n, _, _)| n));
+        names.extend(
+            Gauges::default()
+                .cache_series()
+                .into_iter()
+                .map(|(n, _, _, _)| n),
+        );
         names.push(FILL_DURATION);
         names
     }
@@ -215,9 +225,54 @@ pub struct Gauges {
     pub uptime_secs: f64,
     pub cached_stubs: u64,
     pub events_in_flight: u64,
+    /// The bounded cache (all zero without `[cache] max_size`).
+    pub cache: crate::budget::BudgetStatus,
 }
 
 impl Gauges {
+    /// (name, help, type, value) of the bounded cache's series.
+    fn cache_series(&self) -> [(&'static str, &'static str, &'static str, f64); 6] {
+        let c = &self.cache;
+        [
+            (
+                "hsm_cache_limit_bytes",
+                "The bounded cache's max_size in bytes (0: no limit).",
+                "gauge",
+                c.max_bytes as f64,
+            ),
+            (
+                "hsm_cache_used_bytes",
+                "Bytes of remote data the served trees hold, as the bounded cache counts them (0 without a limit).",
+                "gauge",
+                c.used_bytes as f64,
+            ),
+            (
+                "hsm_cache_pinned_bytes",
+                "Of those, bytes of files found pinned (never evicted).",
+                "gauge",
+                c.pinned_bytes as f64,
+            ),
+            (
+                "hsm_cache_evictions_total",
+                "Files the bounded cache (or hsm evict) turned back into stubs.",
+                "counter",
+                c.evictions as f64,
+            ),
+            (
+                "hsm_cache_evicted_bytes_total",
+                "Bytes those evictions gave back.",
+                "counter",
+                c.evicted_bytes as f64,
+            ),
+            (
+                "hsm_cache_full_denies_total",
+                "Fills refused with ENOSPC because the bounded cache could not make room.",
+                "counter",
+                c.full_denies as f64,
+            ),
+        ]
+    }
+
     /// (name, help, value) of each gauge.
     fn series(&self) -> [(&'static str, &'static str, f64); 3] {
         [
@@ -377,6 +432,7 @@ mod tests {
             uptime_secs: 1.5,
             cached_stubs: 4,
             events_in_flight: 2,
+            ..Gauges::default()
         });
         assert!(text.ends_with('\n'));
         let samples = parse(&text);

@@ -91,6 +91,10 @@ impl Stub {
     /// The stub became an ordinary file: stop its events and forget it.
     pub(crate) fn finalized(self: &Arc<Self>, core: &Arc<AgentCore>) {
         core.marks.ignore(self.fd.as_fd());
+        if core.budget().is_some() {
+            // Its reads raise no events from now on; the bounded cache still needs its uses.
+            core.marks.watch_opens(self.fd.as_fd());
+        }
         {
             let mut stubs = lock(&core.stubs);
             if stubs.get(&self.key).is_some_and(|s| Arc::ptr_eq(s, self)) {

@@ -2,6 +2,7 @@
 //! and the async path ([`Stub::serve`]) that classifies, fills and guards writes.
 
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -28,6 +29,9 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, Later> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
+        if let Some(b) = core.budget() {
+            b.touch_key(self.key);
+        }
         let early = if ambiguous(ev.range) {
             match ev.intent.classify_now(&*core.intent) {
                 Some(a) => Some(a),
@@ -101,6 +105,18 @@ impl Stub {
         if core.shutting_down.load(Ordering::SeqCst) {
             return Ok(Verdict::Deny(DenyErrno::Eio));
         }
+        // Room in the bounded cache, if there is one, without waiting (waiting is the async
+        // path's).
+        let charged = match core.budget() {
+            Some(b) => {
+                let bytes = lock(&self.state).run_bytes(&run);
+                if !b.try_charge(self.fd.as_fd(), self.key, bytes) {
+                    return Err(Later(IntentSource::Known(Access::Read)));
+                }
+                Some((b.clone(), bytes))
+            }
+            None => None,
+        };
         // Claim the granules so concurrent events wait on this fill instead of repeating it.
         let (tx, rx) = tokio::sync::oneshot::channel::<FillResult>();
         let shared: SharedFill = async move {
@@ -118,6 +134,9 @@ impl Stub {
                 .clone()
                 .any(|g| s.inflight.contains_key(&g) || s.resident.is_resident(g))
             {
+                if let Some((b, bytes)) = &charged {
+                    b.refund(self.key, *bytes);
+                }
                 return Err(Later(IntentSource::Known(Access::Read))); // lost a race; wait there
             }
             for g in run.clone() {
@@ -139,6 +158,9 @@ impl Stub {
                 self.mark_filled(core, &mut s, run);
             } else {
                 Metrics::inc(&core.metrics.fill_errors);
+                if let Some((b, bytes)) = &charged {
+                    b.refund(self.key, *bytes);
+                }
             }
         }
         claim.release(result.as_ref().map(|_| ()).map_err(|e| Arc::new(e.clone())));
@@ -166,6 +188,9 @@ impl Stub {
         st: &FileStat,
     ) -> Result<Verdict, ServeError> {
         self.last_used.store(core.now_ms(), Ordering::Relaxed);
+        if let Some(b) = core.budget() {
+            b.touch_key(self.key);
+        }
         {
             let mut s = lock(&self.state);
             if s.finalized {
@@ -216,6 +241,10 @@ impl Stub {
                     if !s.resident.locally_modified() {
                         s.resident.set_locally_modified();
                         s.dirty = true;
+                        // No longer a copy of the remote: not cache, never evicted.
+                        if let Some(b) = core.budget() {
+                            b.forget_key(self.key);
+                        }
                     }
                     s.restore_mtime = None;
                 }

@@ -23,7 +23,7 @@ pub(crate) struct InodeKey {
     pub(crate) dev: u64,
     pub(crate) ino: u64,
     // With dev and ino, tells a reused inode number from the one we cached.
-    btime: Option<Timestamp>,
+    pub(crate) btime: Option<Timestamp>,
 }
 
 impl InodeKey {
@@ -116,6 +116,16 @@ impl StubState {
             || !self.inflight.is_empty()
             || !self.write_guarded();
         (missing, unsettled)
+    }
+
+    /// Bytes a fill of granules `run` fetches (what the bounded cache is charged).
+    pub(crate) fn run_bytes(&self, run: &Range<u64>) -> u64 {
+        if run.is_empty() {
+            return 0;
+        }
+        let start = self.resident.granule_range(run.start).start;
+        let end = self.resident.fetch_range(run.end - 1).end;
+        end.saturating_sub(start)
     }
 
     /// A local write was seen (so mtimes are no longer put back) and the map, flag
@@ -259,6 +269,11 @@ impl AgentCore {
         };
         stub.persist(self, false).await?;
         let mut stubs = lock(&self.stubs);
+        // Held by an access being served (say, a fill waiting for room in the cache): it
+        // would go on with a state nobody persists.
+        if Arc::strong_count(&stub) > 2 {
+            return Ok(false);
+        }
         let mut s = lock(&stub.state);
         if s.dirty || !s.inflight.is_empty() || stub.barrier.borrow().is_some() {
             return Ok(false);

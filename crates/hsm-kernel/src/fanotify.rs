@@ -193,6 +193,42 @@ impl Group {
         Ok(Group { fd })
     }
 
+    /// A notification group (`FAN_CLASS_NOTIF`, blocking reads, a bounded queue: an
+    /// overflow loses only notifications, never an answer). The bounded cache uses one to
+    /// hear of opens of fully fetched files, whose reads raise no permission events.
+    pub fn new_notify() -> Result<Self> {
+        let flags = libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC;
+        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE) as libc::c_uint;
+        // SAFETY: as in `new`.
+        let fd = unsafe { libc::fanotify_init(flags, event_flags) };
+        if fd < 0 {
+            return Err(KernelError::last("fanotify_init(FAN_CLASS_NOTIF)"));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Group { fd })
+    }
+
+    /// Report opens (`FAN_OPEN`) of the inode behind `file` to this group, for as long as
+    /// the inode stays in memory (`FAN_MARK_EVICTABLE`: the mark pins nothing).
+    pub fn add_open_mark(&self, file: BorrowedFd<'_>) -> Result<()> {
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_INODE | libc::FAN_MARK_EVICTABLE;
+        // SAFETY: both fds are valid; a NULL pathname marks the object behind the dirfd.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                flags,
+                libc::FAN_OPEN,
+                file.as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(KernelError::last("fanotify_mark FAN_OPEN"));
+        }
+        Ok(())
+    }
+
     /// Wrap an existing group descriptor (for example one handed back by a keeper process).
     pub fn from_owned_fd(fd: OwnedFd) -> Self {
         Group { fd }

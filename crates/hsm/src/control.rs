@@ -150,6 +150,20 @@ fn format_status(r: &StatusReport) -> String {
     for (k, v) in rows {
         out.push_str(&format!("{k:<9} {v}\n"));
     }
+    if let Some(c) = &r.cache {
+        out.push_str(&format!(
+            "{:<9} {} of {} used (high {}, low {}), {} pinned; {} files evicted ({}), {} fills refused for room\n",
+            "cache",
+            bytes(c.used_bytes),
+            bytes(c.max_bytes),
+            bytes(c.high_bytes),
+            bytes(c.low_bytes),
+            bytes(c.pinned_bytes),
+            c.evictions,
+            bytes(c.evicted_bytes),
+            c.full_denies
+        ));
+    }
     let head = [
         "PATH", "STUBS", "HYDRATED", "LOCAL", "RESIDENT", "REMOTE", "PINNED", "CACHE",
     ];

@@ -139,6 +139,10 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (default: [metrics] listen).
         #[arg(long, env = "HSM_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Bound the remote data held locally: a size ("64 MiB") or a percentage of the
+        /// filesystem ("20%"); "0" for no limit (default: [cache] max_size).
+        #[arg(long, env = "HSM_CACHE_MAX_SIZE", value_name = "SIZE")]
+        cache_max_size: Option<hsm_config::CacheSize>,
     },
     /// Show the running agent's state and, per served tree, what is stub, local, pinned
     /// and cached (the agent walks the trees; big ones take a while).
@@ -333,7 +337,11 @@ fn main() -> ExitCode {
             state_dir,
             keeper,
             metrics_listen,
+            cache_max_size,
         } => {
+            if let Some(c) = cache_max_size {
+                cfg.cache.max_size = c;
+            }
             if metrics_listen.is_some() {
                 cfg.metrics.listen = metrics_listen;
             }
@@ -357,6 +365,7 @@ fn main() -> ExitCode {
                 config: cfg.agent.clone(),
                 remote: cfg.remote.clone(),
                 metrics_listen: cfg.metrics.listen,
+                cache: cfg.cache.clone(),
             })
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from)
