@@ -89,6 +89,11 @@ pub(crate) struct Agent {
 
 impl Agent {
     pub(crate) fn start(a: &Args, tree: &Path) -> Result<Self> {
+        Self::start_with(a, tree, &[])
+    }
+
+    /// Start with extra environment variables (configuration by environment).
+    pub(crate) fn start_with(a: &Args, tree: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let (bin, work) = (&a.bin, &a.work);
         let ready = work.join("agent.ready");
         let _ = std::fs::remove_file(&ready);
@@ -101,6 +106,7 @@ impl Agent {
             .args(["agent", tree.to_str().context("utf8")?, "--ready-file"])
             .arg(&ready)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(log)
             .spawn()
             .context("starting hsm agent")?;
