@@ -63,7 +63,9 @@ pub(crate) fn spawn_open_reader(group: Arc<Group>, budget: Arc<Budget>) -> std::
     std::thread::Builder::new()
         .name("hsm-opens".into())
         .spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
+            // Each notification carries a descriptor: a small buffer keeps them within the
+            // margin of the agent's descriptor budget (at most 170 at a time).
+            let mut buf = vec![0u8; 4096];
             let mut events = Vec::new();
             loop {
                 events.clear();
