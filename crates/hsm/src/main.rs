@@ -98,7 +98,8 @@ enum Command {
         args: Vec<String>,
     },
     /// Report what this kernel and its filesystems can do, and what the agent will use.
-    /// Exits 1 when the agent cannot serve stubs here.
+    /// Exits 1 when the agent cannot serve stubs here, 2 when not run as root (the
+    /// probes that decide it need root).
     Doctor,
     /// Inspect, install or remove the BPF LSM stub guard (pinned in /sys/fs/bpf/hsm).
     Guard {
@@ -305,12 +306,18 @@ fn main() -> ExitCode {
             args,
         } => runtime_spec(&cfg, &url, &rootfs, output.as_deref(), &args),
         Command::Doctor => {
-            let (text, ok) = doctor::report();
+            let (text, verdict) = doctor::report();
             print!("{text}");
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            Ok(match verdict {
+                doctor::Verdict::CanServe => ExitCode::SUCCESS,
+                doctor::Verdict::CannotServe => ExitCode::FAILURE,
+                doctor::Verdict::NotProbed => {
+                    eprintln!(
+                        "hsm: doctor needs root: as a user it cannot probe fanotify or BPF, so it \
+                         cannot tell whether the agent can serve here"
+                    );
+                    ExitCode::from(2)
+                }
             })
         }
         Command::Guard { action } => guard(action),
