@@ -433,8 +433,19 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
     match action {
         GuardAction::Status => {
             let st = hsm_bpf::guard_status();
+            if let Some(why) = &st.untrusted {
+                println!("guard: not installed: {why}");
+                println!(
+                    "guard: {} is not the guard's and is ignored (`hsm guard install` or `hsm guard remove` removes it)",
+                    hsm_bpf::PIN_DIR
+                );
+                return Ok(ExitCode::from(3));
+            }
             if !st.present {
                 println!("guard: not installed ({} is absent)", hsm_bpf::PIN_DIR);
+                for p in &st.problems {
+                    println!("problem: {p}");
+                }
                 return Ok(ExitCode::from(3));
             }
             println!(
@@ -446,6 +457,9 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
                 },
                 hsm_bpf::PIN_DIR
             );
+            for p in &st.problems {
+                println!("problem: {p}");
+            }
             println!("links: {}", st.links.join(" "));
             println!("maps: {}", st.maps.join(" "));
             println!("generation: {}", st.generation);
@@ -470,7 +484,13 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
             })
         }
         GuardAction::Install => match hsm_bpf::install_guard()? {
-            hsm_bpf::GuardInstall::Installed { skipped_hooks } => {
+            hsm_bpf::GuardInstall::Installed {
+                skipped_hooks,
+                replaced,
+            } => {
+                if let Some(what) = replaced {
+                    println!("guard: removed what was not the guard's: {what}");
+                }
                 println!("guard: installed at {}", hsm_bpf::PIN_DIR);
                 if !skipped_hooks.is_empty() {
                     println!(
@@ -486,11 +506,13 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
             }
         },
         GuardAction::Remove => {
-            let n = hsm_bpf::remove_guard()?;
-            if n == 0 {
+            let removed = hsm_bpf::remove_guard()?;
+            if let Some(what) = &removed.planted {
+                println!("guard: removed what was not the guard's: {what}");
+            } else if removed.pins == 0 {
                 println!("guard: nothing to remove");
             } else {
-                println!("guard: removed ({n} pins)");
+                println!("guard: removed ({} pins)", removed.pins);
             }
             Ok(ExitCode::SUCCESS)
         }
