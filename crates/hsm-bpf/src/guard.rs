@@ -383,6 +383,8 @@ pub struct GuardStatus {
     pub installed: bool,
     /// Why pins that are there do not make an installed guard (or could not be checked).
     pub problems: Vec<String>,
+    /// Every pin is there, but this process cannot check the objects (not root).
+    pub unverified: bool,
     /// Pinned links, by program name.
     pub links: Vec<String>,
     /// Pinned maps.
@@ -437,8 +439,7 @@ pub fn status() -> GuardStatus {
         return st;
     }
     if !nix::unistd::geteuid().is_root() {
-        st.problems
-            .push("only root can check that the pins are the guard's BPF objects".into());
+        st.unverified = true;
         return st;
     }
     let (Some(links), Some(maps)) = (&dir.links, &dir.maps) else {

@@ -212,7 +212,10 @@ async fn an_unclassified_access_is_guarded_like_a_write_but_keeps_the_mtime() {
         Verdict::Allow
     );
     let map = stored_map(&f).expect("map");
-    assert!(map.is_resident(0), "durable before it is allowed, as for a write");
+    assert!(
+        map.is_resident(0),
+        "durable before it is allowed, as for a write"
+    );
     assert!(
         map.locally_modified(),
         "flagged, so eviction and re-populate leave it alone"

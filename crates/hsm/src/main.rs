@@ -452,6 +452,8 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
                 "guard: {} at {}",
                 if st.installed {
                     "installed"
+                } else if st.unverified {
+                    "pinned (not verified: only root can check that the pins are the guard's BPF objects)"
                 } else {
                     "INCOMPLETE"
                 },
