@@ -114,7 +114,17 @@ pub(crate) fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
         return Ok(false);
     }
     match hsm_bpf::install_guard() {
-        Ok(hsm_bpf::GuardInstall::Installed { skipped_hooks }) => {
+        Ok(hsm_bpf::GuardInstall::Installed {
+            skipped_hooks,
+            replaced,
+        }) => {
+            if let Some(what) = replaced {
+                warn!(
+                    pinned = hsm_bpf::PIN_DIR,
+                    planted = %what,
+                    "removed what was at the guard's pin directory: it was not the guard's"
+                );
+            }
             info!(
                 pinned = hsm_bpf::PIN_DIR,
                 ?skipped_hooks,

@@ -103,7 +103,8 @@ fn load_and_attach(group: &Group) -> Result<FastpathHandle, BpfError> {
         .open(&mut storage)
         .map_err(|e| BpfError::load("opening the fastpath object", e))?;
     let pinned = std::path::Path::new(PIN_DIR).join("maps/hsm_inodes");
-    if pinned.exists() {
+    // Only a guard whose pins check out (root's, the right objects) is shared.
+    if crate::guard::status().installed {
         open.maps
             .hsm_inodes
             .reuse_pinned_map(&pinned)

@@ -6,15 +6,24 @@
 //!
 //! Install pins into a private directory and renames it into place, so a reader of
 //! [`PIN_DIR`] sees a complete guard or none.
+//!
+//! bpffs lets any user create directories (it is mode 1777), so nothing at [`PIN_DIR`] is
+//! believed for its name: the directories must be root's and closed to others (see
+//! [`crate::pins`]), and each pin must be the object it claims to be (a BPF link of an LSM
+//! program of that name, a map of that name). What another user planted there is reported,
+//! and removed by `install` and `remove`.
 
+use std::collections::HashMap;
 use std::mem::{MaybeUninit, offset_of, size_of};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramType};
 
 use hsm_kernel::sys::{process_alive, process_start};
 
+use crate::pins::{self, Found};
 use crate::skel::guard::{GuardSkelBuilder, types};
 use crate::{BpfError, LsmProbe, PIN_DIR, ensure_bpffs, libbpf_log, skel};
 
@@ -70,12 +79,87 @@ const STATS: [&str; 8] = [
     "last_marker_errno",
 ];
 
-fn pin_root() -> PathBuf {
-    PathBuf::from(PIN_DIR)
+/// BPF object names are cut to 15 bytes by the kernel (`BPF_OBJ_NAME_LEN`).
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
 }
 
-fn map_path(name: &str) -> PathBuf {
-    pin_root().join("maps").join(name)
+/// `/proc/self/fdinfo/FD` of one of our descriptors, as "key" -> "value".
+fn fdinfo(fd: BorrowedFd<'_>) -> HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Check that the pin `name` in the (trusted) `links` directory is a BPF link attaching the
+/// guard's LSM program of that name. `progs` maps program ids to (name, type).
+fn verify_link(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    progs: &HashMap<u32, (String, ProgramType)>,
+) -> Result<(), String> {
+    pins::pin_entry_ok(dir, name).map_err(|why| format!("links/{why}"))?;
+    let link = Link::open(pins::via_fd(dir, name))
+        .map_err(|e| format!("links/{name} cannot be opened as a BPF object: {e}"))?;
+    // The kernel says what the descriptor is; libbpf would take any object for a link.
+    let info = fdinfo(link.as_fd());
+    let link_type = info.get("link_type").map(String::as_str);
+    if link_type != Some("tracing") {
+        return Err(format!(
+            "links/{name} is not a BPF LSM link ({})",
+            match link_type {
+                Some(t) => format!("a link of type {t}"),
+                None => "not a link at all".into(),
+            }
+        ));
+    }
+    let prog_id: u32 = info
+        .get("prog_id")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("links/{name} names no program"))?;
+    match progs.get(&prog_id) {
+        Some((prog, ProgramType::Lsm)) if prog == kernel_name(name) => Ok(()),
+        Some((prog, ty)) => Err(format!(
+            "links/{name} attaches program {prog:?} of type {ty:?}, not the guard's LSM program {name}"
+        )),
+        None => Err(format!(
+            "links/{name} attaches program {prog_id}, which cannot be read"
+        )),
+    }
+}
+
+/// Open the pin `name` in the (trusted) `maps` directory, checked to be a BPF map of that
+/// name.
+fn verified_map(dir: BorrowedFd<'_>, name: &str) -> Result<MapHandle, String> {
+    pins::pin_entry_ok(dir, name).map_err(|why| format!("maps/{why}"))?;
+    let map = MapHandle::from_pinned_path(pins::via_fd(dir, name))
+        .map_err(|e| format!("maps/{name} cannot be opened as a BPF map: {e}"))?;
+    if !fdinfo(map.as_fd()).contains_key("map_type") {
+        return Err(format!("maps/{name} is not a BPF map"));
+    }
+    let got = map.name().to_string_lossy().into_owned();
+    if got != kernel_name(name) {
+        return Err(format!(
+            "maps/{name} is the map {got:?}, not the guard's {name}"
+        ));
+    }
+    Ok(map)
+}
+
+/// One of the guard's maps, opened through a checked pin directory.
+fn open_map(name: &str) -> Result<MapHandle, BpfError> {
+    let root = pins::bpffs()?;
+    let maps = match pins::inspect(root.as_fd()) {
+        Found::Trusted(d) => d.maps,
+        Found::Untrusted(why) => return Err(BpfError::Unsupported(why)),
+        Found::Absent => None,
+    }
+    .ok_or_else(|| BpfError::Unsupported(format!("{PIN_DIR}: the guard is not installed")))?;
+    verified_map(maps.as_fd(), name)
+        .map_err(|why| BpfError::Unsupported(format!("{PIN_DIR}/{why}")))
 }
 
 /// What [`install`] did.
@@ -84,8 +168,20 @@ pub enum GuardInstall {
     Installed {
         /// Optional hooks this kernel lacks (see `PROGRAMS`).
         skipped_hooks: Vec<String>,
+        /// Something not the guard's was at [`PIN_DIR`] (planted by another user) and was
+        /// removed first: what it was.
+        replaced: Option<String>,
     },
     AlreadyInstalled,
+}
+
+/// What [`remove`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuardRemoved {
+    /// Pins of the guard removed.
+    pub pins: usize,
+    /// Something not the guard's was at [`PIN_DIR`] and was removed: what it was.
+    pub planted: Option<String>,
 }
 
 fn require_root(what: &str) -> Result<(), BpfError> {
@@ -109,10 +205,6 @@ pub fn install() -> Result<GuardInstall, BpfError> {
     let current = status();
     if current.installed {
         return Ok(GuardInstall::AlreadyInstalled);
-    }
-    if current.present {
-        // A partial install (a crash between pins, or an older layout): start afresh.
-        remove()?;
     }
     let btf = skel::vmlinux_btf()
         .ok_or_else(|| BpfError::Unsupported("cannot read the kernel's BTF".into()))?;
@@ -144,32 +236,85 @@ pub fn install() -> Result<GuardInstall, BpfError> {
         .attach()
         .map_err(|e| BpfError::load("attaching the guard to the LSM hooks", e))?;
 
-    // bpffs refuses names with a dot in them (EPERM).
-    let staging = pin_root().with_file_name(format!("hsm-installing-{}", std::process::id()));
+    let mut replaced = None;
+    if current.present {
+        // Planted by another user, or a partial install (a crash between pins, an older
+        // layout): start afresh. Only now that the guard loaded, so a kernel that refuses it
+        // leaves things as they were.
+        replaced = remove()?.planted;
+    }
+    let root = pins::bpffs()?;
+    // A fresh directory of our own (bpffs refuses names with a dot in them: EPERM), made
+    // and used through descriptors: a name taken by anyone else is skipped, never entered.
+    let bpffs = Path::new(pins::BPFFS);
+    let mut staging = None;
+    for n in 0..64 {
+        let name = format!("hsm-installing-{}-{n}", std::process::id());
+        match pins::make_dir_at(root.as_fd(), &name) {
+            Ok(fd) => {
+                staging = Some((name, fd));
+                break;
+            }
+            Err(nix::errno::Errno::EEXIST) => continue,
+            Err(e) => return Err(BpfError::pin(&bpffs.join(&name), e.into())),
+        }
+    }
+    let (staging, staging_fd) = staging.ok_or_else(|| {
+        BpfError::pin(
+            &bpffs.join("hsm-installing-*"),
+            std::io::Error::other("no free staging name"),
+        )
+    })?;
     let result = (|| {
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(staging.join("maps")).map_err(|e| BpfError::pin(&staging, e))?;
-        std::fs::create_dir_all(staging.join("links")).map_err(|e| BpfError::pin(&staging, e))?;
+        let dir_of = |sub: &str| {
+            pins::make_dir_at(staging_fd.as_fd(), sub)
+                .map_err(|e| BpfError::pin(&bpffs.join(&staging).join(sub), e.into()))
+        };
+        let (maps_fd, links_fd) = (dir_of("maps")?, dir_of("links")?);
         for mut map in loaded.object_mut().maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
             if MAPS.contains(&name.as_str()) {
-                let path = staging.join("maps").join(&name);
-                map.pin(&path)
-                    .map_err(|e| BpfError::load(format!("pinning {}", path.display()), e))?;
+                map.pin(pins::via_fd(maps_fd.as_fd(), &name))
+                    .map_err(|e| BpfError::load(format!("pinning maps/{name}"), e))?;
             }
         }
         let all = links_mut(&mut loaded.links);
         for (name, link) in all {
             if let Some(link) = link.as_mut() {
-                let path = staging.join("links").join(name);
-                link.pin(&path)
-                    .map_err(|e| BpfError::load(format!("pinning {}", path.display()), e))?;
+                link.pin(pins::via_fd(links_fd.as_fd(), name))
+                    .map_err(|e| BpfError::load(format!("pinning links/{name}"), e))?;
             }
         }
-        std::fs::rename(&staging, pin_root()).map_err(|e| BpfError::pin(&pin_root(), e))
+        // Never over anything: whatever appeared at the name meanwhile is looked at again.
+        for _ in 0..4 {
+            match pins::rename_noreplace(root.as_fd(), &staging, pins::NAME) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EEXIST) | Err(nix::errno::Errno::ENOTEMPTY) => {
+                    match pins::inspect(root.as_fd()) {
+                        Found::Untrusted(why) => {
+                            pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
+                            replaced = Some(why);
+                        }
+                        _ => {
+                            return Err(BpfError::pin(
+                                Path::new(PIN_DIR),
+                                std::io::Error::other(
+                                    "another guard appeared while this one was installed",
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => return Err(BpfError::pin(Path::new(PIN_DIR), e.into())),
+            }
+        }
+        Err(BpfError::pin(
+            Path::new(PIN_DIR),
+            std::io::Error::other("something keeps being created at this path"),
+        ))
     })();
     if let Err(e) = result {
-        let _ = remove_tree(&staging);
+        let _ = pins::remove_all_at(root.as_fd(), &staging, bpffs);
         return Err(e);
     }
     // Dropping the skeleton now closes our fds: the pins alone keep the guard attached,
@@ -177,38 +322,45 @@ pub fn install() -> Result<GuardInstall, BpfError> {
     drop(loaded);
     Ok(GuardInstall::Installed {
         skipped_hooks: skipped,
+        replaced,
     })
 }
 
-/// Unpin everything under `dir` (links first, so the programs detach before their maps
-/// go) and remove the directories. Returns how many pins were removed.
-fn remove_tree(dir: &Path) -> Result<usize, BpfError> {
-    let mut removed = 0;
-    for sub in ["links", "maps"] {
-        let d = dir.join(sub);
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(BpfError::pin(&d, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| BpfError::pin(&d, e))?;
-            std::fs::remove_file(entry.path()).map_err(|e| BpfError::pin(&entry.path(), e))?;
-            removed += 1;
-        }
-        std::fs::remove_dir(&d).map_err(|e| BpfError::pin(&d, e))?;
-    }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(removed),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(removed),
-        Err(e) => Err(BpfError::pin(dir, e)),
-    }
-}
-
-/// Detach and unpin the guard. Returns the number of pins removed (0 if none was there).
-pub fn remove() -> Result<usize, BpfError> {
+/// Detach and unpin the guard: links first, so the programs detach before their maps go,
+/// then the directories. What another user planted at [`PIN_DIR`] is removed too, and
+/// reported. Nothing there is nothing to do.
+pub fn remove() -> Result<GuardRemoved, BpfError> {
     require_root("removing the guard")?;
-    remove_tree(&pin_root())
+    let root = pins::bpffs()?;
+    let bpffs = Path::new(pins::BPFFS);
+    match pins::inspect(root.as_fd()) {
+        Found::Absent => Ok(GuardRemoved::default()),
+        Found::Untrusted(why) => {
+            pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
+            Ok(GuardRemoved {
+                pins: 0,
+                planted: Some(why),
+            })
+        }
+        Found::Trusted(dir) => {
+            let top = Path::new(PIN_DIR);
+            let mut pins_there = 0;
+            // Links first: each program detaches before the maps it uses go.
+            for (sub, fd) in [("links", &dir.links), ("maps", &dir.maps)] {
+                if let Some(fd) = fd {
+                    for name in pins::names(fd.as_fd()) {
+                        pins_there += pins::remove_all_at(fd.as_fd(), &name, &top.join(sub))?;
+                    }
+                }
+            }
+            drop(dir);
+            pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
+            Ok(GuardRemoved {
+                pins: pins_there,
+                planted: None,
+            })
+        }
+    }
 }
 
 /// One registered holder, as `hsm guard status` shows it.
@@ -222,10 +374,17 @@ pub struct HolderInfo {
 /// The guard as seen through its pins.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuardStatus {
-    /// Something is pinned at [`PIN_DIR`].
+    /// Something is at [`PIN_DIR`].
     pub present: bool,
-    /// Every required link and every map is pinned.
+    /// What is at [`PIN_DIR`] is not root's, or others may write to it: it is not the
+    /// guard's (another user planted it), and why.
+    pub untrusted: Option<String>,
+    /// Every required link and every map is pinned, and each is the object it should be.
     pub installed: bool,
+    /// Why pins that are there do not make an installed guard (or could not be checked).
+    pub problems: Vec<String>,
+    /// Every pin is there, but this process cannot check the objects (not root).
+    pub unverified: bool,
     /// Pinned links, by program name.
     pub links: Vec<String>,
     /// Pinned maps.
@@ -238,36 +397,76 @@ pub struct GuardStatus {
     pub stats: Vec<(&'static str, u64)>,
 }
 
-fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Read the guard's pins and maps. Never fails: what cannot be read is absent.
+/// Read the guard's pins and maps. Never fails: what cannot be read is absent, what is not
+/// the guard's is reported. Checking the pinned objects themselves needs root.
 pub fn status() -> GuardStatus {
-    let root = pin_root();
-    let mut st = GuardStatus {
-        present: root.exists(),
-        links: list(&root.join("links")),
-        maps: list(&root.join("maps")),
-        ..Default::default()
+    let mut st = GuardStatus::default();
+    let root = match pins::bpffs() {
+        Ok(fd) => fd,
+        Err(e) => {
+            st.problems.push(e.to_string());
+            return st;
+        }
     };
-    st.installed = PROGRAMS
-        .iter()
-        .filter(|(_, _, required)| *required)
-        .all(|(p, _, _)| st.links.iter().any(|l| l == p))
-        && MAPS.iter().all(|m| st.maps.iter().any(|x| x == m));
+    let dir = match pins::inspect(root.as_fd()) {
+        Found::Absent => return st,
+        Found::Untrusted(why) => {
+            st.present = true;
+            st.untrusted = Some(why);
+            return st;
+        }
+        Found::Trusted(dir) => dir,
+    };
+    st.present = true;
+    let names = |d: &Option<std::os::fd::OwnedFd>| {
+        d.as_ref()
+            .map(|d| pins::names(d.as_fd()))
+            .unwrap_or_default()
+    };
+    st.links = names(&dir.links);
+    st.maps = names(&dir.maps);
+    for (p, _, _) in PROGRAMS.iter().filter(|(_, _, required)| *required) {
+        if !st.links.iter().any(|l| l == p) {
+            st.problems.push(format!("links/{p} is missing"));
+        }
+    }
+    for m in MAPS {
+        if !st.maps.iter().any(|x| x == m) {
+            st.problems.push(format!("maps/{m} is missing"));
+        }
+    }
+    if !st.problems.is_empty() {
+        return st;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        st.unverified = true;
+        return st;
+    }
+    let (Some(links), Some(maps)) = (&dir.links, &dir.maps) else {
+        return st;
+    };
+    let progs: HashMap<u32, (String, ProgramType)> = libbpf_rs::query::ProgInfoIter::default()
+        .map(|p| (p.id, (p.name.to_string_lossy().into_owned(), p.ty)))
+        .collect();
+    for l in &st.links {
+        if let Err(why) = verify_link(links.as_fd(), l, &progs) {
+            st.problems.push(why);
+        }
+    }
+    let mut opened: HashMap<&str, MapHandle> = HashMap::new();
+    for m in MAPS {
+        match verified_map(maps.as_fd(), m) {
+            Ok(h) => {
+                opened.insert(m, h);
+            }
+            Err(why) => st.problems.push(why),
+        }
+    }
+    st.installed = st.problems.is_empty();
     if !st.installed {
         return st;
     }
-    if let Ok(ctl) = read_ctl() {
+    if let Some(Ok(ctl)) = opened.get("hsm_ctl").map(read_ctl_from) {
         st.generation = ctl.generation;
         st.holders = ctl
             .holders
@@ -284,7 +483,7 @@ pub fn status() -> GuardStatus {
             })
             .collect();
     }
-    if let Ok(served) = MapHandle::from_pinned_path(map_path("hsm_served")) {
+    if let Some(served) = opened.get("hsm_served") {
         st.served = served
             .keys()
             .filter_map(|k| k.try_into().ok().map(u32::from_ne_bytes))
@@ -292,7 +491,7 @@ pub fn status() -> GuardStatus {
             .collect();
         st.served.sort_unstable();
     }
-    if let Ok(stats) = MapHandle::from_pinned_path(map_path("hsm_stats")) {
+    if let Some(stats) = opened.get("hsm_stats") {
         for (i, name) in STATS.iter().enumerate() {
             let key = (i as u32).to_ne_bytes();
             let total = stats
@@ -406,12 +605,14 @@ fn decode_ctl(buf: &[u8]) -> Ctl {
 }
 
 fn ctl_map() -> Result<MapHandle, BpfError> {
-    MapHandle::from_pinned_path(map_path("hsm_ctl"))
-        .map_err(|e| BpfError::load(format!("opening {}", map_path("hsm_ctl").display()), e))
+    open_map("hsm_ctl")
 }
 
 fn read_ctl() -> Result<Ctl, BpfError> {
-    let map = ctl_map()?;
+    read_ctl_from(&ctl_map()?)
+}
+
+fn read_ctl_from(map: &MapHandle) -> Result<Ctl, BpfError> {
     let value = map
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .map_err(|e| BpfError::load("reading hsm_ctl", e))?
@@ -499,8 +700,7 @@ fn register_pid(kind: HolderKind, tgid: u32, devs: &[u64]) -> Result<(), BpfErro
             })?;
         ctl.holders[slot] = me;
         ctl.generation += 1;
-        let served = MapHandle::from_pinned_path(map_path("hsm_served"))
-            .map_err(|e| BpfError::load("opening hsm_served", e))?;
+        let served = open_map("hsm_served")?;
         let mut value = vec![0u8; size_of::<types::hsm_served>()];
         put_u64(
             &mut value,
@@ -533,7 +733,7 @@ impl Registration {
             .any(|h| process_alive(h.tgid, h.start_ticks));
         write_ctl(&ctl)?;
         if !others_alive {
-            if let Ok(served) = MapHandle::from_pinned_path(map_path("hsm_served")) {
+            if let Ok(served) = open_map("hsm_served") {
                 for dev in &self.devs {
                     let _ = served.delete(&dev.to_ne_bytes());
                 }

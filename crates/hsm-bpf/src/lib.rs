@@ -15,14 +15,15 @@
 pub mod fastpath;
 pub mod guard;
 mod libbpf_log;
+mod pins;
 mod skel;
 
 use std::path::Path;
 
 pub use guard::{
-    GuardInstall, GuardReadiness, GuardStatus, HolderKind, Registration, install as install_guard,
-    readiness as guard_readiness, remove as remove_guard, status as guard_status,
-    try_load as try_load_guard,
+    GuardInstall, GuardReadiness, GuardRemoved, GuardStatus, HolderKind, Registration,
+    install as install_guard, readiness as guard_readiness, remove as remove_guard,
+    status as guard_status, try_load as try_load_guard,
 };
 
 /// Where the guard's programs and maps are pinned (a directory in bpffs).

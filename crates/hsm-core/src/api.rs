@@ -208,9 +208,22 @@ pub enum IntentSource {
 }
 
 /// How long the async path waits for an accessing thread still on its way to sleep before
-/// assuming the worst (a write). It cannot leave before it is answered, so this only
-/// matters for threads preempted at that point under heavy load.
+/// giving up on classifying it ([`Access::Unknown`]: guarded like a write, but the file's
+/// times are kept). It cannot leave before it is answered, so this only matters for threads
+/// preempted at that point under heavy load. `HSM_INTENT_PATIENCE_MS` overrides it (tests
+/// set 0 to make every such access unclassified).
 const RUNNING_PATIENCE: Duration = Duration::from_millis(200);
+
+fn running_patience() -> Duration {
+    static PATIENCE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *PATIENCE.get_or_init(|| {
+        std::env::var("HSM_INTENT_PATIENCE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(RUNNING_PATIENCE)
+    })
+}
 
 impl IntentSource {
     /// Without waiting: `None` if the thread is still running (try again later).
@@ -237,14 +250,15 @@ impl IntentSource {
             if let Some(a) = self.classify_now(probe) {
                 return a;
             }
-            if start.elapsed() >= RUNNING_PATIENCE {
+            if start.elapsed() >= running_patience() {
                 if let IntentSource::Tid(tid) = self {
                     warn!(
                         tid,
-                        "accessing thread still running after 200 ms; treating the access as a write"
+                        patience_ms = running_patience().as_millis() as u64,
+                        "accessing thread still running; guarding the access as a possible write (the file's times are kept)"
                     );
                 }
-                return Access::Write;
+                return Access::Unknown;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(2));

@@ -420,12 +420,44 @@ impl Stub {
             return Ok(0);
         }
         let n = end - offset;
+        // Is the mtime still the one put back after the last fill? If not, someone wrote (an
+        // access that could not be classified was a write after all) or set it: it is theirs
+        // from now on. Checked only while no other fill of this file is between its write and
+        // putting the mtime back, whose own write would look like someone else's.
+        {
+            let mut s = lock(&self.state);
+            if s.writers == 0 {
+                if let Some(kept) = s.restore_mtime {
+                    if let Ok(now) = stat::fstatx(self.fd.as_fd()) {
+                        if now.mtime != kept {
+                            tracing::debug!(path = %self.path(), "mtime moved since the last fill: a local write; times are no longer put back");
+                            s.restore_mtime = None;
+                        }
+                    }
+                }
+            }
+            s.writers += 1;
+        }
+        let result = self.write_and_keep_mtime(offset, body, n, &st);
+        lock(&self.state).writers -= 1;
+        result
+    }
+
+    /// Write `n` bytes of `body` at `offset` through a fresh writable descriptor, then put
+    /// the mtime back (unless a local write was seen).
+    fn write_and_keep_mtime(
+        &self,
+        offset: u64,
+        body: &Body,
+        n: u64,
+        st: &hsm_kernel::stat::FileStat,
+    ) -> Result<u64, ServeError> {
         // Opened per fill and closed after it: a cached writer would make exec of the file
         // fail with ETXTBSY.
         let writer = crate::api::reopen_waiting(
             self.reopener.as_ref(),
             self.fd.as_fd(),
-            &st,
+            st,
             libc::O_RDWR | libc::O_LARGEFILE,
         )?;
         let fd = writer.as_fd();

@@ -235,9 +235,11 @@ impl Stub {
                 }
                 self.readahead(core, range);
             }
-            Access::Write | Access::Truncate { .. } | Access::Shift => {
+            Access::Write | Access::Truncate { .. } | Access::Shift | Access::Unknown => {
                 {
                     let mut s = lock(&self.state);
+                    // The flag keeps eviction and re-populate off a file that may hold local
+                    // bytes; for an access that may be a write, that is the safe side.
                     if !s.resident.locally_modified() {
                         s.resident.set_locally_modified();
                         s.dirty = true;
@@ -246,7 +248,13 @@ impl Stub {
                             b.forget_key(self.key);
                         }
                     }
-                    s.restore_mtime = None;
+                    // A known write moves the mtime itself, and later fills leave it be. An
+                    // unclassified access is not taken for one: reads must keep the file's
+                    // times, and a write among them is noticed by the fill that follows it
+                    // (the mtime is no longer the one put back; see `write_blocking`).
+                    if access != Access::Unknown {
+                        s.restore_mtime = None;
+                    }
                 }
                 if let Access::Truncate { length } = access {
                     self.install_barrier(core, length, ev.intent.tid()).await;

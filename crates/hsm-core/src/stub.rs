@@ -56,6 +56,8 @@ pub(crate) struct StubState {
     pub(crate) inflight: HashMap<u64, SharedFill>,
     /// The mtime to put back after fills; `None` once the file was written locally.
     pub(crate) restore_mtime: Option<Timestamp>,
+    /// Fills writing now (between their check of the mtime and putting it back).
+    pub(crate) writers: usize,
     /// End of the last read, to detect sequential access.
     pub(crate) seq_next: u64,
     /// Readahead has been started up to here.
@@ -183,7 +185,10 @@ impl Stub {
             version: meta.version.clone(),
             size: meta.remote_size,
         };
-        let restore_mtime = (!map.locally_modified()).then_some(mtime);
+        // The mtime the file has now is put back after each fill, whatever happened before:
+        // fetching bytes is never a modification. A write since is seen by the fill (the
+        // mtime moved) or by its event, and ends it.
+        let restore_mtime = Some(mtime);
         Stub {
             key,
             fd,
@@ -199,6 +204,7 @@ impl Stub {
                 queued: false,
                 inflight: HashMap::new(),
                 restore_mtime,
+                writers: 0,
                 seq_next: 0,
                 readahead_until: 0,
                 finalized: false,

@@ -197,6 +197,69 @@ async fn a_write_is_allowed_only_after_the_map_is_durable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclassified_access_is_guarded_like_a_write_but_keeps_the_mtime() {
+    let r = rig(CoreOptions {
+        persist_interval: Duration::from_secs(3600), // the batch never runs in this test
+        readahead: 0,
+        ..Default::default()
+    });
+    let data = pattern(3 << 20, 7);
+    let f = r.stub("f", "k", data.clone(), 20);
+    let mtime_before = f.metadata().expect("md").modified().expect("mtime");
+    // A thread still running when the agent gave up waiting (a loaded machine).
+    assert_eq!(
+        r.access(&f, 4096, 4096, Access::Unknown).await,
+        Verdict::Allow
+    );
+    let map = stored_map(&f).expect("map");
+    assert!(
+        map.is_resident(0),
+        "durable before it is allowed, as for a write"
+    );
+    assert!(
+        map.locally_modified(),
+        "flagged, so eviction and re-populate leave it alone"
+    );
+    // It was a read: later fills keep putting the mtime back.
+    assert_eq!(r.read(&f, 1 << 20, 4096).await, Verdict::Allow);
+    assert_eq!(
+        f.metadata().expect("md").modified().expect("mtime"),
+        mtime_before,
+        "no fill after an unclassified read changes the mtime"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclassified_write_is_noticed_by_the_next_fill() {
+    let r = rig(CoreOptions {
+        persist_interval: Duration::from_secs(3600),
+        readahead: 0,
+        ..Default::default()
+    });
+    let data = pattern(3 << 20, 8);
+    let f = r.stub("f", "k", data.clone(), 20);
+    let mtime_before = f.metadata().expect("md").modified().expect("mtime");
+    assert_eq!(
+        r.access(&f, 4096, 4096, Access::Unknown).await,
+        Verdict::Allow
+    );
+    // It was a write: it lands after the answer and moves the mtime.
+    f.write_at(b"LOCAL", 5000).expect("write");
+    let written = f.metadata().expect("md").modified().expect("mtime");
+    assert_ne!(written, mtime_before);
+    // The next fill sees an mtime it did not put back and leaves it to the writer.
+    assert_eq!(r.read(&f, 2 << 20, 4096).await, Verdict::Allow);
+    let after = f.metadata().expect("md").modified().expect("mtime");
+    assert!(
+        after >= written,
+        "the write's mtime is never put back to the old one"
+    );
+    let mut expect = data[..1 << 20].to_vec();
+    expect[5000..5005].copy_from_slice(b"LOCAL");
+    assert_bytes(&read_at(&f, 0, 1 << 20), &expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_keeps_remote_bytes_out_of_the_cut() {
     let r = rig(fast_opts());
     let data = pattern(3 << 20, 8);

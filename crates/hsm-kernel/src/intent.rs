@@ -18,6 +18,10 @@ pub enum Access {
     Read,
     /// Anything that may modify the file or that we cannot classify.
     Write,
+    /// The thread did not reach its wait in time to be classified (a loaded machine): it
+    /// may be a write, so it is guarded like one, but it is not taken for a modification
+    /// (the file's times are kept; a write shows itself later by moving the mtime).
+    Unknown,
     /// `truncate`/`ftruncate` to `length` bytes.
     Truncate { length: u64 },
     /// An `fallocate` that moves the file's tail (collapse or insert range): every byte from

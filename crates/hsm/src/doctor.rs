@@ -78,16 +78,42 @@ fn probe_fs(group: &Group, m: &Mount) -> Result<(), FsRefusal> {
     }
 }
 
-/// The report, and whether the agent can run here.
-pub fn report() -> (String, bool) {
+/// What `hsm doctor` found out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every probe ran and the agent can serve here.
+    CanServe,
+    /// Every probe ran and the agent refuses to start here.
+    CannotServe,
+    /// Not root: the probes that decide it were not run (the report names them).
+    NotProbed,
+}
+
+/// The report, and what it concluded.
+pub fn report() -> (String, Verdict) {
     let mut out = String::new();
     let root = nix::unistd::geteuid().is_root();
     let new_enough = kernel_section(&mut out, root);
     let any_fs = filesystems_section(&mut out, root);
     let (guard_ok, fastpath_ok) = bpf_section(&mut out);
-    let can_serve = new_enough && (any_fs || !root);
+    if !root {
+        let _ = writeln!(
+            out,
+            "agent will use: unknown: not root (uid {}), so these probes did not run: \
+             creating a fanotify pre-content group, a pre-content mark on each filesystem \
+             above, and loading the stub guard. Run `hsm doctor` as root.",
+            nix::unistd::geteuid()
+        );
+        return (out, Verdict::NotProbed);
+    }
+    let can_serve = new_enough && any_fs;
     plan_section(&mut out, can_serve, new_enough, fastpath_ok, guard_ok);
-    (out, can_serve)
+    let verdict = if can_serve {
+        Verdict::CanServe
+    } else {
+        Verdict::CannotServe
+    };
+    (out, verdict)
 }
 
 /// Write the kernel line (and the not-root note); whether it has pre-content events.
@@ -109,7 +135,7 @@ fn kernel_section(out: &mut String, root: bool) -> bool {
     if !root {
         let _ = writeln!(
             out,
-            "note:        not root: fanotify and BPF cannot be probed; run as root for a full report"
+            "note:        not root: fanotify and BPF cannot be probed; this report is incomplete and exits 2"
         );
     }
     new_enough

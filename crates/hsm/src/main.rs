@@ -98,7 +98,8 @@ enum Command {
         args: Vec<String>,
     },
     /// Report what this kernel and its filesystems can do, and what the agent will use.
-    /// Exits 1 when the agent cannot serve stubs here.
+    /// Exits 1 when the agent cannot serve stubs here, 2 when not run as root (the
+    /// probes that decide it need root).
     Doctor,
     /// Inspect, install or remove the BPF LSM stub guard (pinned in /sys/fs/bpf/hsm).
     Guard {
@@ -309,12 +310,18 @@ fn main() -> ExitCode {
             args,
         } => runtime_spec(&cfg, &url, &rootfs, output.as_deref(), &args),
         Command::Doctor => {
-            let (text, ok) = doctor::report();
+            let (text, verdict) = doctor::report();
             print!("{text}");
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            Ok(match verdict {
+                doctor::Verdict::CanServe => ExitCode::SUCCESS,
+                doctor::Verdict::CannotServe => ExitCode::FAILURE,
+                doctor::Verdict::NotProbed => {
+                    eprintln!(
+                        "hsm: doctor needs root: as a user it cannot probe fanotify or BPF, so it \
+                         cannot tell whether the agent can serve here"
+                    );
+                    ExitCode::from(2)
+                }
             })
         }
         Command::Guard { action } => guard(action),
@@ -435,19 +442,35 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
     match action {
         GuardAction::Status => {
             let st = hsm_bpf::guard_status();
+            if let Some(why) = &st.untrusted {
+                println!("guard: not installed: {why}");
+                println!(
+                    "guard: {} is not the guard's and is ignored (`hsm guard install` or `hsm guard remove` removes it)",
+                    hsm_bpf::PIN_DIR
+                );
+                return Ok(ExitCode::from(3));
+            }
             if !st.present {
                 println!("guard: not installed ({} is absent)", hsm_bpf::PIN_DIR);
+                for p in &st.problems {
+                    println!("problem: {p}");
+                }
                 return Ok(ExitCode::from(3));
             }
             println!(
                 "guard: {} at {}",
                 if st.installed {
                     "installed"
+                } else if st.unverified {
+                    "pinned (not verified: only root can check that the pins are the guard's BPF objects)"
                 } else {
                     "INCOMPLETE"
                 },
                 hsm_bpf::PIN_DIR
             );
+            for p in &st.problems {
+                println!("problem: {p}");
+            }
             println!("links: {}", st.links.join(" "));
             println!("maps: {}", st.maps.join(" "));
             println!("generation: {}", st.generation);
@@ -472,7 +495,13 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
             })
         }
         GuardAction::Install => match hsm_bpf::install_guard()? {
-            hsm_bpf::GuardInstall::Installed { skipped_hooks } => {
+            hsm_bpf::GuardInstall::Installed {
+                skipped_hooks,
+                replaced,
+            } => {
+                if let Some(what) = replaced {
+                    println!("guard: removed what was not the guard's: {what}");
+                }
                 println!("guard: installed at {}", hsm_bpf::PIN_DIR);
                 if !skipped_hooks.is_empty() {
                     println!(
@@ -488,11 +517,13 @@ fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
             }
         },
         GuardAction::Remove => {
-            let n = hsm_bpf::remove_guard()?;
-            if n == 0 {
+            let removed = hsm_bpf::remove_guard()?;
+            if let Some(what) = &removed.planted {
+                println!("guard: removed what was not the guard's: {what}");
+            } else if removed.pins == 0 {
                 println!("guard: nothing to remove");
             } else {
-                println!("guard: removed ({n} pins)");
+                println!("guard: removed ({} pins)", removed.pins);
             }
             Ok(ExitCode::SUCCESS)
         }
