@@ -36,6 +36,9 @@ use crate::stub::InodeKey;
 /// event per read; one pass over a file must not promote it).
 pub const REREFERENCE: Duration = Duration::from_secs(1);
 
+/// The longest a fill waits for an eviction round before it is decided without one.
+const ROUND_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Evicted files remembered (keys only) so that fetching one again counts as a second
 /// reference.
 const GHOSTS: usize = 65_536;
@@ -365,25 +368,29 @@ impl Budget {
         let handle = self.handle_if_new(fd, &key);
         let mut rounds = self.rounds.subscribe();
         let mut wait_for: Option<u64> = None;
+        let asked = Instant::now();
         loop {
             let now = self.now_ms();
             {
                 let mut l = lock(&self.lru);
-                // Without an evictor (tests) there is no round to wait for.
-                let no_rounds = self.evictor.get().is_none();
-                if let Some(w) = wait_for.or(no_rounds.then_some(0)) {
+                // Without an evictor (tests) there is no round to wait for, and a reader
+                // never waits on one for long: past ROUND_PATIENCE it is decided as if the
+                // round had run (a round normally takes milliseconds per file).
+                let no_rounds = self.evictor.get().is_none() || asked.elapsed() > ROUND_PATIENCE;
+                if wait_for.is_some() {
                     l.pending = l.pending.saturating_sub(bytes);
-                    if *rounds.borrow() >= w {
-                        // A whole round ran since we asked: over high is allowed now (what
-                        // is left is in use or pinned), over max is not.
-                        if l.used + bytes <= self.limits.max {
-                            l.charge(key, handle.as_ref(), bytes, now);
-                            l.touch(&key, now, self.protected_cap());
-                            return Ok(());
-                        }
-                        l.full_denies += 1;
-                        return Err(full());
+                }
+                let round_ran = wait_for.is_some_and(|w| *rounds.borrow() >= w);
+                if round_ran || no_rounds {
+                    // A whole round ran since we asked: over high is allowed now (what is
+                    // left is in use or pinned), over max is not.
+                    if l.used + bytes <= self.limits.max {
+                        l.charge(key, handle.as_ref(), bytes, now);
+                        l.touch(&key, now, self.protected_cap());
+                        return Ok(());
                     }
+                    l.full_denies += 1;
+                    return Err(full());
                 }
                 if l.used + bytes <= self.limits.high {
                     l.charge(key, handle.as_ref(), bytes, now);
