@@ -50,8 +50,14 @@ struct Args {
     /// Whole-file reads in the Zipf trace (the first half warms the cache up).
     #[arg(long, default_value_t = 4000)]
     zipf_reads: usize,
-    /// Run only these tests: seq, reread, latency, populate, container, evict, zipf (comma
-    /// separated).
+    /// Size of the object of the S3 cold-read test, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    s3_mib: u64,
+    /// The script that runs the S3 cold-read test (moto, curl).
+    #[arg(long, default_value = "tools/bench-s3")]
+    s3_script: PathBuf,
+    /// Run only these tests: seq, reread, latency, populate, container, evict, zipf, s3
+    /// (comma separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also print the results as JSON on stdout.
@@ -667,6 +673,50 @@ fn bench_populate(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
 /// Container start from stubs vs pulling the whole image first, both from S3 (moto on
 /// loopback), and the bytes the stub start fetched against what the start itself read.
 /// tools/bench-container does the work (podman, moto, the image) and prints JSON.
+/// A cold sequential read of one object on S3 (moto on loopback) through the agent vs one
+/// direct GET of it written to the same filesystem (tools/bench-s3).
+fn bench_s3(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
+    let out = Command::new(&a.s3_script)
+        .arg("--hsm")
+        .arg(a.bin.join("hsm"))
+        .arg("--work")
+        .arg(dst.mnt.join("s3"))
+        .arg("--mib")
+        .arg(a.s3_mib.to_string())
+        .arg("--repeat")
+        .arg(a.repeat.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", a.s3_script.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        a.s3_script.display(),
+        out.status
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no JSON", a.s3_script.display()))?;
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("{k} missing from the S3 test's output"))
+    };
+    let (h, b) = (num("hsm_s")?, num("get_s")?);
+    Ok(vec![Line {
+        name: "S3 cold read (vs one direct GET to disk)",
+        hsm: h,
+        base: b,
+        unit: "s",
+        ratio: b / h,
+        goal: 0.9,
+        at_most: false,
+        detail: format!(
+            "{} MiB object on moto, cat of the stub + sync vs curl GET + sync; {} runs each, medians; ratio = GET time / hsm time",
+            a.s3_mib, a.repeat
+        ),
+        info: false,
+    }])
+}
+
 fn bench_container(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
     let out = Command::new(&a.container_script)
         .arg("--hsm")
@@ -743,6 +793,7 @@ fn main() -> Result<()> {
     );
     let a = Args {
         bin: std::fs::canonicalize(&a.bin)?,
+        s3_script: std::fs::canonicalize(&a.s3_script).unwrap_or(a.s3_script.clone()),
         ..a
     };
     let a = Args {
@@ -793,6 +844,12 @@ fn main() -> Result<()> {
     }
     if want("zipf") {
         for l in bench_zipf(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("s3") {
+        for l in bench_s3(&a, &dst)? {
             print_line(&l);
             lines.push(l);
         }
