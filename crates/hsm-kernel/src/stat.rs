@@ -126,6 +126,30 @@ pub fn statx_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<FileStat> {
     )
 }
 
+/// Set the access and modification times of whatever `fd` refers to, `O_PATH`
+/// descriptors of symbolic links included (`utimensat(fd, "", AT_EMPTY_PATH)`; `futimens`
+/// refuses `O_PATH`). Acting on a descriptor, it cannot be redirected by a rename.
+pub fn set_times_fd(fd: BorrowedFd<'_>, atime: Timestamp, mtime: Timestamp) -> Result<()> {
+    let times: [libc::timespec; 2] = [*atime.to_timespec().as_ref(), *mtime.to_timespec().as_ref()];
+    // SAFETY: an empty NUL-terminated path and an array of two timespecs, as utimensat
+    // expects; with AT_EMPTY_PATH it acts on `fd` itself.
+    let rc = unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(KernelError::last(format!(
+            "utimensat fd {}",
+            fd.as_raw_fd()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,11 @@
 //! component at a time with `O_NOFOLLOW`; multi-component paths (hard-link targets, the
 //! final metadata pass) are resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
 //! from the DST root, so a symlink planted anywhere under DST cannot redirect a write.
+//!
+//! An entry that is checked and then changed is opened once: the check (its type, whether
+//! it is a stub, its inode) and the change (owner, mode, times, a hard link to it) go
+//! through that one descriptor, so a user who swaps names in a directory they can write
+//! (`renameat2(RENAME_EXCHANGE)`) cannot have populate check one file and change another.
 
 use std::ffi::{OsStr, OsString};
 use std::ops::Range;
@@ -22,13 +27,31 @@ use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
+use crate::escape::escape_path;
 use crate::source::Attrs;
+
+/// Which inode an entry is: populate remembers what it checked or made, and acts on a name
+/// again only if the same inode still stands there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(st: &FileStat) -> Self {
+        FileId {
+            dev: st.dev,
+            ino: st.ino,
+        }
+    }
+}
 
 /// Why an operation under DST failed, naming the operation and the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum DstError {
     /// A system call (or the check before it) on `name` failed.
-    #[error("{op} {}: {source}", .name.display())]
+    #[error("{op} {}: {source}", escape_path(.name))]
     Op {
         op: &'static str,
         /// The entry, relative to the directory it was worked on in.
@@ -59,8 +82,16 @@ pub enum DstError {
         meta: usize,
         map: usize,
     },
-    #[error("hard-link target {} is missing", .0.display())]
+    #[error("hard-link target {} is missing", escape_path(.0))]
     LinkTargetMissing(PathBuf),
+    /// What stands at a name is not what populate checked or made there: a user swapped
+    /// it. Nothing was changed through the name.
+    #[error(
+        "{} was replaced while populate worked on it (another {} stands there now); left alone",
+        escape_path(.0),
+        .1
+    )]
+    Swapped(PathBuf, &'static str),
     #[error("a directory is in the way of a hard link")]
     DirectoryInTheWay,
 }
@@ -124,22 +155,50 @@ pub enum ExistingFile {
     Plain,
 }
 
-/// Classify the regular file `name` in `dir` by its xattrs (never reads data).
-pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile> {
+/// Open the existing regular file `name` in `dir` once, for checks and changes alike: no
+/// symlink followed, no FIFO or device waited on (`O_NONBLOCK | O_NOCTTY`), and anything
+/// but a regular file refused as swapped in. Returns the descriptor and its `statx`.
+pub fn open_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<(OwnedFd, FileStat)> {
     let fd = openat(
         dir,
         name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY,
         Mode::empty(),
     )
-    .map_err(|e| op_error("open", name, e))?;
+    .map_err(|e| match e {
+        Errno::ELOOP => DstError::Swapped(PathBuf::from(name), "symbolic link"),
+        e => op_error("open", name, e),
+    })?;
+    let st = stat::fstatx(fd.as_fd()).map_err(|e| op_error("stat", name, e))?;
+    if !st.is_file() {
+        return Err(DstError::Swapped(
+            PathBuf::from(name),
+            hsm_kernel::beneath::kind_of(st.mode),
+        ));
+    }
+    Ok((fd, st))
+}
+
+/// Classify the regular file `name` in `dir` by its xattrs (never reads data). Returns what
+/// it is and its `statx`, both of the one descriptor opened.
+pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<(ExistingFile, FileStat)> {
+    let (fd, st) = open_file(dir, name)?;
+    Ok((classify_fd(fd.as_fd(), name)?, st))
+}
+
+/// Classify the open regular file `fd` (named `name` in messages) by its xattrs.
+pub fn classify_fd(fd: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile> {
     let mut buf = Vec::new();
-    let present = xattr::fget(fd.as_fd(), MARKER_XATTR, &mut buf)
-        .map_err(|e| op_error("read marker", name, e))?;
+    let present =
+        xattr::fget(fd, MARKER_XATTR, &mut buf).map_err(|e| op_error("read marker", name, e))?;
     if !present {
         return Ok(ExistingFile::Plain);
     }
-    if !xattr::fget(fd.as_fd(), META_XATTR, &mut buf).map_err(|e| op_error("read meta", name, e))? {
+    if !xattr::fget(fd, META_XATTR, &mut buf).map_err(|e| op_error("read meta", name, e))? {
         return Ok(ExistingFile::BrokenStub("marker without metadata".into()));
     }
     let meta = match Meta::decode(&buf) {
@@ -147,7 +206,7 @@ pub fn classify_file(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile
         Err(e) => return Ok(ExistingFile::BrokenStub(e.to_string())),
     };
     // A map that does not decode says nothing about local writes: assume there were some.
-    let modified = !xattr::fget(fd.as_fd(), MAP_XATTR, &mut buf)
+    let modified = !xattr::fget(fd, MAP_XATTR, &mut buf)
         .map_err(|e| op_error("read map", name, e))?
         || hsm_stub::ResidentMap::decode(&buf).map_or(true, |m| m.locally_modified());
     Ok(ExistingFile::Stub {
@@ -239,13 +298,14 @@ const MARKER_PAGE: [u8; 4096] = [0u8; 4096];
 
 /// Create a complete stub as an unnamed file in `dir`, then give it `name`. The stub only
 /// appears under its name with marker, metadata, map, owner, mode and times all in place.
-/// With `replace`, an existing `name` is atomically replaced (rename over it).
+/// With `replace`, an existing `name` is atomically replaced (rename over it). Returns the
+/// stub's inode.
 pub fn create_stub(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     spec: &StubSpec,
     replace: bool,
-) -> OpResult<()> {
+) -> OpResult<FileId> {
     let fd = openat(
         dir,
         ".",
@@ -281,7 +341,11 @@ pub fn create_stub(
             .map_err(|e| op_error("write marker of", name, e))?;
     }
     apply_attrs_fd(fd.as_fd(), &spec.attrs).map_err(|e| op_error("set attributes of", name, e))?;
-    link_into_place(fd.as_fd(), dir, name, replace)
+    let id = stat::fstatx(fd.as_fd())
+        .map(|st| FileId::of(&st))
+        .map_err(|e| op_error("stat", name, e))?;
+    link_into_place(fd.as_fd(), dir, name, replace)?;
+    Ok(id)
 }
 
 fn link_into_place(
@@ -329,15 +393,34 @@ pub fn attrs_match(st: &FileStat, a: &Attrs) -> bool {
     st.mode & 0o7777 == a.mode && st.uid == a.uid && st.gid == a.gid && st.mtime == a.mtime
 }
 
-/// Set the attributes of the existing regular file or directory `name` in `dir`.
-pub fn apply_attrs_at(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs, is_dir: bool) -> OpResult<()> {
-    let flags = if is_dir {
-        DIR_FLAGS
-    } else {
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
-    };
-    let fd = openat(dir, name, flags, Mode::empty()).map_err(|e| op_error("open", name, e))?;
+/// Set the attributes of the directory `name` in `dir`, if it is still the directory
+/// `expect` populate created or walked (never one swapped in for it since).
+pub fn apply_dir_attrs(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    a: &Attrs,
+    expect: FileId,
+) -> OpResult<()> {
+    let fd = open_child_dir(dir, name).map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => DstError::Swapped(PathBuf::from(name), "non-directory"),
+        e => op_error("open", name, e),
+    })?;
+    check_same(fd.as_fd(), name, expect, "directory")?;
     apply_attrs_fd(fd.as_fd(), a).map_err(|e| op_error("set attributes of", name, e))
+}
+
+/// Fails with [`DstError::Swapped`] unless `fd` is the inode `expect`.
+pub fn check_same(
+    fd: BorrowedFd<'_>,
+    name: &OsStr,
+    expect: FileId,
+    kind: &'static str,
+) -> OpResult<FileStat> {
+    let st = stat::fstatx(fd).map_err(|e| op_error("stat", name, e))?;
+    if FileId::of(&st) != expect {
+        return Err(DstError::Swapped(PathBuf::from(name), kind));
+    }
+    Ok(st)
 }
 
 /// Create or update the symlink `name -> target`. Returns whether anything changed.
@@ -349,41 +432,82 @@ pub fn ensure_symlink(
     exists: bool,
 ) -> OpResult<bool> {
     if exists {
+        // The link itself, opened once (O_PATH): its target is read and its owner and times
+        // set through that descriptor, so a file swapped in for it is never chowned.
+        let fd = open_symlink(dir, name)?;
         let current =
-            nix::fcntl::readlinkat(dir, name).map_err(|e| op_error("readlink", name, e))?;
+            nix::fcntl::readlinkat(fd.as_fd(), c"").map_err(|e| op_error("readlink", name, e))?;
         if current.as_os_str() == target {
-            set_symlink_attrs(dir, name, a)?;
+            set_symlink_attrs(fd.as_fd(), name, a)?;
             return Ok(false);
         }
-        let tmp = temp_name(name);
-        nix::unistd::symlinkat(target, dir, tmp.as_os_str())
-            .map_err(|e| op_error("symlink", &tmp, e))?;
-        set_symlink_attrs(dir, &tmp, a)?;
-        rename_over(dir, &tmp, name)?;
-        return Ok(true);
     }
-    nix::unistd::symlinkat(target, dir, name).map_err(|e| op_error("symlink", name, e))?;
-    set_symlink_attrs(dir, name, a)?;
+    // A new link is made under a hidden name and renamed into place with its attributes.
+    let tmp = temp_name(name);
+    nix::unistd::symlinkat(target, dir, tmp.as_os_str())
+        .map_err(|e| op_error("symlink", &tmp, e))?;
+    let set = open_symlink(dir, &tmp).and_then(|fd| set_symlink_attrs(fd.as_fd(), name, a));
+    if let Err(e) = set {
+        let _ = nix::unistd::unlinkat(
+            dir,
+            tmp.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        return Err(e);
+    }
+    if exists {
+        rename_over(dir, &tmp, name)?;
+    } else {
+        // Never over something that appeared meanwhile.
+        nix::fcntl::renameat2(
+            dir,
+            tmp.as_os_str(),
+            dir,
+            name,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| {
+            let _ = nix::unistd::unlinkat(
+                dir,
+                tmp.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            op_error("rename into place", name, e)
+        })?;
+    }
     Ok(true)
 }
 
-fn set_symlink_attrs(dir: BorrowedFd<'_>, name: &OsStr, a: &Attrs) -> OpResult<()> {
-    nix::unistd::fchownat(
+/// The symlink `name` in `dir` itself (`O_PATH | O_NOFOLLOW`); anything else is refused.
+fn open_symlink(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<OwnedFd> {
+    let fd = openat(
         dir,
         name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| op_error("open", name, e))?;
+    let st = stat::fstatx(fd.as_fd()).map_err(|e| op_error("stat", name, e))?;
+    if !st.is_symlink() {
+        return Err(DstError::Swapped(
+            PathBuf::from(name),
+            hsm_kernel::beneath::kind_of(st.mode),
+        ));
+    }
+    Ok(fd)
+}
+
+/// Owner and times of the symlink `fd` refers to (an `O_PATH` descriptor of the link).
+fn set_symlink_attrs(fd: BorrowedFd<'_>, name: &OsStr, a: &Attrs) -> OpResult<()> {
+    nix::unistd::fchownat(
+        fd,
+        c"",
         Some(Uid::from_raw(a.uid)),
         Some(Gid::from_raw(a.gid)),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
+        AtFlags::AT_EMPTY_PATH,
     )
     .map_err(|e| op_error("chown", name, e))?;
-    nix::sys::stat::utimensat(
-        dir,
-        name,
-        &a.atime.to_timespec(),
-        &a.mtime.to_timespec(),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| op_error("set times of", name, e))
+    stat::set_times_fd(fd, a.atime, a.mtime).map_err(|e| op_error("set times of", name, e))
 }
 
 /// Create directory `name` in `dir` (or accept an existing one); returns whether created.
@@ -393,6 +517,24 @@ pub fn ensure_dir(dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<bool> {
         Err(Errno::EEXIST) => Ok(false),
         Err(e) => Err(op_error("mkdir", name, e)),
     }
+}
+
+/// The inode of the directory `name` in `dir` just made (`created`) or found there by
+/// [`ensure_dir`]. One populate made must still be populate's (owned by its user): a user
+/// who can write `dir` and swaps in a directory of their own (or a symlink) is refused.
+pub fn new_dir_id(dir: BorrowedFd<'_>, name: &OsStr, created: bool) -> OpResult<FileId> {
+    let fd = open_child_dir(dir, name).map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => DstError::Swapped(PathBuf::from(name), "non-directory"),
+        e => op_error("open", name, e),
+    })?;
+    let st = stat::fstatx(fd.as_fd()).map_err(|e| op_error("stat", name, e))?;
+    if created && st.uid != nix::unistd::geteuid().as_raw() {
+        return Err(DstError::Swapped(
+            PathBuf::from(name),
+            "directory, not the one populate made,",
+        ));
+    }
+    Ok(FileId::of(&st))
 }
 
 /// Remove a non-directory entry.

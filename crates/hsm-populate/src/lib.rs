@@ -7,6 +7,7 @@
 //! files that are not stubs) are never overwritten or removed without `force`.
 
 pub mod dst;
+pub mod escape;
 mod finish;
 mod place;
 pub mod publish;
@@ -16,7 +17,8 @@ mod sync;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use indicatif::{ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tracing::warn;
 
+use crate::dst::FileId;
 use crate::finish::{finish_dirs, finish_links};
 use crate::source::{Attrs, Source, SourceEntry};
 use crate::sync::sync_dir;
@@ -121,7 +124,10 @@ pub enum PopulateError {
 /// One entry that could not be processed.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EntryError {
+    /// The entry's path below DST, escaped for printing ([`escape::escape_bytes`]: control
+    /// characters, backslashes and bytes that are not UTF-8 appear as `\n`, `\\`, `\xff`).
     pub path: String,
+    /// Why, with control characters escaped the same way.
     pub error: String,
 }
 
@@ -221,6 +227,10 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The name a hard-linked source file was placed at first, and the inode placed there: its
+/// other names become links to that inode.
+type Primary = (PathBuf, FileId);
+
 /// A second (or later) name of a hard-linked source file, linked once all stubs exist.
 struct DeferredLink {
     rel: PathBuf,
@@ -235,8 +245,10 @@ struct Ctx<'a> {
     root_dev: u64,
     opts: &'a Options,
     stats: Stats,
-    dirs: Mutex<Vec<(PathBuf, Attrs)>>,
-    link_primary: Mutex<HashMap<(u64, u64), PathBuf>>,
+    /// Directories to give SRC's attributes at the end, with the inode each must still be.
+    dirs: Mutex<Vec<(PathBuf, Attrs, FileId)>>,
+    /// By source file: the first name placed and its inode (`None` while it is placed).
+    link_primary: Mutex<HashMap<(u64, u64), Option<Primary>>>,
     deferred_links: Mutex<Vec<DeferredLink>>,
     errors: Mutex<Vec<EntryError>>,
     progress: ProgressBar,
@@ -247,17 +259,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ctx<'_> {
+    /// Record (and log) an error about `rel`. Names are escaped: a file name holding a
+    /// newline or an escape sequence can neither forge lines nor drive the terminal.
     fn error(&self, rel: &Path, error: impl std::fmt::Display) {
-        let path = rel.display().to_string();
-        let error = error.to_string();
+        let path = escape::escape_path(rel);
+        let error = escape::escape_text(&error.to_string());
         self.progress
             .suspend(|| warn!(%path, %error, "populate error"));
         lock(&self.errors).push(EntryError { path, error });
     }
 
     fn warn(&self, rel: &Path, what: &str) {
-        self.progress
-            .suspend(|| warn!(path = %rel.display(), "{what}"));
+        let path = escape::escape_path(rel);
+        self.progress.suspend(|| warn!(%path, "{what}"));
     }
 
     fn tick(&self) {
@@ -269,10 +283,7 @@ impl Ctx<'_> {
 /// Mirror `source` into `dst` (created if missing).
 pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summary, PopulateError> {
     let start = Instant::now();
-    std::fs::create_dir_all(dst)
-        .map_err(|e| PopulateError::Setup(format!("{}: cannot create: {e}", dst.display())))?;
-    let dst_real = std::fs::canonicalize(dst)
-        .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst.display())))?;
+    let (root, dst_real) = open_dst(dst)?;
     if let Some(src) = source.local_root() {
         if dst_real.starts_with(src) || src.starts_with(&dst_real) {
             return Err(PopulateError::Setup(format!(
@@ -282,12 +293,6 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
             )));
         }
     }
-    let root = nix::fcntl::open(
-        &dst_real,
-        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?;
     if opts.require_served_fs {
         check_filesystem(root.as_fd(), &dst_real)?;
     }
@@ -299,9 +304,9 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
         None,
         "{spinner} populate [{elapsed_precise}] {pos} entries, {msg}",
     );
-    let root_dev = hsm_kernel::stat::fstatx(root.as_fd())
-        .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?
-        .dev;
+    let root_st = hsm_kernel::stat::fstatx(root.as_fd())
+        .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?;
+    let root_dev = root_st.dev;
     let ctx = Ctx {
         source,
         root,
@@ -318,7 +323,7 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
         .num_threads(opts.jobs)
         .build()
         .map_err(|e| PopulateError::Setup(format!("thread pool: {e}")))?;
-    pool.scope(|s| sync_dir(&ctx, s, PathBuf::new()));
+    pool.scope(|s| sync_dir(&ctx, s, PathBuf::new(), FileId::of(&root_st)));
     pool.install(|| finish_links(&ctx));
     finish_dirs(&ctx, &root_attrs);
     ctx.progress.finish_and_clear();
@@ -335,6 +340,156 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
         errors,
         ..ctx.stats.summary()
     })
+}
+
+fn setup_err(path: &Path, why: impl std::fmt::Display) -> PopulateError {
+    PopulateError::Setup(format!("{}: {why}", escape::escape_path(path)))
+}
+
+/// Open DST, creating what is missing of it, and return its descriptor (everything after
+/// works from it) and the path it resolved to.
+///
+/// DST itself is never a symbolic link: a user who can write the directory DST is named
+/// in could otherwise point it at a directory only root may change, and have populate
+/// remove entries there and give it SRC's mode. A missing component is made with `mkdirat`
+/// and opened with `O_NOFOLLOW`; it must then be a directory owned by populate's user (a
+/// symlink or a user's directory swapped in at that moment is refused). A symbolic link
+/// in an existing component before the last is followed once, and said so, only if neither
+/// it nor the directory holding it can be changed by anyone but root and populate's user
+/// (like /var/run -> /run); otherwise DST is refused, naming the link.
+fn open_dst(dst: &Path) -> Result<(OwnedFd, PathBuf), PopulateError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    use std::path::Component;
+
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |st: &hsm_kernel::stat::FileStat| st.uid == 0 || st.uid == me;
+    let path_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let start = if dst.is_absolute() { "/" } else { "." };
+    let mut fd = nix::fcntl::open(start, path_flags, Mode::empty())
+        .map_err(|e| setup_err(Path::new(start), e))?;
+    let comps: Vec<Component<'_>> = dst.components().collect();
+    let last = comps.len().saturating_sub(1);
+    if !matches!(comps.last(), Some(Component::Normal(_))) {
+        return Err(setup_err(
+            dst,
+            "DST must end in a directory's name (not /, . or ..)",
+        ));
+    }
+    let mut walked = PathBuf::new();
+    let mut followed: Vec<String> = Vec::new();
+    for (i, comp) in comps.iter().enumerate() {
+        let name = match comp {
+            Component::RootDir => {
+                walked.push("/");
+                continue;
+            }
+            Component::CurDir | Component::Prefix(_) => continue,
+            Component::ParentDir => std::ffi::OsStr::new(".."),
+            Component::Normal(n) => n,
+        };
+        walked.push(name);
+        let final_one = i == last;
+        let flags = if final_one {
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+        } else {
+            path_flags | OFlag::O_NOFOLLOW
+        };
+        let cname = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| setup_err(&walked, "a NUL byte in the path"))?;
+        let existing = match hsm_kernel::stat::statx_at(fd.as_fd(), &cname) {
+            Ok(st) => Some(st),
+            Err(e) if e.errno() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(setup_err(&walked, e)),
+        };
+        let next = match existing {
+            None => {
+                match nix::sys::stat::mkdirat(fd.as_fd(), name, Mode::from_bits_truncate(0o777)) {
+                    Ok(()) => {}
+                    Err(Errno::EEXIST) => {
+                        return Err(setup_err(
+                            &walked,
+                            "appeared while populate was creating it; refused (run again)",
+                        ));
+                    }
+                    Err(e) => return Err(setup_err(&walked, format!("cannot create: {e}"))),
+                }
+                let next = openat(fd.as_fd(), name, flags, Mode::empty()).map_err(|e| {
+                    setup_err(
+                        &walked,
+                        format!(
+                            "replaced (by a symbolic link?) right after populate created it; \
+                             refused ({e})"
+                        ),
+                    )
+                })?;
+                let st =
+                    hsm_kernel::stat::fstatx(next.as_fd()).map_err(|e| setup_err(&walked, e))?;
+                if st.uid != me {
+                    return Err(setup_err(
+                        &walked,
+                        "replaced by another user's directory right after populate created it; refused",
+                    ));
+                }
+                next
+            }
+            Some(st) if st.is_symlink() => {
+                let target = nix::fcntl::readlinkat(fd.as_fd(), name)
+                    .map(|t| escape::escape_path(Path::new(&t)))
+                    .unwrap_or_else(|_| "?".into());
+                if final_one {
+                    return Err(setup_err(
+                        &walked,
+                        format!(
+                            "DST is a symbolic link (to {target}); refused: populate never \
+                             works through a link someone could repoint. Give the directory \
+                             itself"
+                        ),
+                    ));
+                }
+                let parent =
+                    hsm_kernel::stat::fstatx(fd.as_fd()).map_err(|e| setup_err(&walked, e))?;
+                let parent_safe = trusted(&parent) && parent.mode & 0o022 == 0;
+                if !(trusted(&st) && parent_safe) {
+                    return Err(setup_err(
+                        &walked,
+                        format!(
+                            "a component of DST is a symbolic link (to {target}) that another \
+                             user could change; refused. Give the real path"
+                        ),
+                    ));
+                }
+                let next = openat(fd.as_fd(), name, path_flags, Mode::empty())
+                    .map_err(|e| setup_err(&walked, e))?;
+                followed.push(format!("{} -> {target}", escape::escape_path(&walked)));
+                next
+            }
+            Some(st) if st.is_dir() => openat(fd.as_fd(), name, flags, Mode::empty())
+                .map_err(|e| setup_err(&walked, format!("{e} (replaced while being opened?)")))?,
+            Some(st) => {
+                return Err(setup_err(
+                    &walked,
+                    format!(
+                        "not a directory but a {}",
+                        hsm_kernel::beneath::kind_of(st.mode)
+                    ),
+                ));
+            }
+        };
+        fd = next;
+    }
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| setup_err(dst, format!("cannot tell where it is: {e}")))?;
+    if !followed.is_empty() {
+        tracing::info!(
+            "DST {} is reached through symbolic links ({}); resolved once, populating {}",
+            escape::escape_path(dst),
+            followed.join(", "),
+            escape::escape_path(&real)
+        );
+    }
+    Ok((fd, real))
 }
 
 fn check_filesystem(root: BorrowedFd<'_>, path: &Path) -> Result<(), PopulateError> {

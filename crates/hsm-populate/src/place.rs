@@ -1,11 +1,13 @@
 //! Placing one file in DST: making room for it (removing only what populate manages unless
 //! `force`), then creating or replacing its stub, or leaving an unchanged one alone.
 
-use std::ffi::OsStr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use crate::dst::{self, ExistingFile, StubSpec};
+use hsm_kernel::stat::FileStat;
+
+use crate::dst::{self, ExistingFile, FileId, StubSpec};
 use crate::source::{FileInfo, SourceEntry};
 use crate::{Ctx, inc};
 
@@ -16,8 +18,13 @@ pub(crate) enum Slot {
     Blocked,
 }
 
-/// Put the stub for `e` at `rel`. Returns whether a stub (or a file already matching SRC)
-/// stands there afterwards.
+/// Put the stub for `e` at `rel`. Returns the inode standing there afterwards when it is a
+/// stub of SRC's file or a file already matching it (`None`: nothing of SRC's is there).
+///
+/// An existing file is opened once: whether it is a stub, whether it matches, and the
+/// owner, mode and times set on it all go through that descriptor. A file a user swaps in
+/// for the stub's name meanwhile is at worst classified (as a local file, kept); it is never
+/// the one chowned or chmodded.
 pub(crate) fn place_file(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
@@ -25,12 +32,12 @@ pub(crate) fn place_file(
     e: &SourceEntry,
     info: &FileInfo,
     present: bool,
-) -> bool {
+) -> Option<FileId> {
     let key = match &info.key {
         Ok(k) => k.clone(),
         Err(why) => {
             ctx.error(rel, why);
-            return false;
+            return None;
         }
     };
     let spec = StubSpec {
@@ -52,70 +59,82 @@ pub(crate) fn place_file(
         integrity: info.integrity.clone(),
     };
     let replace = match prepare_slot(ctx, dir, rel, &e.name, libc::S_IFREG, present) {
-        Slot::Blocked => return false,
+        Slot::Blocked => return None,
         Slot::Free => false,
-        Slot::Existing(st) => match dst::classify_file(dir, &e.name) {
-            Err(err) => {
-                ctx.error(rel, err);
-                return false;
-            }
-            Ok(ExistingFile::Stub { meta, .. })
-                if meta.remote_url == spec.url
-                    && meta.etag == spec.etag
-                    && meta.version == spec.version
-                    && meta.remote_size == spec.size
-                    && (meta.key == spec.key
-                        || (info.link_id.is_some()
-                            && ctx.source.current_etag(&meta.key) == spec.etag)) =>
-            {
-                if !dst::attrs_match(&st, &spec.attrs) {
-                    if let Err(err) = dst::apply_attrs_at(dir, &e.name, &spec.attrs, false) {
-                        ctx.error(rel, err);
-                        return false;
-                    }
+        Slot::Existing(_) => {
+            let classified = dst::open_file(dir, &e.name).and_then(|(fd, st)| {
+                dst::classify_fd(fd.as_fd(), &e.name).map(|kind| (fd, st, kind))
+            });
+            let (fd, st, kind) = match classified {
+                Ok(c) => c,
+                Err(err) => {
+                    ctx.error(rel, err);
+                    return None;
                 }
-                inc(&ctx.stats.stubs_unchanged);
-                return true;
-            }
-            Ok(
+            };
+            match kind {
+                ExistingFile::Stub { meta, .. }
+                    if meta.remote_url == spec.url
+                        && meta.etag == spec.etag
+                        && meta.version == spec.version
+                        && meta.remote_size == spec.size
+                        && (meta.key == spec.key
+                            || (info.link_id.is_some()
+                                && ctx.source.current_etag(&meta.key) == spec.etag)) =>
+                {
+                    if !dst::attrs_match(&st, &spec.attrs) {
+                        if let Err(err) = dst::apply_attrs_fd(fd.as_fd(), &spec.attrs) {
+                            ctx.error(rel, dst::op_error("set attributes of", &e.name, err));
+                            return None;
+                        }
+                    }
+                    inc(&ctx.stats.stubs_unchanged);
+                    return Some(FileId::of(&st));
+                }
                 ExistingFile::Stub {
                     modified: false, ..
                 }
-                | ExistingFile::BrokenStub(_),
-            ) => true,
-            Ok(ExistingFile::Stub { modified: true, .. }) if !ctx.opts.force => {
-                inc(&ctx.stats.kept_local);
-                ctx.warn(
-                    rel,
-                    "stub was written locally and SRC changed; kept (use --force to replace)",
-                );
-                return false;
-            }
-            Ok(ExistingFile::Stub { modified: true, .. }) => true,
-            Ok(ExistingFile::Plain) => {
-                if st.size == spec.size && dst::same_mtime(st.mtime, spec.attrs.mtime) {
-                    inc(&ctx.stats.files_unchanged);
-                    return true;
-                }
-                if !ctx.opts.force {
+                | ExistingFile::BrokenStub(_) => true,
+                ExistingFile::Stub { modified: true, .. } if !ctx.opts.force => {
                     inc(&ctx.stats.kept_local);
-                    ctx.warn(rel, "local file differs from SRC and is not a stub; kept (use --force to replace)");
-                    return false;
+                    ctx.warn(
+                        rel,
+                        "stub was written locally and SRC changed; kept (use --force to replace)",
+                    );
+                    return None;
                 }
-                true
+                ExistingFile::Stub { modified: true, .. } => true,
+                ExistingFile::Plain => {
+                    if st.size == spec.size && dst::same_mtime(st.mtime, spec.attrs.mtime) {
+                        inc(&ctx.stats.files_unchanged);
+                        return Some(FileId::of(&st));
+                    }
+                    if !ctx.opts.force {
+                        inc(&ctx.stats.kept_local);
+                        ctx.warn(rel, "local file differs from SRC and is not a stub; kept (use --force to replace)");
+                        return None;
+                    }
+                    true
+                }
             }
-        },
+        }
     };
     match dst::create_stub(dir, &e.name, &spec, replace) {
-        Ok(()) if spec.size == 0 => inc(&ctx.stats.empty_files),
-        Ok(()) if replace => inc(&ctx.stats.stubs_replaced),
-        Ok(()) => inc(&ctx.stats.stubs_created),
+        Ok(id) => {
+            if spec.size == 0 {
+                inc(&ctx.stats.empty_files)
+            } else if replace {
+                inc(&ctx.stats.stubs_replaced)
+            } else {
+                inc(&ctx.stats.stubs_created)
+            }
+            Some(id)
+        }
         Err(err) => {
             ctx.error(rel, err);
-            return false;
+            None
         }
     }
-    true
 }
 
 /// Make room for an entry of type `want` at `name`, removing what populate manages and
@@ -156,6 +175,12 @@ pub(crate) fn prepare_slot(
 
 /// Remove `name` if populate manages it (stubs, symlinks, directories of such), or always
 /// with `force`. Returns whether it is gone.
+///
+/// A directory is removed depth first without recursion (a tree a user made may be
+/// arbitrarily deep) and holding two descriptors at most: each directory is entered from
+/// its parent's descriptor without following a symlink, and left through its `..`, which
+/// must be the directory it was entered from (else a user moved it, and the removal stops
+/// there with an error). Nothing on another filesystem is entered.
 pub(crate) fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name: &OsStr) -> bool {
     let st = match dst::lookup(dir, name) {
         Ok(Some(st)) => st,
@@ -165,59 +190,177 @@ pub(crate) fn remove_entry(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &Path, name:
             return false;
         }
     };
-    let removable = if st.is_dir() {
-        if st.dev != ctx.root_dev {
-            inc(&ctx.stats.kept_local);
-            ctx.warn(
-                rel,
-                "another filesystem is mounted here; not descending into it",
-            );
+    if st.is_dir() {
+        remove_tree(ctx, dir, rel, name, &st)
+    } else {
+        remove_leaf(ctx, dir, rel, name, &st)
+    }
+}
+
+/// A directory being removed: its name in its parent, its inode, the names in it still
+/// to visit, and whether everything visited so far is gone.
+struct Frame {
+    name: OsString,
+    id: FileId,
+    pending: Vec<OsString>,
+    all: bool,
+}
+
+/// Open the directory `name` (`st` from the lookup of it) in `dir` and list it, unless it
+/// is on another filesystem or is no longer the directory looked up.
+fn enter(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    name: &OsStr,
+    st: &FileStat,
+) -> Option<(OwnedFd, Frame)> {
+    if st.dev != ctx.root_dev {
+        inc(&ctx.stats.kept_local);
+        ctx.warn(
+            rel,
+            "another filesystem is mounted here; not descending into it",
+        );
+        return None;
+    }
+    let id = FileId::of(st);
+    let opened = dst::open_child_dir(dir, name)
+        .map_err(|e| dst::op_error("open", name, e))
+        .and_then(|fd| dst::check_same(fd.as_fd(), name, id, "directory").map(|_| fd))
+        .and_then(|fd| dst::read_names(fd.as_fd()).map(|names| (fd, names)));
+    match opened {
+        Ok((fd, pending)) => Some((
+            fd,
+            Frame {
+                name: name.to_os_string(),
+                id,
+                pending,
+                all: true,
+            },
+        )),
+        Err(err) => {
+            ctx.error(rel, err);
+            None
+        }
+    }
+}
+
+fn remove_tree(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    name: &OsStr,
+    st: &FileStat,
+) -> bool {
+    let top = match hsm_kernel::stat::fstatx(dir) {
+        Ok(st) => FileId::of(&st),
+        Err(e) => {
+            ctx.error(rel, dst::op_error("stat parent of", name, e));
             return false;
         }
-        let child = match dst::open_child_dir(dir, name) {
-            Ok(c) => c,
-            Err(e) => {
-                ctx.error(rel, dst::op_error("open", rel.as_os_str(), e));
-                return false;
-            }
+    };
+    let Some((mut cur, frame)) = enter(ctx, dir, rel, name, st) else {
+        return false;
+    };
+    let mut stack = vec![frame];
+    // The path of the directory `cur` is (for messages).
+    let mut path = rel.to_path_buf();
+    loop {
+        let Some(frame) = stack.last_mut() else {
+            return false;
         };
-        let names = match dst::read_names(child.as_fd()) {
-            Ok(n) => n,
-            Err(err) => {
-                ctx.error(rel, err);
-                return false;
-            }
-        };
-        let mut all = true;
-        for n in names {
-            all &= remove_entry(ctx, child.as_fd(), &rel.join(&n), &n);
+        if let Some(n) = frame.pending.pop() {
+            path.push(&n);
+            let gone = match dst::lookup(cur.as_fd(), &n) {
+                Ok(None) => true,
+                Err(err) => {
+                    ctx.error(&path, err);
+                    false
+                }
+                Ok(Some(cst)) if cst.is_dir() => match enter(ctx, cur.as_fd(), &path, &n, &cst) {
+                    Some((child, child_frame)) => {
+                        stack.push(child_frame);
+                        cur = child;
+                        continue; // `path` now names `cur`
+                    }
+                    None => false,
+                },
+                Ok(Some(cst)) => remove_leaf(ctx, cur.as_fd(), &path, &n, &cst),
+            };
+            frame.all &= gone;
+            path.pop();
+            continue;
         }
-        return all
-            && match dst::rmdir(dir, name) {
+        // Everything in `cur` visited: leave it through its `..` and remove it.
+        let Some(done) = stack.pop() else {
+            return false;
+        };
+        let parent_id = stack.last().map_or(top, |f| f.id);
+        let parent = match dst::open_child_dir(cur.as_fd(), OsStr::new("..")) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.error(&path, dst::op_error("open", OsStr::new(".."), e));
+                return false;
+            }
+        };
+        if let Err(err) = dst::check_same(parent.as_fd(), path.as_os_str(), parent_id, "directory")
+        {
+            // Moved elsewhere by someone while it was being emptied: stop here.
+            ctx.error(&path, format!("moved while being removed; stopped ({err})"));
+            return false;
+        }
+        let removed = done.all
+            && match dst::rmdir(parent.as_fd(), &done.name) {
                 Ok(true) => {
                     inc(&ctx.stats.removed);
                     true
                 }
                 Ok(false) => false,
                 Err(err) => {
-                    ctx.error(rel, err);
+                    ctx.error(&path, err);
                     false
                 }
             };
-    } else if st.is_symlink() {
+        path.pop();
+        match stack.last_mut() {
+            Some(f) => {
+                f.all &= removed;
+                cur = parent;
+            }
+            None => return removed,
+        }
+    }
+}
+
+/// Remove the non-directory `name` (`st` from its lookup) if populate manages it: a
+/// symlink, a stub not written locally; anything else only with `force`. The file is
+/// classified through one descriptor; the unlink itself can only go by name (a user who
+/// swaps their own file in at that moment has it removed from a directory they can write,
+/// which they could do themselves).
+fn remove_leaf(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    name: &OsStr,
+    st: &FileStat,
+) -> bool {
+    let removable = if st.is_symlink() {
         true
     } else if st.is_file() {
         match dst::classify_file(dir, name) {
-            Ok(
+            Ok((
                 ExistingFile::Stub {
                     modified: false, ..
                 }
                 | ExistingFile::BrokenStub(_),
-            ) => true,
-            Ok(ExistingFile::Stub { modified: true, .. } | ExistingFile::Plain) => ctx.opts.force,
+                _,
+            )) => true,
+            Ok((ExistingFile::Stub { modified: true, .. } | ExistingFile::Plain, _)) => {
+                ctx.opts.force
+            }
             Err(err) => {
                 ctx.error(rel, err);
-                false
+                return false;
             }
         }
     } else {

@@ -266,8 +266,34 @@ impl RemoteSource {
         let mut order: Vec<&hsm_manifest::Entry> =
             m.entries.iter().filter(|e| !e.path.is_empty()).collect();
         order.sort_by_key(|e| !matches!(e.kind, hsm_manifest::Kind::Dir));
+        // What is not a directory cannot hold entries: one whose parent (or any ancestor)
+        // is a file or a symlink in the manifest is refused by name, never dropped unseen.
+        let leaves: HashMap<&str, &'static str> = m
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                hsm_manifest::Kind::Dir => None,
+                hsm_manifest::Kind::Symlink { .. } => Some((e.path.as_str(), "a symbolic link")),
+                hsm_manifest::Kind::File(_) | hsm_manifest::Kind::HardLink { .. } => {
+                    Some((e.path.as_str(), "a file"))
+                }
+            })
+            .collect();
         for e in order {
             let rel = PathBuf::from(&e.path);
+            let blocked = rel.ancestors().skip(1).find_map(|a| {
+                let a = a.to_str()?;
+                leaves.get(a).map(|kind| (a, *kind))
+            });
+            if let Some((parent, kind)) = blocked {
+                src.refused.push((
+                    e.path.clone(),
+                    format!(
+                        "its parent {parent:?} is {kind} in the manifest, not a directory; not created"
+                    ),
+                ));
+                continue;
+            }
             let name = rel.file_name().map(OsString::from).unwrap_or_default();
             let attrs = to_attrs(&e.attrs);
             // The ETag the store reports now (or the recorded one); None if the object is gone.
@@ -479,5 +505,90 @@ impl Source for RemoteSource {
 
     fn refused(&self) -> Vec<(String, String)> {
         self.refused.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: hsm_manifest::Kind) -> hsm_manifest::Entry {
+        hsm_manifest::Entry {
+            path: path.to_string(),
+            kind,
+            attrs: hsm_manifest::Attrs {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime: (1, 0),
+                atime: (1, 0),
+            },
+        }
+    }
+
+    fn file(key: &str) -> hsm_manifest::Kind {
+        hsm_manifest::Kind::File(hsm_manifest::FileObject {
+            size: 1,
+            key: key.to_string(),
+            etag: Some("e".into()),
+            version: None,
+            digests: vec![hsm_manifest::digest(b"x")],
+        })
+    }
+
+    /// Entries below a symlink or a file of the manifest are refused by name, in whatever
+    /// order the manifest lists them; the symlink and the file themselves stay what they
+    /// are (neither becomes an implied directory).
+    #[test]
+    fn entries_below_a_symlink_or_a_file_are_refused_by_name() {
+        let symlink = || hsm_manifest::Kind::Symlink { target: "d".into() };
+        for reversed in [false, true] {
+            let mut entries = vec![
+                entry("", hsm_manifest::Kind::Dir),
+                entry("d", hsm_manifest::Kind::Dir),
+                entry("ln/f", file("d/f")),
+                entry("ln", symlink()),
+                entry("plain.txt/sub/g", file("g")),
+                entry("plain.txt", file("plain.txt")),
+                entry("ok", file("ok")),
+            ];
+            if reversed {
+                entries[1..].reverse();
+            }
+            let m = Manifest {
+                chunk_size: 1 << 20,
+                entries,
+            };
+            let src = RemoteSource::from_manifest("file:///store".into(), &m, None);
+            let mut refused: Vec<&str> = src.refused.iter().map(|(p, _)| p.as_str()).collect();
+            refused.sort();
+            assert_eq!(refused, ["ln/f", "plain.txt/sub/g"], "{:?}", src.refused);
+            assert!(
+                src.refused
+                    .iter()
+                    .any(|(_, why)| why.contains("\"ln\" is a symbolic link")),
+                "{:?}",
+                src.refused
+            );
+            let root = src.list(Path::new("")).expect("list");
+            let kinds: Vec<(String, bool)> = root
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.to_string_lossy().into_owned(),
+                        matches!(e.kind, Kind::Dir),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    ("d".into(), true),
+                    ("ln".into(), false),
+                    ("ok".into(), false),
+                    ("plain.txt".into(), false)
+                ]
+            );
+        }
     }
 }

@@ -9,13 +9,23 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
-use crate::dst;
+use crate::dst::{self, FileId};
 use crate::place::{Slot, place_file, prepare_slot, remove_entry};
 use crate::source::{FileInfo, Kind, SourceEntry};
 use crate::{Ctx, DeferredLink, human_bytes, inc, lock};
 
-pub(crate) fn sync_dir<'s>(ctx: &'s Ctx<'s>, scope: &rayon::Scope<'s>, rel: PathBuf) {
-    let dir = match dst::open_beneath(ctx.root.as_fd(), &rel) {
+/// Sync directory `rel`, which must still be the directory `expect` that populate created
+/// or found there: one swapped in for it since (by a user who can write its parent) is
+/// neither written into nor, later, given SRC's owner and mode.
+pub(crate) fn sync_dir<'s>(
+    ctx: &'s Ctx<'s>,
+    scope: &rayon::Scope<'s>,
+    rel: PathBuf,
+    expect: FileId,
+) {
+    let dir = match dst::open_beneath(ctx.root.as_fd(), &rel)
+        .and_then(|d| dst::check_same(d.as_fd(), rel.as_os_str(), expect, "directory").map(|_| d))
+    {
         Ok(d) => d,
         Err(e) => return ctx.error(&rel, e),
     };
@@ -38,7 +48,7 @@ pub(crate) fn sync_dir<'s>(ctx: &'s Ctx<'s>, scope: &rayon::Scope<'s>, rel: Path
         if e.kind == Kind::Dir {
             let child = rel.join(&e.name);
             ctx.tick();
-            match prepare_slot(
+            let id = match prepare_slot(
                 ctx,
                 dir.as_fd(),
                 &child,
@@ -46,19 +56,35 @@ pub(crate) fn sync_dir<'s>(ctx: &'s Ctx<'s>, scope: &rayon::Scope<'s>, rel: Path
                 libc::S_IFDIR,
                 existing.contains(&e.name),
             ) {
-                Slot::Blocked => continue,
-                Slot::Existing(_) => {}
+                Slot::Blocked => {
+                    ctx.warn(
+                        &child,
+                        "the directory could not be made here; nothing of SRC below it was created",
+                    );
+                    continue;
+                }
+                Slot::Existing(st) => FileId::of(&st),
                 Slot::Free => match dst::ensure_dir(dir.as_fd(), &e.name) {
-                    Ok(true) => inc(&ctx.stats.dirs_created),
-                    Ok(false) => {}
+                    Ok(created) => match dst::new_dir_id(dir.as_fd(), &e.name, created) {
+                        Ok(id) => {
+                            if created {
+                                inc(&ctx.stats.dirs_created);
+                            }
+                            id
+                        }
+                        Err(err) => {
+                            ctx.error(&child, err);
+                            continue;
+                        }
+                    },
                     Err(err) => {
                         ctx.error(&child, err);
                         continue;
                     }
                 },
-            }
-            lock(&ctx.dirs).push((child.clone(), e.attrs));
-            scope.spawn(move |s| sync_dir(ctx, s, child));
+            };
+            lock(&ctx.dirs).push((child.clone(), e.attrs, id));
+            scope.spawn(move |s| sync_dir(ctx, s, child, id));
         } else {
             leaves.push(e);
         }
@@ -127,11 +153,17 @@ fn sync_file(
             });
             return;
         }
-        primaries.insert(id, rel.to_path_buf());
+        primaries.insert(id, None);
     }
-    if !place_file(ctx, dir, rel, e, info, present) {
+    match place_file(ctx, dir, rel, e, info, present) {
+        // The other names become links to this inode, and only while it stands here.
+        Some(placed) => {
+            lock(&ctx.link_primary).insert(id, Some((rel.to_path_buf(), placed)));
+        }
         // Nothing of SRC's stands here (kept local, refused, failed): other names of this
         // file must not be linked to it; one of them becomes the stub instead.
-        lock(&ctx.link_primary).remove(&id);
+        None => {
+            lock(&ctx.link_primary).remove(&id);
+        }
     }
 }

@@ -399,3 +399,72 @@ fn hard_links_are_never_made_to_a_kept_local_file() {
         "a/hard is a stub of the SRC file"
     );
 }
+
+/// A directory tree in DST that is not in SRC is removed however deep it is (a user could
+/// make one 10,000 levels deep): no recursion, so no stack overflow, and no descriptor per
+/// level.
+#[test]
+fn arbitrarily_deep_directories_in_dst_are_removed() {
+    let t = tree();
+    run(&t.src, &t.dst, &opts());
+    let mut dir = fs::File::open(&t.dst).expect("open dst");
+    for _ in 0..10_000 {
+        nix::sys::stat::mkdirat(dir.as_fd(), "d", nix::sys::stat::Mode::S_IRWXU).expect("mkdir");
+        let next = nix::fcntl::openat(
+            dir.as_fd(),
+            "d",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .expect("open");
+        dir = fs::File::from(next);
+    }
+    // A stub at the bottom is removed too; a local file would be kept (and so its parents).
+    drop(dir);
+    let s = run(&t.src, &t.dst, &opts());
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!t.dst.join("d").exists(), "{s}");
+    assert_eq!(s.removed, 10_000, "{s}");
+}
+
+/// DST given as a symlink (to a directory populate must not touch) is refused, naming it;
+/// the directory it points to keeps its mode and its entries.
+#[test]
+fn a_dst_that_is_a_symlink_is_refused() {
+    let t = tree();
+    let target = t.src.parent().expect("parent").join("rootonly");
+    fs::create_dir(&target).expect("mkdir");
+    fs::create_dir(target.join("emptydir")).expect("mkdir");
+    symlink("x", target.join("link")).expect("symlink");
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).expect("chmod");
+    fs::set_permissions(&t.src, fs::Permissions::from_mode(0o777)).expect("chmod");
+    symlink(&target, &t.dst).expect("symlink");
+    let s = LocalSource::open(t.src.to_str().expect("utf8")).expect("source");
+    let e = populate(&s, &t.dst, &opts()).expect_err("a symlinked DST");
+    assert!(e.to_string().contains("DST is a symbolic link"), "{e}");
+    assert!(e.to_string().contains("dst"), "{e}");
+    // The same below a link a user may have planted: refused as well (nobody's link in a
+    // directory of theirs is what fstest 081 shows; root's own links are followed).
+    let mut names: Vec<_> = fs::read_dir(&target)
+        .expect("read")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["emptydir", "link"]);
+    assert_eq!(
+        fs::metadata(&target).expect("stat").permissions().mode() & 0o7777,
+        0o700
+    );
+    // A missing DST is created, and a DST reached through root's own link is used.
+    let real = t.src.parent().expect("parent").join("real");
+    fs::create_dir(&real).expect("mkdir");
+    symlink(&real, t.src.parent().expect("parent").join("via")).expect("symlink");
+    let via = t.src.parent().expect("parent").join("via/new/dst");
+    let summary = populate(&s, &via, &opts()).expect("populate through root's link");
+    assert!(summary.errors.is_empty(), "{:?}", summary.errors);
+    assert!(real.join("new/dst/top.txt").exists());
+    assert_eq!(
+        summary.destination,
+        real.join("new/dst").display().to_string()
+    );
+}

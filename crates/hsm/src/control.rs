@@ -303,8 +303,15 @@ pub fn hydrate_pinned(state_dir: &Path, dst: &Path) {
             }
             Some("failed") => eprintln!(
                 "hsm: populate: hydrating pinned {}: {}",
-                v.get("file").and_then(|f| f.as_str()).unwrap_or("?"),
-                v.get("error").and_then(|r| r.as_str()).unwrap_or("failed")
+                hsm_populate::escape::escape_bytes(
+                    v.get("file")
+                        .and_then(|f| f.as_str())
+                        .unwrap_or("?")
+                        .as_bytes()
+                ),
+                hsm_populate::escape::escape_text(
+                    v.get("error").and_then(|r| r.as_str()).unwrap_or("failed")
+                )
             ),
             _ => {}
         }
