@@ -336,6 +336,8 @@ impl CacheOps {
         let outcome = match kind {
             Kind::Local => return not_remote(),
             Kind::Building => return building(),
+            // What is on disk says so already: no need to touch the agent's state.
+            Kind::ModifiedStub => return modified(),
             Kind::Stub => {
                 match self.core.release_for_evict(&st).await {
                     Ok(true) => {}
@@ -584,6 +586,8 @@ struct Found {
 enum Kind {
     /// A stub (some bytes may be resident).
     Stub,
+    /// A stub whose durable map says it was written or truncated locally.
+    ModifiedStub,
     /// Populate is still building it.
     Building,
     /// Fully fetched, with its origin record.
@@ -598,7 +602,14 @@ fn classify(fd: BorrowedFd<'_>) -> Result<Kind, String> {
         let m = Marker::decode(&buf).map_err(|e| e.to_string())?;
         return Ok(match m.state {
             hsm_stub::MarkerState::Building => Kind::Building,
-            _ => Kind::Stub,
+            _ => match hsm_core::stubio::load(fd) {
+                Ok(hsm_core::stubio::Loaded::Stub { meta, map })
+                    if map.locally_modified() || map.floor() < meta.remote_size =>
+                {
+                    Kind::ModifiedStub
+                }
+                _ => Kind::Stub,
+            },
         });
     }
     if xattr::fget(fd, ORIGIN_XATTR, &mut buf).map_err(|e| e.to_string())? {

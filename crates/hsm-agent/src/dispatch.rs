@@ -150,7 +150,9 @@ const MIN_EVENT_LEN: usize = hsm_kernel::fanotify::METADATA_LEN;
 /// Descriptors in use that the budget counts: events in flight, cached stubs, and the
 /// room claimed by reads in progress.
 fn fds_used(ctx: &Ctx) -> usize {
-    ctx.shared.pending.len() + ctx.shared.core.cached_stubs() + ctx.reading.load(Ordering::SeqCst)
+    ctx.shared.pending.len()
+        + ctx.shared.core.stub_descriptors()
+        + ctx.reading.load(Ordering::SeqCst)
 }
 
 /// Near the descriptor limit?
@@ -167,7 +169,7 @@ fn claim_room(ctx: &Ctx, buf_len: usize) -> usize {
     let _ = ctx
         .reading
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |reading| {
-            let used = ctx.shared.pending.len() + ctx.shared.core.cached_stubs() + reading;
+            let used = ctx.shared.pending.len() + ctx.shared.core.stub_descriptors() + reading;
             claimed = ctx.fd_budget.saturating_sub(used).min(most);
             (claimed > 0).then_some(reading + claimed)
         });

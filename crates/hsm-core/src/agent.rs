@@ -465,6 +465,12 @@ impl AgentCore {
     pub fn cached_stubs(&self) -> usize {
         lock(&self.stubs).len()
     }
+
+    /// Descriptors held by stub states, the cached ones and those dropped from the cache
+    /// that a task still holds (what the adapter's descriptor budget must count).
+    pub fn stub_descriptors(&self) -> usize {
+        crate::stub::LIVE.load(Ordering::Relaxed)
+    }
 }
 
 enum Lookup {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -164,6 +164,16 @@ pub(crate) struct Stub {
     pub(crate) digests: tokio::sync::OnceCell<Arc<Vec<hsm_manifest::Digest>>>,
 }
 
+/// Stub states alive in this process, cached or not: each holds a descriptor until its
+/// last holder lets go (a persister batch or a serving task can outlive the cache entry).
+pub(crate) static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Stub {
     pub(crate) fn path(&self) -> &str {
         self.path
@@ -189,6 +199,7 @@ impl Stub {
         // fetching bytes is never a modification. A write since is seen by the fill (the
         // mtime moved) or by its event, and ends it.
         let restore_mtime = Some(mtime);
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Stub {
             key,
             fd,
@@ -274,9 +285,16 @@ impl AgentCore {
             return Ok(true);
         };
         stub.persist(self, false).await?;
+        // Held by an access being served (say, a fill waiting for room in the cache), it
+        // would go on with a state nobody persists. Other holders (the persister finishing
+        // a batch) let go within moments: wait for them a little.
+        for _ in 0..25 {
+            if Arc::strong_count(&stub) <= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut stubs = lock(&self.stubs);
-        // Held by an access being served (say, a fill waiting for room in the cache): it
-        // would go on with a state nobody persists.
         if Arc::strong_count(&stub) > 2 {
             return Ok(false);
         }
