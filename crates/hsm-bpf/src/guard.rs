@@ -23,7 +23,10 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramType};
 
 use hsm_kernel::sys::{process_alive, process_start};
 
+use crate::ctl::{Ctl, HOLDER_AGENT, HOLDER_KEEPER, Holder, MAX_HOLDERS, decode_ctl, encode_ctl};
+pub use crate::ctl::HolderKind;
 use crate::pins::{self, Found};
+use crate::verify::{verified_map, verify_link};
 use crate::skel::guard::{GuardSkelBuilder, types};
 use crate::{BpfError, LsmProbe, PIN_DIR, ensure_bpffs, libbpf_log, skel};
 
@@ -78,76 +81,6 @@ const STATS: [&str; 8] = [
     "marker_unreadable",
     "last_marker_errno",
 ];
-
-/// BPF object names are cut to 15 bytes by the kernel (`BPF_OBJ_NAME_LEN`).
-fn kernel_name(name: &str) -> &str {
-    &name[..name.len().min(15)]
-}
-
-/// `/proc/self/fdinfo/FD` of one of our descriptors, as "key" -> "value".
-fn fdinfo(fd: BorrowedFd<'_>) -> HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-/// Check that the pin `name` in the (trusted) `links` directory is a BPF link attaching the
-/// guard's LSM program of that name. `progs` maps program ids to (name, type).
-fn verify_link(
-    dir: BorrowedFd<'_>,
-    name: &str,
-    progs: &HashMap<u32, (String, ProgramType)>,
-) -> Result<(), String> {
-    pins::pin_entry_ok(dir, name).map_err(|why| format!("links/{why}"))?;
-    let link = Link::open(pins::via_fd(dir, name))
-        .map_err(|e| format!("links/{name} cannot be opened as a BPF object: {e}"))?;
-    // The kernel says what the descriptor is; libbpf would take any object for a link.
-    let info = fdinfo(link.as_fd());
-    let link_type = info.get("link_type").map(String::as_str);
-    if link_type != Some("tracing") {
-        return Err(format!(
-            "links/{name} is not a BPF LSM link ({})",
-            match link_type {
-                Some(t) => format!("a link of type {t}"),
-                None => "not a link at all".into(),
-            }
-        ));
-    }
-    let prog_id: u32 = info
-        .get("prog_id")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("links/{name} names no program"))?;
-    match progs.get(&prog_id) {
-        Some((prog, ProgramType::Lsm)) if prog == kernel_name(name) => Ok(()),
-        Some((prog, ty)) => Err(format!(
-            "links/{name} attaches program {prog:?} of type {ty:?}, not the guard's LSM program {name}"
-        )),
-        None => Err(format!(
-            "links/{name} attaches program {prog_id}, which cannot be read"
-        )),
-    }
-}
-
-/// Open the pin `name` in the (trusted) `maps` directory, checked to be a BPF map of that
-/// name.
-fn verified_map(dir: BorrowedFd<'_>, name: &str) -> Result<MapHandle, String> {
-    pins::pin_entry_ok(dir, name).map_err(|why| format!("maps/{why}"))?;
-    let map = MapHandle::from_pinned_path(pins::via_fd(dir, name))
-        .map_err(|e| format!("maps/{name} cannot be opened as a BPF map: {e}"))?;
-    if !fdinfo(map.as_fd()).contains_key("map_type") {
-        return Err(format!("maps/{name} is not a BPF map"));
-    }
-    let got = map.name().to_string_lossy().into_owned();
-    if got != kernel_name(name) {
-        return Err(format!(
-            "maps/{name} is the map {got:?}, not the guard's {name}"
-        ));
-    }
-    Ok(map)
-}
 
 /// One of the guard's maps, opened through a checked pin directory.
 fn open_map(name: &str) -> Result<MapHandle, BpfError> {
@@ -511,99 +444,6 @@ pub fn status() -> GuardStatus {
     st
 }
 
-const HOLDER_AGENT: u32 = 1;
-const HOLDER_KEEPER: u32 = 2;
-
-/// What kind of process registers as a holder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HolderKind {
-    Agent,
-    Keeper,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Holder {
-    tgid: u32,
-    flags: u32,
-    start_ticks: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Ctl {
-    holders: Vec<Holder>,
-    generation: u64,
-}
-
-/// Holder slots in `hsm_ctl`, as the program's BTF lays them out (`HSM_MAX_HOLDERS`).
-const MAX_HOLDERS: usize = (offset_of!(types::hsm_ctl, generation)
-    - offset_of!(types::hsm_ctl, holders))
-    / size_of::<types::hsm_holder>();
-
-fn put_u32(buf: &mut [u8], at: usize, v: u32) {
-    buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-}
-fn put_u64(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-}
-fn get_u32(buf: &[u8], at: usize) -> u32 {
-    buf.get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .unwrap_or(0)
-}
-fn get_u64(buf: &[u8], at: usize) -> u64 {
-    buf.get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_ne_bytes)
-        .unwrap_or(0)
-}
-
-fn holder_at(i: usize) -> usize {
-    offset_of!(types::hsm_ctl, holders) + i * size_of::<types::hsm_holder>()
-}
-
-/// Encode with the offsets of the Rust types generated from the program's BTF.
-fn encode_ctl(ctl: &Ctl) -> Vec<u8> {
-    let mut buf = vec![0u8; size_of::<types::hsm_ctl>()];
-    for (i, h) in ctl.holders.iter().take(MAX_HOLDERS).enumerate() {
-        let base = holder_at(i);
-        put_u32(&mut buf, base + offset_of!(types::hsm_holder, tgid), h.tgid);
-        put_u32(
-            &mut buf,
-            base + offset_of!(types::hsm_holder, flags),
-            h.flags,
-        );
-        put_u64(
-            &mut buf,
-            base + offset_of!(types::hsm_holder, start_ticks),
-            h.start_ticks,
-        );
-    }
-    put_u64(
-        &mut buf,
-        offset_of!(types::hsm_ctl, generation),
-        ctl.generation,
-    );
-    buf
-}
-
-fn decode_ctl(buf: &[u8]) -> Ctl {
-    let holders = (0..MAX_HOLDERS)
-        .map(|i| {
-            let base = holder_at(i);
-            Holder {
-                tgid: get_u32(buf, base + offset_of!(types::hsm_holder, tgid)),
-                flags: get_u32(buf, base + offset_of!(types::hsm_holder, flags)),
-                start_ticks: get_u64(buf, base + offset_of!(types::hsm_holder, start_ticks)),
-            }
-        })
-        .collect();
-    Ctl {
-        holders,
-        generation: get_u64(buf, offset_of!(types::hsm_ctl, generation)),
-    }
-}
-
 fn ctl_map() -> Result<MapHandle, BpfError> {
     open_map("hsm_ctl")
 }
@@ -805,56 +645,4 @@ pub fn readiness() -> GuardReadiness {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ctl_round_trips_through_the_generated_layout() {
-        let ctl = Ctl {
-            holders: vec![
-                Holder {
-                    tgid: 42,
-                    flags: HOLDER_AGENT,
-                    start_ticks: 123_456,
-                },
-                Holder::default(),
-                Holder {
-                    tgid: 7,
-                    flags: HOLDER_KEEPER,
-                    start_ticks: 9,
-                },
-                Holder::default(),
-            ],
-            generation: 5,
-        };
-        let bytes = encode_ctl(&ctl);
-        assert_eq!(bytes.len(), size_of::<types::hsm_ctl>());
-        assert_eq!(decode_ctl(&bytes), ctl);
-    }
-
-    #[test]
-    fn shared_layouts_have_the_sizes_the_c_header_promises() {
-        // hsm_shared.h: holder {u32, u32, u64}, four holders then a u64.
-        assert_eq!(size_of::<types::hsm_holder>(), 16);
-        // MAX_HOLDERS comes from the generated layout: this checks HSM_MAX_HOLDERS.
-        assert_eq!(MAX_HOLDERS, 4);
-        assert_eq!(
-            MAX_HOLDERS,
-            types::hsm_ctl::default().holders.len(),
-            "holder slots derived from the offsets match the array"
-        );
-        assert_eq!(size_of::<types::hsm_ctl>(), 4 * 16 + 8);
-        assert_eq!(size_of::<types::hsm_served>(), 8);
-        assert_eq!(size_of::<types::hsm_file_state>(), 8);
-        assert_eq!(size_of::<types::hsm_inode_state>(), 8);
-        assert_eq!(size_of::<types::hsm_inode_key>(), 16);
-    }
-
-    #[test]
-    fn kernel_dev_matches_mkdev() {
-        let dev = libc::makedev(7, 3);
-        assert_eq!(kernel_dev(dev), (7 << 20) | 3);
-        let dev = libc::makedev(259, 70000);
-        assert_eq!(kernel_dev(dev), (259 << 20) | 70000);
-    }
-}
+mod tests;

@@ -12,11 +12,13 @@
 //! Support is probed before loading: an unsupported kernel is an expected outcome that the
 //! caller reports once and works around (see docs/BPF.md).
 
+mod ctl;
 pub mod fastpath;
 pub mod guard;
 mod libbpf_log;
 mod pins;
 mod skel;
+mod verify;
 
 use std::path::Path;
 
