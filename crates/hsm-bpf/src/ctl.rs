@@ -36,7 +36,7 @@ pub(crate) const MAX_HOLDERS: usize = (offset_of!(types::hsm_ctl, generation)
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
     buf[at..at + 4].copy_from_slice(&v.to_ne_bytes());
 }
-fn put_u64(buf: &mut [u8], at: usize, v: u64) {
+pub(crate) fn put_u64(buf: &mut [u8], at: usize, v: u64) {
     buf[at..at + 8].copy_from_slice(&v.to_ne_bytes());
 }
 fn get_u32(buf: &[u8], at: usize) -> u32 {

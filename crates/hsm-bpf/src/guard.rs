@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::mem::{MaybeUninit, offset_of, size_of};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -23,11 +23,13 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramType};
 
 use hsm_kernel::sys::{process_alive, process_start};
 
-use crate::ctl::{Ctl, HOLDER_AGENT, HOLDER_KEEPER, Holder, MAX_HOLDERS, decode_ctl, encode_ctl};
 pub use crate::ctl::HolderKind;
+use crate::ctl::{
+    Ctl, HOLDER_AGENT, HOLDER_KEEPER, Holder, MAX_HOLDERS, decode_ctl, encode_ctl, put_u64,
+};
 use crate::pins::{self, Found};
-use crate::verify::{verified_map, verify_link};
 use crate::skel::guard::{GuardSkelBuilder, types};
+use crate::verify::{verified_map, verify_link};
 use crate::{BpfError, LsmProbe, PIN_DIR, ensure_bpffs, libbpf_log, skel};
 
 /// Maps the guard pins, by the names in guard.bpf.c.

@@ -70,8 +70,7 @@ fn empty_file_is_all_defaults() {
 
 #[test]
 fn unknown_keys_are_errors_naming_the_key() {
-    let e =
-        Config::parse("[agent]\nreadahed = \"1M\"\n", Path::new("x.toml")).expect_err("typo");
+    let e = Config::parse("[agent]\nreadahed = \"1M\"\n", Path::new("x.toml")).expect_err("typo");
     let msg = e.to_string();
     assert!(msg.contains("x.toml") && msg.contains("readahed"), "{msg}");
 }

@@ -97,8 +97,7 @@ fn local_store_refuses_symlinks_and_fifos_without_blocking() {
     std::fs::write(root.join("user/ok"), b"fine").expect("write");
     std::os::unix::fs::symlink(&secret, root.join("user/dirlink")).expect("symlink");
     std::os::unix::fs::symlink(secret.join("f"), root.join("user/filelink")).expect("symlink");
-    nix::unistd::mkfifo(&root.join("user/fifo"), nix::sys::stat::Mode::S_IRWXU)
-        .expect("mkfifo");
+    nix::unistd::mkfifo(&root.join("user/fifo"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
     let md = std::fs::metadata(secret.join("f")).expect("stat");
     let any = Expect {
         etag: None,
