@@ -79,7 +79,7 @@ pub(crate) fn spawn_open_reader(group: Arc<Group>, budget: Arc<Budget>) -> std::
                 for ev in events.drain(..) {
                     if let Some(fd) = ev.fd {
                         if let Ok(st) = stat::fstatx(fd.as_fd()) {
-                            budget.touch(&st);
+                            let _ = budget.touch(&st);
                         }
                     }
                 }

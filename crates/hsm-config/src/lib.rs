@@ -368,16 +368,7 @@ impl Serialize for CacheSize {
 
 impl<'de> Deserialize<'de> for CacheSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(CacheSize::Bytes(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_parsed(d, CacheSize::Bytes)
     }
 }
 
@@ -588,16 +579,25 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_parsed(d, ByteSize)
+    }
+}
+
+/// A value written either as a bare integer (`from_int`) or as a string `T` parses.
+fn int_or_parsed<'de, D, T>(d: D, from_int: fn(u64) -> T) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr<Err = ValueError>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(from_int(n)),
+        Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
     }
 }
 

@@ -123,11 +123,8 @@ impl AgentCore {
     /// A file that is not a stub was accessed: if it is counted by the bounded cache, that
     /// is a use of it, and its opens are watched from now on (its reads raise no events).
     fn cached_file_seen(&self, fd: BorrowedFd<'_>, st: &FileStat) {
-        if let Some(b) = self.budget() {
-            if b.counts(st) {
-                b.touch(st);
-                self.marks.watch_opens(fd);
-            }
+        if self.budget().is_some_and(|b| b.touch(st)) {
+            self.marks.watch_opens(fd);
         }
     }
 

@@ -322,16 +322,14 @@ impl Budget {
         }
     }
 
-    /// An access to the file `st`: recency, and a second reference promotes it.
-    pub fn touch(&self, st: &FileStat) {
+    /// An access to the file `st`: recency, and a second reference promotes it. Returns
+    /// whether the file is counted (a fully fetched one then needs its opens watched).
+    pub fn touch(&self, st: &FileStat) -> bool {
         let key = InodeKey::of(st);
         let now = self.now_ms();
-        lock(&self.lru).touch(&key, now, self.protected_cap());
-    }
-
-    /// Whether the file is counted (a fully fetched file whose opens should be watched).
-    pub fn counts(&self, st: &FileStat) -> bool {
-        lock(&self.lru).entries.contains_key(&InodeKey::of(st))
+        let mut l = lock(&self.lru);
+        l.touch(&key, now, self.protected_cap());
+        l.entries.contains_key(&key)
     }
 
     /// Charge `bytes` for the file at `fd` if that keeps use under the high watermark.

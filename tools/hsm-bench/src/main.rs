@@ -459,33 +459,50 @@ fn bench_populate(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
 /// Container start from stubs vs pulling the whole image first, both from S3 (moto on
 /// loopback), and the bytes the stub start fetched against what the start itself read.
 /// tools/bench-container does the work (podman, moto, the image) and prints JSON.
-/// A cold sequential read of one object on S3 (moto on loopback) through the agent vs one
-/// direct GET of it written to the same filesystem (tools/bench-s3).
-fn bench_s3(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
-    let out = Command::new(&a.s3_script)
+/// Run one of the benchmark scripts (`--hsm BIN --work DIR --repeat N` plus `extra`),
+/// which prints one JSON object; returns a lookup of its numbers by key.
+fn run_script(
+    a: &Args,
+    script: &Path,
+    work: &Path,
+    extra: &[&str],
+) -> Result<impl Fn(&str) -> Result<f64> + use<>> {
+    let out = Command::new(script)
         .arg("--hsm")
         .arg(a.bin.join("hsm"))
         .arg("--work")
-        .arg(dst.mnt.join("s3"))
-        .arg("--mib")
-        .arg(a.s3_mib.to_string())
+        .arg(work)
         .arg("--repeat")
         .arg(a.repeat.to_string())
+        .args(extra)
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("running {}", a.s3_script.display()))?;
+        .with_context(|| format!("running {}", script.display()))?;
     ensure!(
         out.status.success(),
         "{} failed: {}",
-        a.s3_script.display(),
+        script.display(),
         out.status
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{} printed no JSON", a.s3_script.display()))?;
-    let num = |k: &str| {
+        .with_context(|| format!("{} printed no JSON", script.display()))?;
+    let shown = script.display().to_string();
+    Ok(move |k: &str| {
         v[k].as_f64()
-            .with_context(|| format!("{k} missing from the S3 test's output"))
-    };
+            .with_context(|| format!("{k} missing from the output of {shown}"))
+    })
+}
+
+/// A cold sequential read of one object on S3 (moto on loopback) through the agent vs one
+/// direct GET of it written to the same filesystem (tools/bench-s3).
+fn bench_s3(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
+    let mib = a.s3_mib.to_string();
+    let num = run_script(
+        a,
+        &a.s3_script,
+        &dst.mnt.join("s3"),
+        &["--mib", mib.as_str()],
+    )?;
     let (h, b) = (num("hsm_s")?, num("get_s")?);
     Ok(vec![Line {
         name: "S3 cold read (vs one direct GET to disk)",
@@ -504,28 +521,7 @@ fn bench_s3(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
 }
 
 fn bench_container(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
-    let out = Command::new(&a.container_script)
-        .arg("--hsm")
-        .arg(a.bin.join("hsm"))
-        .arg("--work")
-        .arg(dst.mnt.join("container"))
-        .arg("--repeat")
-        .arg(a.repeat.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", a.container_script.display()))?;
-    ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        a.container_script.display(),
-        out.status
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{} printed no JSON", a.container_script.display()))?;
-    let num = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("{k} missing from the container test's output"))
-    };
+    let num = run_script(a, &a.container_script, &dst.mnt.join("container"), &[])?;
     let (stub, base) = (num("stub_s")?, num("base_s")?);
     let (fetched, read, image) = (
         num("fetched_bytes")?,
