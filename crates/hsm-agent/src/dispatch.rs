@@ -29,8 +29,9 @@ pub(crate) struct Ctx {
     /// brings one, each cached stub holds one); the rest is room for everything else.
     fd_budget: usize,
     /// Descriptors the reads in progress may bring: each read claims room for the events
-    /// its buffer can hold before it reads, and gives the claim back once they are
-    /// registered, so concurrent reads never take the agent past the budget together.
+    /// its buffer can hold (two descriptors each, see [`FDS_PER_EVENT`]) before it reads,
+    /// and gives the claim back once they are dispatched, so concurrent reads never take
+    /// the agent past the budget together.
     reading: AtomicUsize,
     shared: Shared,
     rt: tokio::runtime::Handle,
@@ -147,6 +148,13 @@ const FD_MARGIN: usize = 2048;
 /// event). A buffer of `n * MIN_EVENT_LEN` bytes returns at most `n` events.
 const MIN_EVENT_LEN: usize = hsm_kernel::fanotify::METADATA_LEN;
 
+/// What one event read may add before the budget sees it: the event's own descriptor and,
+/// when dispatching it loads a stub that was not cached, the stub state's. Claiming one
+/// per event let four threads reading at once (2,730 events a read) go past the limit by
+/// the stubs they loaded, and every reopen then failed with EMFILE while the held events
+/// waited for fills that needed one (fstest 038).
+const FDS_PER_EVENT: usize = 2;
+
 /// Descriptors in use that the budget counts: events in flight, cached stubs, and the
 /// room claimed by reads in progress.
 fn fds_used(ctx: &Ctx) -> usize {
@@ -160,17 +168,19 @@ fn over_fd_budget(ctx: &Ctx) -> bool {
     fds_used(ctx) >= ctx.fd_budget
 }
 
-/// Claim room for one read's events: returns how many bytes the read may use (0 when the
-/// budget is spent). Give the claim back with `release_room` once the events are
-/// registered as pending.
+/// Claim room for one read's events: returns how many descriptors were claimed
+/// ([`FDS_PER_EVENT`] per event the read may return; 0 when the budget is spent). The
+/// caller gives the claim back once the events are dispatched (and so counted as pending
+/// events and live stub states).
 fn claim_room(ctx: &Ctx, buf_len: usize) -> usize {
-    let most = buf_len / MIN_EVENT_LEN;
+    let most = buf_len / MIN_EVENT_LEN * FDS_PER_EVENT;
     let mut claimed = 0;
     let _ = ctx
         .reading
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |reading| {
             let used = ctx.shared.pending.len() + ctx.shared.core.stub_descriptors() + reading;
-            claimed = ctx.fd_budget.saturating_sub(used).min(most);
+            let room = ctx.fd_budget.saturating_sub(used).min(most);
+            claimed = room - room % FDS_PER_EVENT;
             (claimed > 0).then_some(reading + claimed)
         });
     claimed
@@ -188,7 +198,7 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
         batch.clear();
         // Never shorter than one event with its range record (a shorter buffer is EINVAL);
         // that may exceed the claim by one event, which the margin covers.
-        let len = (room * MIN_EVENT_LEN).clamp(2 * MIN_EVENT_LEN, buf.len());
+        let len = (room / FDS_PER_EVENT * MIN_EVENT_LEN).clamp(2 * MIN_EVENT_LEN, buf.len());
         let r = ctx.shared.group.read_events(&mut buf[..len], batch);
         n += batch.len();
         for ev in batch.drain(..) {
