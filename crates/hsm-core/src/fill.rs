@@ -26,6 +26,9 @@ const WRITEBACK_MIN: usize = 1 << 20;
 /// `max_concurrent_fetches` (see `bounded_fetch`).
 pub(crate) const SLOW_REQUEST: Duration = Duration::from_millis(500);
 
+/// How often a slow request that found every slow slot taken tries again.
+const SLOW_RETRY: Duration = Duration::from_millis(100);
+
 /// Granules an inline fill has claimed. Released exactly once: by `release`, or, if the
 /// fill panicked, by `Drop` (so waiters get an error instead of waiting forever and the
 /// granules can be fetched again).
@@ -330,8 +333,9 @@ impl Stub {
     /// Run one ranged request holding a fetch slot, with two bounds so that a stalled
     /// server cannot starve the others (docs/RELIABILITY.md):
     /// - a request still running after [`SLOW_REQUEST`] moves to one of an equal number
-    ///   of slots for slow requests, if one is free, and gives its own slot back: a
-    ///   stalled server can then hold at most half of all requests;
+    ///   of slots for slow requests, if one is free (else it tries again every
+    ///   [`SLOW_RETRY`]), and gives its own slot back: a stalled server can then hold at
+    ///   most half of all requests;
     /// - a request running longer than the read timeout (plus a second) is abandoned: no
     ///   reader waits that long, and a later reader starts a fresh fill.
     pub(crate) async fn bounded_fetch<T>(
@@ -364,6 +368,14 @@ impl Stub {
                         slot = None;
                         Metrics::inc(&core.metrics.slow_requests);
                         debug!(path = %self.path(), "request still running after {SLOW_REQUEST:?}; its fetch slot goes to others");
+                    } else {
+                        // An elapsed sleep stays ready: without a new deadline this
+                        // branch would fire again at once, spinning a runtime thread for
+                        // as long as the request stalls (the threads every other fill
+                        // needs).
+                        release
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + SLOW_RETRY);
                     }
                 }
                 _ = &mut give_up => {

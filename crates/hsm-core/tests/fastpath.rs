@@ -229,3 +229,67 @@ async fn a_stalled_remote_gives_eio_after_the_read_timeout() {
     // Once the remote answers, the fill that kept running completes and reads work.
     assert_eq!(r.read(&f, 0, 4096).await, Verdict::Allow);
 }
+
+/// CPU time this process has used so far (every thread).
+fn cpu_time() -> Duration {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_that_finds_no_slow_slot_waits_without_spinning() {
+    // One fetch slot and one slot for slow requests: of two stalled requests the first
+    // moves to the slow slot after 500 ms, the second finds it taken and must wait for
+    // one, not poll for it in a loop that keeps a runtime thread busy (which starved
+    // healthy fills on a two-core machine: fstest 039).
+    let r = rig(CoreOptions {
+        read_timeout: Duration::from_secs(4),
+        max_concurrent_fetches: 1,
+        ..fast_opts()
+    });
+    let a = r.stub("a", "ka", pattern(1 << 20, 1), 20);
+    let b = r.stub("b", "kb", pattern(1 << 20, 2), 20);
+    r.remote.pause();
+    let reads = {
+        let (core, fa, fb) = (
+            r.core.clone(),
+            a.try_clone().expect("dup"),
+            b.try_clone().expect("dup"),
+        );
+        tokio::spawn(async move {
+            let read = |f: File| {
+                let core = core.clone();
+                async move {
+                    core.handle(AccessEvent {
+                        fd: f.as_fd(),
+                        range: Some(FileRange {
+                            offset: 0,
+                            count: 4096,
+                        }),
+                        intent: IntentSource::Known(Access::Read),
+                    })
+                    .await
+                }
+            };
+            futures::join!(read(fa), read(fb))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = cpu_time();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(300),
+        "two stalled requests used {used:?} of CPU in 1 s"
+    );
+    assert_eq!(r.metric("slow_requests"), 1);
+    r.remote.resume();
+    let (va, vb) = reads.await.expect("reads");
+    assert_eq!((va, vb), (Verdict::Allow, Verdict::Allow));
+    assert_bytes(&read_at(&a, 0, 4096), &pattern(1 << 20, 1)[..4096]);
+    assert_bytes(&read_at(&b, 0, 4096), &pattern(1 << 20, 2)[..4096]);
+}
