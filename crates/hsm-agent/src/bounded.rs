@@ -19,7 +19,7 @@ use hsm_kernel::stat;
 use tracing::{debug, info, warn};
 
 use crate::AgentError;
-use crate::cache::{CacheOps, FileOutcome};
+use crate::cache::{CacheOps, FileOutcome, SkipReason};
 use crate::mounts::PrivateMounts;
 
 /// The limits `cfg` asks for, in bytes, or `None` without a limit. A percentage is of the
@@ -117,7 +117,18 @@ impl Evictor for OpsEvictor {
             match ops.evict_one(&path).await {
                 FileOutcome::Evicted { .. } | FileOutcome::AlreadyStub => EvictOutcome::Freed,
                 FileOutcome::Failed { error } => EvictOutcome::Failed(error),
-                o => CacheOps::skip_kind(&o),
+                FileOutcome::Skipped { reason } => match reason {
+                    SkipReason::Pinned => EvictOutcome::Pinned,
+                    SkipReason::Modified | SkipReason::NotRemote => EvictOutcome::NotCache,
+                    SkipReason::InUse
+                    | SkipReason::FillsInFlight
+                    | SkipReason::Building
+                    | SkipReason::NoLongerStub => EvictOutcome::InUse,
+                    SkipReason::NotPinned => EvictOutcome::Failed(reason.to_string()),
+                },
+                o @ (FileOutcome::Hydrated { .. } | FileOutcome::Unpinned) => {
+                    EvictOutcome::Failed(format!("eviction answered {o:?}"))
+                }
             }
         })
     }

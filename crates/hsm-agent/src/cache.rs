@@ -22,6 +22,10 @@ use tracing::{info, warn};
 
 use crate::mounts::PrivateMounts;
 
+mod error;
+pub(crate) use error::served_tree;
+pub use error::{CacheError, Cause, SkipReason};
+
 /// A lifecycle command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,11 +51,22 @@ pub enum FileOutcome {
     AlreadyStub,
     /// Unpin: the pin was removed (also reported for a file that had none).
     Unpinned,
-    /// Left alone, and why ("pinned", "modified locally", "in use: open, mapped or
-    /// executing", "not from a remote", ...).
-    Skipped { reason: String },
-    /// The operation failed on this file.
+    /// Left alone, and why.
+    Skipped { reason: SkipReason },
+    /// The operation failed on this file (the error's text: it names the file).
     Failed { error: String },
+}
+
+impl FileOutcome {
+    fn skipped(reason: SkipReason) -> Self {
+        FileOutcome::Skipped { reason }
+    }
+
+    fn failed(e: CacheError) -> Self {
+        FileOutcome::Failed {
+            error: e.to_string(),
+        }
+    }
 }
 
 /// Where the commands act: what `serve` builds at start-up.
@@ -102,24 +117,10 @@ impl CacheOps {
         each: &mut (dyn FnMut(&Path, FileOutcome) + Send),
     ) {
         for p in paths {
-            let files = {
-                let this = self.clone();
-                let p2 = p.clone();
-                tokio::task::spawn_blocking(move || this.walk(op, &p2)).await
-            };
-            let files = match files {
-                Ok(Ok(f)) => f,
-                Ok(Err(error)) => {
-                    each(&p, FileOutcome::Failed { error });
-                    continue;
-                }
+            let files = match self.walk_blocking(op, &p).await {
+                Ok(f) => f,
                 Err(e) => {
-                    each(
-                        &p,
-                        FileOutcome::Failed {
-                            error: e.to_string(),
-                        },
-                    );
+                    each(&p, FileOutcome::failed(e));
                     continue;
                 }
             };
@@ -138,34 +139,31 @@ impl CacheOps {
         }
     }
 
+    /// [`Self::walk`] off the async threads.
+    async fn walk_blocking(
+        self: &Arc<Self>,
+        op: Op,
+        path: &Path,
+    ) -> Result<Vec<Found>, CacheError> {
+        let (this, p) = (self.clone(), path.to_path_buf());
+        tokio::task::spawn_blocking(move || this.walk(op, &p))
+            .await
+            .map_err(|e| CacheError::new(path, e))?
+    }
+
     /// The regular files under `path` (itself, if it is one) with whether a pin covers
     /// each. Pin and unpin change the pin xattrs on the way.
-    fn walk(&self, op: Op, path: &Path) -> Result<Vec<Found>, String> {
-        let shown = path.display();
-        let real = std::fs::canonicalize(path).map_err(|e| format!("{shown}: {e}"))?;
-        let tree = self
-            .trees
-            .iter()
-            .find(|t| real.starts_with(t))
-            .ok_or_else(|| {
-                format!(
-                    "{shown}: not inside a tree this agent serves ({})",
-                    self.trees
-                        .iter()
-                        .map(|t| t.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
-        let top = open_path(&real).map_err(|e| format!("{shown}: {e}"))?;
-        let top_st = stat::fstatx(top.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
+    fn walk(&self, op: Op, path: &Path) -> Result<Vec<Found>, CacheError> {
+        let (tree, real) = served_tree(&self.trees, path)?;
+        let top = open_path(&real).map_err(|e| CacheError::io(path, "open", e))?;
+        let top_st = stat::fstatx(top.as_fd()).map_err(|e| CacheError::kernel(path, "statx", e))?;
         let dev = top_st.dev;
         if !top_st.is_file() && !top_st.is_dir() {
-            return Err(format!("{shown}: not a regular file or a directory"));
+            return Err(CacheError::new(path, Cause::NotFileOrDir));
         }
         match op {
-            Op::Pin => set_pin(&real, true).map_err(|e| format!("{shown}: pin: {e}"))?,
-            Op::Unpin => set_pin(&real, false).map_err(|e| format!("{shown}: unpin: {e}"))?,
+            Op::Pin => set_pin(&real, true).map_err(|e| CacheError::new(path, e))?,
+            Op::Unpin => set_pin(&real, false).map_err(|e| CacheError::new(path, e))?,
             _ => {}
         }
         // Pins on the directories above it, up to the tree's root.
@@ -185,9 +183,10 @@ impl CacheOps {
                     pinned: here,
                 });
             } else if st.is_dir() && st.dev == dev {
-                let entries = std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let entries =
+                    std::fs::read_dir(&p).map_err(|e| CacheError::io(&p, "read_dir", e))?;
                 for e in entries {
-                    let e = e.map_err(|e| format!("{}: {e}", p.display()))?;
+                    let e = e.map_err(|e| CacheError::io(&p, "read_dir", e))?;
                     let child = e.path();
                     let Ok(fd) = open_path(&child) else { continue };
                     let Ok(cst) = stat::fstatx(fd.as_fd()) else {
@@ -210,11 +209,9 @@ impl CacheOps {
         match op {
             Op::Hydrate | Op::Pin => self.hydrate(&f.path).await,
             Op::Repin if f.pinned => self.hydrate(&f.path).await,
-            Op::Repin => FileOutcome::Skipped {
-                reason: "not pinned".into(),
-            },
+            Op::Repin => FileOutcome::skipped(SkipReason::NotPinned),
             Op::Unpin => FileOutcome::Unpinned,
-            Op::Evict if f.pinned => pinned(),
+            Op::Evict if f.pinned => FileOutcome::skipped(SkipReason::Pinned),
             Op::Evict => self.evict(&f.path).await,
         }
     }
@@ -223,7 +220,13 @@ impl CacheOps {
     fn tell_budget(&self, path: &Path, outcome: &FileOutcome) {
         let Some(b) = self.core.budget() else { return };
         let evicted = matches!(outcome, FileOutcome::Evicted { .. });
-        if !evicted && *outcome != modified() && *outcome != not_remote() {
+        let not_cache = matches!(
+            outcome,
+            FileOutcome::Skipped {
+                reason: SkipReason::Modified | SkipReason::NotRemote
+            }
+        );
+        if !evicted && !not_cache {
             return;
         }
         if let Ok(fd) = open_path(path) {
@@ -240,66 +243,42 @@ impl CacheOps {
     /// Evict one file for the bounded cache: the same checks and steps as `hsm evict`
     /// (pins included).
     pub(crate) async fn evict_one(self: &Arc<Self>, path: &Path) -> FileOutcome {
-        let found = {
-            let (this, p) = (self.clone(), path.to_path_buf());
-            tokio::task::spawn_blocking(move || this.walk(Op::Evict, &p)).await
-        };
-        match found {
-            Ok(Ok(files)) => match files.as_slice() {
+        match self.walk_blocking(Op::Evict, path).await {
+            Ok(files) => match files.as_slice() {
                 [f] => self.one(Op::Evict, f).await,
-                _ => FileOutcome::Failed {
-                    error: format!("{}: no longer a file", path.display()),
-                },
+                _ => FileOutcome::failed(CacheError::new(path, Cause::NoLongerFile)),
             },
-            Ok(Err(error)) => FileOutcome::Failed { error },
-            Err(e) => FileOutcome::Failed {
-                error: e.to_string(),
-            },
-        }
-    }
-
-    /// What a skipped eviction means for the bounded cache.
-    pub(crate) fn skip_kind(o: &FileOutcome) -> hsm_core::EvictOutcome {
-        use hsm_core::EvictOutcome as E;
-        if *o == pinned() {
-            E::Pinned
-        } else if *o == modified() || *o == not_remote() {
-            E::NotCache
-        } else if *o == in_use()
-            || *o == fills_in_flight()
-            || *o == building()
-            || *o == no_longer_a_stub()
-        {
-            E::InUse
-        } else {
-            E::Failed(format!("{o:?}"))
+            Err(e) => FileOutcome::failed(e),
         }
     }
 
     /// Open `path`'s file on the agent's private mount (no events; see mounts.rs).
-    pub(crate) fn reopen(&self, path: &Path, flags: i32) -> Result<(OwnedFd, FileStat), String> {
-        let shown = path.display();
-        let o = open_path(path).map_err(|e| format!("{shown}: {e}"))?;
-        let st = stat::fstatx(o.as_fd()).map_err(|e| format!("{shown}: {e}"))?;
+    pub(crate) fn reopen(
+        &self,
+        path: &Path,
+        flags: i32,
+    ) -> Result<(OwnedFd, FileStat), CacheError> {
+        let o = open_path(path).map_err(|e| CacheError::io(path, "open", e))?;
+        let st = stat::fstatx(o.as_fd()).map_err(|e| CacheError::kernel(path, "statx", e))?;
         if !st.is_file() {
-            return Err(format!("{shown}: not a regular file"));
+            return Err(CacheError::new(path, Cause::NotFile));
         }
         let fd = self
             .private
             .reopen(o.as_fd(), &st, flags | libc::O_LARGEFILE | libc::O_NOFOLLOW)
-            .map_err(|e| format!("{shown}: {e}"))?;
+            .map_err(|e| CacheError::new(path, e))?;
         Ok((fd, st))
     }
 
     async fn hydrate(&self, path: &Path) -> FileOutcome {
         let (fd, before) = match self.reopen(path, libc::O_RDONLY) {
             Ok(x) => x,
-            Err(error) => return FileOutcome::Failed { error },
+            Err(e) => return FileOutcome::failed(e),
         };
         match self.core.hydrate(fd.as_fd()).await {
-            Verdict::Deny(errno) => FileOutcome::Failed {
-                error: format!("{}: {}", path.display(), errno.name()),
-            },
+            Verdict::Deny(errno) => {
+                FileOutcome::failed(CacheError::new(path, Cause::Denied(errno)))
+            }
             _ => {
                 let after = stat::fstatx(fd.as_fd()).map(|s| s.blocks).unwrap_or(0);
                 FileOutcome::Hydrated {
@@ -313,7 +292,7 @@ impl CacheOps {
         // A stub that became whole between the look and the lease is evicted as what it
         // became.
         let first = self.evict_once(path).await;
-        if first == no_longer_a_stub() {
+        if first == FileOutcome::skipped(SkipReason::NoLongerStub) {
             return self.evict_once(path).await;
         }
         first
@@ -322,31 +301,23 @@ impl CacheOps {
     async fn evict_once(self: &Arc<Self>, path: &Path) -> FileOutcome {
         let (probe, st) = match self.reopen(path, libc::O_RDONLY) {
             Ok(x) => x,
-            Err(error) => return FileOutcome::Failed { error },
+            Err(e) => return FileOutcome::failed(e),
         };
-        let kind = match classify(probe.as_fd()) {
+        let kind = match classify(path, probe.as_fd()) {
             Ok(k) => k,
-            Err(error) => {
-                return FileOutcome::Failed {
-                    error: format!("{}: {error}", path.display()),
-                };
-            }
+            Err(e) => return FileOutcome::failed(e),
         };
         drop(probe);
         let outcome = match kind {
-            Kind::Local => return not_remote(),
-            Kind::Building => return building(),
+            Kind::Local => return FileOutcome::skipped(SkipReason::NotRemote),
+            Kind::Building => return FileOutcome::skipped(SkipReason::Building),
             // What is on disk says so already: no need to touch the agent's state.
-            Kind::ModifiedStub => return modified(),
+            Kind::ModifiedStub => return FileOutcome::skipped(SkipReason::Modified),
             Kind::Stub => {
                 match self.core.release_for_evict(&st).await {
                     Ok(true) => {}
-                    Ok(false) => return fills_in_flight(),
-                    Err(e) => {
-                        return FileOutcome::Failed {
-                            error: format!("{}: {e}", path.display()),
-                        };
-                    }
+                    Ok(false) => return FileOutcome::skipped(SkipReason::FillsInFlight),
+                    Err(e) => return FileOutcome::failed(CacheError::new(path, e)),
                 }
                 let (this, p) = (self.clone(), path.to_path_buf());
                 tokio::task::spawn_blocking(move || this.evict_stub(&p)).await
@@ -356,25 +327,26 @@ impl CacheOps {
                 tokio::task::spawn_blocking(move || this.evict_hydrated(&p, &origin)).await
             }
         };
-        outcome.unwrap_or_else(|e| FileOutcome::Failed {
-            error: e.to_string(),
-        })
+        outcome.unwrap_or_else(|e| FileOutcome::failed(CacheError::new(path, e)))
     }
 
     /// Open for writing and take a write lease: proof that nobody else has the file open,
     /// mapped or executing, and that nobody opens it until the lease is given back.
-    fn lease(&self, path: &Path) -> Result<Option<(OwnedFd, FileStat)>, String> {
+    fn lease(&self, path: &Path) -> Result<Option<(OwnedFd, FileStat)>, CacheError> {
         for _ in 0..LEASE_TRIES {
             let (w, st) = match self.reopen(path, libc::O_RDWR) {
                 Ok(x) => x,
                 // Being executed.
-                Err(e) if e.ends_with(&busy_text()) => return Ok(None),
+                Err(CacheError {
+                    cause: Cause::Local(hsm_core::LocalError::Busy { .. }),
+                    ..
+                }) => return Ok(None),
                 Err(e) => return Err(e),
             };
             match hsm_kernel::sys::write_lease(w.as_fd()) {
                 Ok(true) => return Ok(Some((w, st))),
                 Ok(false) => std::thread::sleep(LEASE_RETRY),
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => return Err(CacheError::kernel(path, "F_SETLEASE", e)),
             }
         }
         Ok(None)
@@ -382,23 +354,18 @@ impl CacheOps {
 
     /// A partly fetched stub: forget what is resident, then give the blocks back.
     fn evict_stub(&self, path: &Path) -> FileOutcome {
-        let shown = path.display();
         let (w, st) = match self.lease(path) {
             Ok(Some(x)) => x,
-            Ok(None) => return in_use(),
-            Err(error) => return FileOutcome::Failed { error },
+            Ok(None) => return FileOutcome::skipped(SkipReason::InUse),
+            Err(e) => return FileOutcome::failed(e),
         };
         let (meta, map) = match hsm_core::stubio::load(w.as_fd()) {
             Ok(hsm_core::stubio::Loaded::Stub { meta, map }) => (meta, map),
-            Ok(_) => return no_longer_a_stub(),
-            Err(e) => {
-                return FileOutcome::Failed {
-                    error: format!("{shown}: {e}"),
-                };
-            }
+            Ok(_) => return FileOutcome::skipped(SkipReason::NoLongerStub),
+            Err(e) => return FileOutcome::failed(CacheError::new(path, e)),
         };
         if map.locally_modified() || map.floor() < meta.remote_size {
-            return modified();
+            return FileOutcome::skipped(SkipReason::Modified);
         }
         // Blocks would count an external xattr block: ask for data instead.
         if map.resident_count() == 0 && !has_data(w.as_fd(), st.size) {
@@ -406,19 +373,15 @@ impl CacheOps {
         }
         let fresh = match ResidentMap::new(meta.stub_id, meta.remote_size, map.granule_shift()) {
             Ok(m) => m,
-            Err(e) => {
-                return FileOutcome::Failed {
-                    error: format!("{shown}: {e}"),
-                };
-            }
+            Err(e) => return FileOutcome::failed(CacheError::format(path, "resident map", e)),
         };
-        let r = (|| -> Result<(), String> {
+        let r = (|| -> Result<(), CacheError> {
             // The map first, durably: a crash after the punch must not leave a map
             // claiming bytes that are gone.
             xattr::fset(w.as_fd(), MAP_XATTR, &fresh.encode(), SetMode::Replace)
-                .map_err(|e| e.to_string())?;
-            nix::unistd::fsync(&w).map_err(|e| format!("fsync: {e}"))?;
-            give_back(w.as_fd(), &st)
+                .map_err(|e| CacheError::kernel(path, "writing the map", e))?;
+            nix::unistd::fsync(&w).map_err(|e| CacheError::io(path, "fsync", e.into()))?;
+            give_back(path, w.as_fd(), &st)
         })();
         finish(path, w, &st, r)
     }
@@ -426,15 +389,14 @@ impl CacheOps {
     /// A fully fetched file with an origin record: check it is still that copy, make it a
     /// stub again (metadata, an empty map, then the marker), then give the blocks back.
     fn evict_hydrated(&self, path: &Path, origin: &Origin) -> FileOutcome {
-        let shown = path.display();
         // Digest before the lease (a big file takes a while; openers wait on a lease), then
         // prove under the lease that nothing changed since: any write moves the ctime.
         let (probe, before) = match self.reopen(path, libc::O_RDONLY) {
             Ok(x) => x,
-            Err(error) => return FileOutcome::Failed { error },
+            Err(e) => return FileOutcome::failed(e),
         };
         if before.size != origin.meta.remote_size {
-            return modified();
+            return FileOutcome::skipped(SkipReason::Modified);
         }
         match hsm_core::stubio::content_digest(
             probe.as_fd(),
@@ -442,47 +404,54 @@ impl CacheOps {
             origin.chunk_shift,
         ) {
             Ok(d) if d == origin.digest => {}
-            Ok(_) => return modified(),
-            Err(e) => {
-                return FileOutcome::Failed {
-                    error: format!("{shown}: {e}"),
-                };
-            }
+            Ok(_) => return FileOutcome::skipped(SkipReason::Modified),
+            Err(e) => return FileOutcome::failed(CacheError::new(path, e)),
         }
         drop(probe);
         let (w, st) = match self.lease(path) {
             Ok(Some(x)) => x,
-            Ok(None) => return in_use(),
-            Err(error) => return FileOutcome::Failed { error },
+            Ok(None) => return FileOutcome::skipped(SkipReason::InUse),
+            Err(e) => return FileOutcome::failed(e),
         };
         if st.ctime != before.ctime || st.size != before.size || st.ino != before.ino {
-            return modified();
+            return FileOutcome::skipped(SkipReason::Modified);
         }
-        let r = (|| -> Result<(), String> {
-            let meta = origin.meta.encode().map_err(|e| e.to_string())?;
+        let r = (|| -> Result<(), CacheError> {
+            let set = |name, value: &[u8], what| {
+                xattr::fset(w.as_fd(), name, value, SetMode::Any)
+                    .map_err(|e| CacheError::kernel(path, what, e))
+            };
+            let meta = origin
+                .meta
+                .encode()
+                .map_err(|e| CacheError::format(path, "stub metadata", e))?;
             let map = ResidentMap::new(
                 origin.meta.stub_id,
                 origin.meta.remote_size,
                 origin.granule_shift,
             )
-            .map_err(|e| e.to_string())?;
-            let fd = w.as_fd();
-            xattr::fset(fd, META_XATTR, &meta, SetMode::Any).map_err(|e| e.to_string())?;
-            xattr::fset(fd, MAP_XATTR, &map.encode(), SetMode::Any).map_err(|e| e.to_string())?;
+            .map_err(|e| CacheError::format(path, "resident map", e))?;
+            set(META_XATTR, &meta, "writing the metadata")?;
+            set(MAP_XATTR, &map.encode(), "writing the map")?;
             // The marker last: from here on it is a stub (with every byte still present).
-            xattr::fset(fd, MARKER_XATTR, &Marker::ready().encode(), SetMode::Any)
-                .map_err(|e| e.to_string())?;
+            set(
+                MARKER_XATTR,
+                &Marker::ready().encode(),
+                "writing the marker",
+            )?;
             // Durable before the data goes: a crash must never leave an ordinary file with
             // holes where its bytes were.
-            nix::unistd::fsync(&w).map_err(|e| format!("fsync: {e}"))?;
+            nix::unistd::fsync(&w).map_err(|e| CacheError::io(path, "fsync", e.into()))?;
             // Its accesses must reach the agent again.
+            let fd = w.as_fd();
             self.group
                 .remove_ignore_mark(fd, AGENT_EVENTS)
-                .map_err(|e| e.to_string())?;
-            give_back(fd, &st)?;
+                .map_err(|e| CacheError::kernel(path, "removing the ignore mark", e))?;
+            give_back(path, fd, &st)?;
             // While the marker is there the origin record means nothing; at the next
             // finalisation it is written afresh.
-            xattr::fremove(fd, ORIGIN_XATTR).map_err(|e| e.to_string())?;
+            xattr::fremove(fd, ORIGIN_XATTR)
+                .map_err(|e| CacheError::kernel(path, "removing the origin record", e))?;
             Ok(())
         })();
         finish(path, w, &st, r)
@@ -490,15 +459,16 @@ impl CacheOps {
 }
 
 /// Punch out every byte and put the times back (the punch is not a modification).
-fn give_back(fd: BorrowedFd<'_>, st: &FileStat) -> Result<(), String> {
+fn give_back(path: &Path, fd: BorrowedFd<'_>, st: &FileStat) -> Result<(), CacheError> {
     if st.size > 0 {
-        hsm_kernel::sys::punch_hole(fd, 0, st.size).map_err(|e| e.to_string())?;
+        hsm_kernel::sys::punch_hole(fd, 0, st.size)
+            .map_err(|e| CacheError::kernel(path, "punching out the data", e))?;
     }
-    hsm_core::stubio::restore_mtime(fd, st.mtime).map_err(|e| e.to_string())
+    hsm_core::stubio::restore_mtime(fd, st.mtime).map_err(|e| CacheError::new(path, e))
 }
 
 /// Check the lease held to the end, give it back, report.
-fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), String>) -> FileOutcome {
+fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), CacheError>) -> FileOutcome {
     let held = hsm_kernel::sys::lease_held(w.as_fd()).unwrap_or(false);
     let after = stat::fstatx(w.as_fd())
         .map(|s| s.blocks)
@@ -517,15 +487,7 @@ fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), String>) -> File
                 freed: st.blocks.saturating_sub(after) * 512,
             }
         }
-        Err(e) => FileOutcome::Failed {
-            error: format!("{}: {e}", path.display()),
-        },
-    }
-}
-
-fn no_longer_a_stub() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "no longer a stub".into(),
+        Err(e) => FileOutcome::failed(e),
     }
 }
 
@@ -536,46 +498,6 @@ fn has_data(fd: BorrowedFd<'_>, size: u64) -> bool {
         Err(nix::errno::Errno::ENXIO) => false,
         Err(_) => true,
     }
-}
-
-fn pinned() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "pinned".into(),
-    }
-}
-
-fn not_remote() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "not a copy of a remote object (local file, or written locally)".into(),
-    }
-}
-
-fn building() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "populate is still building it".into(),
-    }
-}
-
-fn fills_in_flight() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "in use: fills in flight".into(),
-    }
-}
-
-fn in_use() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "in use: open, mapped or executing".into(),
-    }
-}
-
-fn modified() -> FileOutcome {
-    FileOutcome::Skipped {
-        reason: "modified locally".into(),
-    }
-}
-
-fn busy_text() -> String {
-    std::io::Error::from_raw_os_error(libc::ETXTBSY).to_string()
 }
 
 struct Found {
@@ -596,10 +518,12 @@ enum Kind {
     Local,
 }
 
-fn classify(fd: BorrowedFd<'_>) -> Result<Kind, String> {
+fn classify(path: &Path, fd: BorrowedFd<'_>) -> Result<Kind, CacheError> {
     let mut buf = Vec::new();
-    if xattr::fget(fd, MARKER_XATTR, &mut buf).map_err(|e| e.to_string())? {
-        let m = Marker::decode(&buf).map_err(|e| e.to_string())?;
+    if xattr::fget(fd, MARKER_XATTR, &mut buf)
+        .map_err(|e| CacheError::kernel(path, "reading the marker", e))?
+    {
+        let m = Marker::decode(&buf).map_err(|e| CacheError::format(path, "marker", e))?;
         return Ok(match m.state {
             hsm_stub::MarkerState::Building => Kind::Building,
             _ => match hsm_core::stubio::load(fd) {
@@ -612,10 +536,12 @@ fn classify(fd: BorrowedFd<'_>) -> Result<Kind, String> {
             },
         });
     }
-    if xattr::fget(fd, ORIGIN_XATTR, &mut buf).map_err(|e| e.to_string())? {
+    if xattr::fget(fd, ORIGIN_XATTR, &mut buf)
+        .map_err(|e| CacheError::kernel(path, "reading the origin record", e))?
+    {
         return Origin::decode(&buf)
             .map(|o| Kind::Hydrated(Box::new(o)))
-            .map_err(|e| format!("origin record: {e}"));
+            .map_err(|e| CacheError::format(path, "origin record", e));
     }
     Ok(Kind::Local)
 }
@@ -654,13 +580,15 @@ fn open_for_xattr(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn set_pin(path: &Path, on: bool) -> Result<(), String> {
-    let fd = open_for_xattr(path).map_err(|e| e.to_string())?;
-    if on {
-        xattr::fset(fd.as_fd(), PIN_XATTR, b"", SetMode::Any).map_err(|e| e.to_string())
+fn set_pin(path: &Path, on: bool) -> Result<(), Cause> {
+    let fd = open_for_xattr(path).map_err(|source| Cause::Io {
+        op: "open for the pin",
+        source,
+    })?;
+    let (op, r) = if on {
+        ("pin", xattr::fset(fd.as_fd(), PIN_XATTR, b"", SetMode::Any))
     } else {
-        xattr::fremove(fd.as_fd(), PIN_XATTR)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
+        ("unpin", xattr::fremove(fd.as_fd(), PIN_XATTR).map(|_| ()))
+    };
+    r.map_err(|source| Cause::Kernel { op, source })
 }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
-use crate::cache::{CacheOps, FileOutcome, Op};
+use crate::cache::{CacheError, CacheOps, FileOutcome, Op, served_tree};
 use crate::events::{DENY_ERRNOS, Pending};
 
 /// The socket's name in the state directory.
@@ -54,6 +54,25 @@ pub enum Request {
     Cache { op: Op, paths: Vec<PathBuf> },
 }
 
+/// Why a connection's request was refused (the text of its `error` line).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{ROOT_ONLY}")]
+    NotRoot,
+    #[error("no request within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("reading the request: {0}")]
+    Read(#[source] io::Error),
+    #[error("the request must be one line ending in a newline")]
+    NotALine,
+    #[error(
+        "bad request ({0}): expected {{\"op\":\"status\",\"path\":null}} or {{\"op\":\"hydrate\"|\"evict\"|\"pin\"|\"unpin\",\"paths\":[...]}}"
+    )]
+    Malformed(#[source] serde_json::Error),
+    #[error("{}: paths sent to the agent must be absolute", .0.display())]
+    Relative(PathBuf),
+}
+
 /// The `op` of a status request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,13 +88,17 @@ impl Request {
         s
     }
 
-    /// Parse one request line.
-    pub fn decode(line: &str) -> Result<Self, String> {
-        serde_json::from_str(line.trim_end()).map_err(|e| {
-            format!(
-                "bad request ({e}): expected {{\"op\":\"status\",\"path\":null}} or {{\"op\":\"hydrate\"|\"evict\"|\"pin\"|\"unpin\",\"paths\":[...]}}"
-            )
-        })
+    /// Parse one request line; every path in it must be absolute.
+    pub fn decode(line: &str) -> Result<Self, RequestError> {
+        let req: Self = serde_json::from_str(line.trim_end()).map_err(RequestError::Malformed)?;
+        let relative = match &req {
+            Request::Status { path, .. } => path.iter().find(|p| p.is_relative()),
+            Request::Cache { paths, .. } => paths.iter().find(|p| p.is_relative()),
+        };
+        match relative {
+            Some(p) => Err(RequestError::Relative(p.clone())),
+            None => Ok(req),
+        }
     }
 }
 
@@ -389,8 +412,8 @@ async fn accept_loop(listener: UnixListener, agent: Arc<Agent>) {
     }
 }
 
-fn error_line(msg: &str) -> String {
-    let mut s = serde_json::json!({ "error": msg }).to_string();
+fn error_line(e: &dyn std::fmt::Display) -> String {
+    let mut s = serde_json::json!({ "error": e.to_string() }).to_string();
     s.push('\n');
     s
 }
@@ -400,18 +423,18 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>) {
     let (rd, mut wr) = stream.into_split();
     if uid.as_ref().ok() != Some(&0) {
         debug!(?uid, "control socket: refused a non-root client");
-        let _ = wr.write_all(error_line(ROOT_ONLY).as_bytes()).await;
+        let _ = wr
+            .write_all(error_line(&RequestError::NotRoot).as_bytes())
+            .await;
         return;
     }
     let mut line = String::new();
     let mut rd = BufReader::new(rd).take(MAX_REQUEST);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await;
     let req = match read {
-        Err(_) => Err("no request within 30 s".to_string()),
-        Ok(Err(e)) => Err(format!("reading the request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => {
-            Err("the request must be one line ending in a newline".to_string())
-        }
+        Err(_) => Err(RequestError::Timeout),
+        Ok(Err(e)) => Err(RequestError::Read(e)),
+        Ok(Ok(_)) if !line.ends_with('\n') => Err(RequestError::NotALine),
         Ok(Ok(_)) => Request::decode(&line),
     };
     let req = match req {
@@ -421,15 +444,6 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>) {
             return;
         }
     };
-    let relative = match &req {
-        Request::Status { path, .. } => path.iter().find(|p| p.is_relative()),
-        Request::Cache { paths, .. } => paths.iter().find(|p| p.is_relative()),
-    };
-    if let Some(p) = relative {
-        let e = format!("{}: paths sent to the agent must be absolute", p.display());
-        let _ = wr.write_all(error_line(&e).as_bytes()).await;
-        return;
-    }
     debug!(?req, "control request");
     // The work runs in its own task and sends lines here; this task writes them, so a
     // slow client only slows its own answer.
@@ -467,7 +481,7 @@ async fn run(req: Request, agent: Arc<Agent>, tx: tokio::sync::mpsc::UnboundedSe
                     serde_json::json!({ "done": report }).to_string()
                 }
                 Ok(Err(e)) => error_line(&e).trim_end().to_string(),
-                Err(e) => error_line(&format!("status walk failed: {e}"))
+                Err(e) => error_line(&format_args!("status walk failed: {e}"))
                     .trim_end()
                     .to_string(),
             };
@@ -499,26 +513,11 @@ async fn run(req: Request, agent: Arc<Agent>, tx: tokio::sync::mpsc::UnboundedSe
 }
 
 /// Walk each tree (or the one holding `path`, from `path` down).
-fn status_trees(trees: &[PathBuf], path: Option<&Path>) -> Result<Vec<TreeStatus>, String> {
+fn status_trees(trees: &[PathBuf], path: Option<&Path>) -> Result<Vec<TreeStatus>, CacheError> {
     let Some(p) = path else {
         return Ok(trees.iter().map(|t| walk(t, t)).collect());
     };
-    let real = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let tree = trees
-        .iter()
-        .filter(|t| real.starts_with(t))
-        .max_by_key(|t| t.as_os_str().len())
-        .ok_or_else(|| {
-            format!(
-                "{}: not in a served tree (this agent serves {})",
-                p.display(),
-                trees
-                    .iter()
-                    .map(|t| t.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
+    let (tree, real) = served_tree(trees, p)?;
     Ok(vec![walk(tree, &real)])
 }
 

@@ -89,7 +89,7 @@ fn open_map(name: &str) -> Result<MapHandle, BpfError> {
     let root = pins::bpffs()?;
     let maps = match pins::inspect(root.as_fd()) {
         Found::Trusted(d) => d.maps,
-        Found::Untrusted(why) => return Err(BpfError::Unsupported(why)),
+        Found::Untrusted(why) => return Err(BpfError::Unsupported(why.to_string())),
         Found::Absent => None,
     }
     .ok_or_else(|| BpfError::Unsupported(format!("{PIN_DIR}: the guard is not installed")))?;
@@ -228,7 +228,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
                     match pins::inspect(root.as_fd()) {
                         Found::Untrusted(why) => {
                             pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
-                            replaced = Some(why);
+                            replaced = Some(why.to_string());
                         }
                         _ => {
                             return Err(BpfError::pin(
@@ -274,7 +274,7 @@ pub fn remove() -> Result<GuardRemoved, BpfError> {
             pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
             Ok(GuardRemoved {
                 pins: 0,
-                planted: Some(why),
+                planted: Some(why.to_string()),
             })
         }
         Found::Trusted(dir) => {
@@ -347,7 +347,7 @@ pub fn status() -> GuardStatus {
         Found::Absent => return st,
         Found::Untrusted(why) => {
             st.present = true;
-            st.untrusted = Some(why);
+            st.untrusted = Some(why.to_string());
             return st;
         }
         Found::Trusted(dir) => dir,
@@ -385,7 +385,7 @@ pub fn status() -> GuardStatus {
         .collect();
     for l in &st.links {
         if let Err(why) = verify_link(links.as_fd(), l, &progs) {
-            st.problems.push(why);
+            st.problems.push(why.to_string());
         }
     }
     let mut opened: HashMap<&str, MapHandle> = HashMap::new();
@@ -394,7 +394,7 @@ pub fn status() -> GuardStatus {
             Ok(h) => {
                 opened.insert(m, h);
             }
-            Err(why) => st.problems.push(why),
+            Err(why) => st.problems.push(why.to_string()),
         }
     }
     st.installed = st.problems.is_empty();

@@ -49,21 +49,90 @@ fn kind(st: &FileStat) -> &'static str {
     }
 }
 
+/// Why something in the pin directory is not the guard's own: what `hsm guard status`
+/// and `hsm doctor` report, and why an install replaces it. `what` names it (`/sys/fs/bpf/hsm`,
+/// `links/NAME`, ...).
+#[derive(Debug, thiserror::Error)]
+pub enum PinProblem {
+    #[error("{what} is {kind} owned by uid {uid} (mode {mode:04o}), not by root")]
+    NotRoots {
+        what: String,
+        kind: &'static str,
+        uid: u32,
+        mode: u32,
+    },
+    #[error("{what} is {kind} that users other than root may write to (mode {mode:04o})")]
+    OthersMayWrite {
+        what: String,
+        kind: &'static str,
+        mode: u32,
+    },
+    /// Where a directory belongs.
+    #[error("{what} is {kind}, not a directory")]
+    NotDirectory { what: String, kind: &'static str },
+    /// Where a pinned object belongs (bpffs shows one as a regular file).
+    #[error("{what} is {kind}, not a pinned object")]
+    NotPinnedObject { what: String, kind: &'static str },
+    #[error("{what}: {source}")]
+    Stat {
+        what: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("{what} cannot be opened as a BPF {expected}: {source}")]
+    NotOpenable {
+        what: String,
+        expected: &'static str,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    /// `link_type` is what fdinfo says (none: not a link at all).
+    #[error("{what} is not a BPF LSM link ({})", match link_type {
+        Some(t) => format!("a link of type {t}"),
+        None => "not a link at all".to_string(),
+    })]
+    NotLsmLink {
+        what: String,
+        link_type: Option<String>,
+    },
+    #[error("{what} names no program")]
+    NoProgram { what: String },
+    #[error("{what} attaches program {prog:?} of type {ty}, not the guard's LSM program {name}")]
+    WrongProgram {
+        what: String,
+        prog: String,
+        ty: String,
+        name: String,
+    },
+    #[error("{what} attaches program {id}, which cannot be read")]
+    UnreadableProgram { what: String, id: u32 },
+    #[error("{what} is not a BPF map")]
+    NotMap { what: String },
+    #[error("{what} is the map {got:?}, not the guard's {name}")]
+    WrongMap {
+        what: String,
+        got: String,
+        name: String,
+    },
+}
+
 /// Why `st` (of `what`) cannot be trusted as root's, if it cannot: someone else owns it, or
 /// someone else may write to it.
-pub(crate) fn distrust(what: &str, st: &FileStat) -> Option<String> {
+pub(crate) fn distrust(what: &str, st: &FileStat) -> Option<PinProblem> {
     let mode = st.st_mode & 0o7777;
     if st.st_uid != 0 {
-        Some(format!(
-            "{what} is {} owned by uid {} (mode {mode:04o}), not by root",
-            kind(st),
-            st.st_uid
-        ))
+        Some(PinProblem::NotRoots {
+            what: what.to_string(),
+            kind: kind(st),
+            uid: st.st_uid,
+            mode,
+        })
     } else if st.st_mode & 0o022 != 0 {
-        Some(format!(
-            "{what} is {} that users other than root may write to (mode {mode:04o})",
-            kind(st)
-        ))
+        Some(PinProblem::OthersMayWrite {
+            what: what.to_string(),
+            kind: kind(st),
+            mode,
+        })
     } else {
         None
     }
@@ -113,7 +182,7 @@ pub(crate) enum Found {
     /// Nothing named [`NAME`] in bpffs.
     Absent,
     /// Something is there that root did not make (or others could have changed): why.
-    Untrusted(String),
+    Untrusted(PinProblem),
     /// Root's: the directory and its `links` and `maps` subdirectories (each open, if
     /// present), all owned by root and writable by no one else.
     Trusted(TrustedDir),
@@ -127,14 +196,23 @@ pub(crate) struct TrustedDir {
 }
 
 /// A pin inside a trusted subdirectory: the entry's stat says it is a root-owned regular
-/// file (what bpffs shows a pinned object as) that no one else may write.
-pub(crate) fn pin_entry_ok(dir: BorrowedFd<'_>, name: &str) -> Result<(), String> {
-    let st = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(|e| format!("{name}: {e}"))?;
+/// file (what bpffs shows a pinned object as) that no one else may write. `what` names it
+/// in the problem.
+pub(crate) fn pin_entry_ok(dir: BorrowedFd<'_>, name: &str, what: &str) -> Result<(), PinProblem> {
+    let st =
+        nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|source| {
+            PinProblem::Stat {
+                what: what.to_string(),
+                source,
+            }
+        })?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(format!("{name} is {}, not a pinned object", kind(&st)));
+        return Err(PinProblem::NotPinnedObject {
+            what: what.to_string(),
+            kind: kind(&st),
+        });
     }
-    match distrust(name, &st) {
+    match distrust(what, &st) {
         Some(why) => Err(why),
         None => Ok(()),
     }
@@ -149,12 +227,17 @@ pub(crate) fn inspect(root: BorrowedFd<'_>) -> Found {
         Err(_) => {
             // A symlink, a file, a special file: never ours.
             return match nix::sys::stat::fstatat(root, NAME, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => Found::Untrusted(
-                    distrust(&shown, &st)
-                        .unwrap_or_else(|| format!("{shown} is {}, not a directory", kind(&st))),
-                ),
+                Ok(st) => Found::Untrusted(distrust(&shown, &st).unwrap_or_else(|| {
+                    PinProblem::NotDirectory {
+                        what: shown.clone(),
+                        kind: kind(&st),
+                    }
+                })),
                 Err(Errno::ENOENT) => Found::Absent,
-                Err(e) => Found::Untrusted(format!("{shown}: {e}")),
+                Err(source) => Found::Untrusted(PinProblem::Stat {
+                    what: shown,
+                    source,
+                }),
             };
         }
     };
@@ -165,7 +248,12 @@ pub(crate) fn inspect(root: BorrowedFd<'_>) -> Found {
                 return Found::Untrusted(why);
             }
         }
-        Err(e) => return Found::Untrusted(format!("{shown}: {e}")),
+        Err(source) => {
+            return Found::Untrusted(PinProblem::Stat {
+                what: shown,
+                source,
+            });
+        }
     }
     for (slot, sub) in dirs.iter_mut().zip(["links", "maps"]) {
         let what = format!("{shown}/{sub}");
@@ -175,13 +263,16 @@ pub(crate) fn inspect(root: BorrowedFd<'_>) -> Found {
                     Some(why) => return Found::Untrusted(why),
                     None => *slot = Some(fd),
                 },
-                Err(e) => return Found::Untrusted(format!("{what}: {e}")),
+                Err(source) => return Found::Untrusted(PinProblem::Stat { what, source }),
             },
             Err(Errno::ENOENT) => {}
             Err(_) => {
                 // Only root can have made anything in a directory that is root's and
                 // closed to others; still, a non-directory here is not a guard's.
-                return Found::Untrusted(format!("{what} is not a directory"));
+                let kind = nix::sys::stat::fstatat(top.as_fd(), sub, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map(|st| kind(&st))
+                    .unwrap_or("something else");
+                return Found::Untrusted(PinProblem::NotDirectory { what, kind });
             }
         }
     }

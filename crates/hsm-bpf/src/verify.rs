@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use libbpf_rs::{Link, MapCore, MapHandle, ProgramType};
 
-use crate::pins;
+use crate::pins::{self, PinProblem};
 
 /// BPF object names are cut to 15 bytes by the kernel (`BPF_OBJ_NAME_LEN`).
 pub(crate) fn kernel_name(name: &str) -> &str {
@@ -30,51 +30,61 @@ pub(crate) fn verify_link(
     dir: BorrowedFd<'_>,
     name: &str,
     progs: &HashMap<u32, (String, ProgramType)>,
-) -> Result<(), String> {
-    pins::pin_entry_ok(dir, name).map_err(|why| format!("links/{why}"))?;
-    let link = Link::open(pins::via_fd(dir, name))
-        .map_err(|e| format!("links/{name} cannot be opened as a BPF object: {e}"))?;
+) -> Result<(), PinProblem> {
+    let what = format!("links/{name}");
+    pins::pin_entry_ok(dir, name, &what)?;
+    let link = Link::open(pins::via_fd(dir, name)).map_err(|source| PinProblem::NotOpenable {
+        what: what.clone(),
+        expected: "object",
+        source,
+    })?;
     // The kernel says what the descriptor is; libbpf would take any object for a link.
     let info = fdinfo(link.as_fd());
-    let link_type = info.get("link_type").map(String::as_str);
-    if link_type != Some("tracing") {
-        return Err(format!(
-            "links/{name} is not a BPF LSM link ({})",
-            match link_type {
-                Some(t) => format!("a link of type {t}"),
-                None => "not a link at all".into(),
-            }
-        ));
+    let link_type = info.get("link_type");
+    if link_type.map(String::as_str) != Some("tracing") {
+        return Err(PinProblem::NotLsmLink {
+            what,
+            link_type: link_type.cloned(),
+        });
     }
-    let prog_id: u32 = info
+    let id: u32 = info
         .get("prog_id")
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("links/{name} names no program"))?;
-    match progs.get(&prog_id) {
+        .ok_or_else(|| PinProblem::NoProgram { what: what.clone() })?;
+    match progs.get(&id) {
         Some((prog, ProgramType::Lsm)) if prog == kernel_name(name) => Ok(()),
-        Some((prog, ty)) => Err(format!(
-            "links/{name} attaches program {prog:?} of type {ty:?}, not the guard's LSM program {name}"
-        )),
-        None => Err(format!(
-            "links/{name} attaches program {prog_id}, which cannot be read"
-        )),
+        Some((prog, ty)) => Err(PinProblem::WrongProgram {
+            what,
+            prog: prog.clone(),
+            ty: format!("{ty:?}"),
+            name: name.to_string(),
+        }),
+        None => Err(PinProblem::UnreadableProgram { what, id }),
     }
 }
 
 /// Open the pin `name` in the (trusted) `maps` directory, checked to be a BPF map of that
 /// name.
-pub(crate) fn verified_map(dir: BorrowedFd<'_>, name: &str) -> Result<MapHandle, String> {
-    pins::pin_entry_ok(dir, name).map_err(|why| format!("maps/{why}"))?;
-    let map = MapHandle::from_pinned_path(pins::via_fd(dir, name))
-        .map_err(|e| format!("maps/{name} cannot be opened as a BPF map: {e}"))?;
+pub(crate) fn verified_map(dir: BorrowedFd<'_>, name: &str) -> Result<MapHandle, PinProblem> {
+    let what = format!("maps/{name}");
+    pins::pin_entry_ok(dir, name, &what)?;
+    let map = MapHandle::from_pinned_path(pins::via_fd(dir, name)).map_err(|source| {
+        PinProblem::NotOpenable {
+            what: what.clone(),
+            expected: "map",
+            source,
+        }
+    })?;
     if !fdinfo(map.as_fd()).contains_key("map_type") {
-        return Err(format!("maps/{name} is not a BPF map"));
+        return Err(PinProblem::NotMap { what });
     }
     let got = map.name().to_string_lossy().into_owned();
     if got != kernel_name(name) {
-        return Err(format!(
-            "maps/{name} is the map {got:?}, not the guard's {name}"
-        ));
+        return Err(PinProblem::WrongMap {
+            what,
+            got,
+            name: name.to_string(),
+        });
     }
     Ok(map)
 }

@@ -15,6 +15,9 @@ pub enum LocalError {
     /// reopens that hit it wait and retry instead of failing the reader.
     #[error("{op}: too many open files")]
     TooManyFiles { op: &'static str },
+    /// ETXTBSY: the file is being executed (so it cannot be opened for writing).
+    #[error("{op}: text file busy")]
+    Busy { op: &'static str },
     #[error("{op}: {message}")]
     Other { op: &'static str, message: String },
 }
@@ -26,6 +29,7 @@ impl LocalError {
             Some(libc::ENOSPC) => LocalError::NoSpace { op },
             Some(libc::EDQUOT) => LocalError::QuotaExceeded { op },
             Some(libc::EMFILE) | Some(libc::ENFILE) => LocalError::TooManyFiles { op },
+            Some(libc::ETXTBSY) => LocalError::Busy { op },
             _ => LocalError::Other {
                 op,
                 message: e.to_string(),
@@ -94,7 +98,9 @@ pub fn deny_errno(e: &ServeError) -> DenyErrno {
         ServeError::Local(l) => match l {
             LocalError::NoSpace { .. } => DenyErrno::Enospc,
             LocalError::QuotaExceeded { .. } => DenyErrno::Edquot,
-            LocalError::TooManyFiles { .. } | LocalError::Other { .. } => DenyErrno::Eio,
+            LocalError::TooManyFiles { .. }
+            | LocalError::Busy { .. }
+            | LocalError::Other { .. } => DenyErrno::Eio,
         },
         ServeError::Metadata(_) => DenyErrno::Eio,
         ServeError::Inconsistent(_) => DenyErrno::Eio,

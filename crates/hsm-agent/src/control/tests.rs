@@ -1,4 +1,5 @@
 use super::*;
+use crate::cache::SkipReason;
 
 #[test]
 fn requests_round_trip() {
@@ -7,12 +8,12 @@ fn requests_round_trip() {
         path: None,
     };
     assert_eq!(s.encode(), "{\"op\":\"status\",\"path\":null}\n");
-    assert_eq!(Request::decode(&s.encode()), Ok(s));
+    assert_eq!(Request::decode(&s.encode()).expect("decode"), s);
     let p = Request::Status {
         op: StatusOp::Status,
         path: Some("/t/a".into()),
     };
-    assert_eq!(Request::decode(&p.encode()), Ok(p));
+    assert_eq!(Request::decode(&p.encode()).expect("decode"), p);
     for (op, name) in [
         (Op::Hydrate, "hydrate"),
         (Op::Evict, "evict"),
@@ -28,15 +29,15 @@ fn requests_round_trip() {
             line,
             format!("{{\"op\":\"{name}\",\"paths\":[\"/t/a\",\"/t/b c\"]}}\n")
         );
-        assert_eq!(Request::decode(&line), Ok(r));
+        assert_eq!(Request::decode(&line).expect("decode"), r);
     }
     // A status request may leave out the path.
     assert_eq!(
-        Request::decode("{\"op\":\"status\"}"),
-        Ok(Request::Status {
+        Request::decode("{\"op\":\"status\"}").expect("decode"),
+        Request::Status {
             op: StatusOp::Status,
             path: None
-        })
+        }
     );
 }
 
@@ -50,14 +51,25 @@ fn bad_requests_are_refused() {
         "[1]",
     ] {
         let e = Request::decode(bad).expect_err(bad);
-        assert!(e.starts_with("bad request"), "{e}");
+        assert!(matches!(e, RequestError::Malformed(_)), "{e}");
+        assert!(e.to_string().starts_with("bad request"), "{e}");
+    }
+    // Every path must be absolute, in either kind of request.
+    for (line, path) in [
+        ("{\"op\":\"status\",\"path\":\"a.bin\"}", "a.bin"),
+        ("{\"op\":\"evict\",\"paths\":[\"/t/a\",\"b/c\"]}", "b/c"),
+    ] {
+        match Request::decode(line) {
+            Err(RequestError::Relative(p)) => assert_eq!(p, Path::new(path)),
+            other => panic!("{line}: {other:?}"),
+        }
     }
 }
 
 #[test]
 fn file_lines_carry_the_outcome() {
     let o = FileOutcome::Skipped {
-        reason: "pinned".into(),
+        reason: SkipReason::Pinned,
     };
     let l = serde_json::to_string(&FileLine {
         file: Path::new("/t/a"),
@@ -87,7 +99,7 @@ fn summary_counts_outcomes() {
         FileOutcome::AlreadyStub,
         FileOutcome::Unpinned,
         FileOutcome::Skipped {
-            reason: "pinned".into(),
+            reason: SkipReason::InUse,
         },
         FileOutcome::Failed {
             error: "EIO".into(),
@@ -124,5 +136,9 @@ fn walk_counts_files_and_pins() {
     assert_eq!(sub.local_files, 1);
     let trees = vec![d.path().to_path_buf()];
     let e = status_trees(&trees, Some(Path::new("/"))).expect_err("outside");
-    assert!(e.contains("not in a served tree"), "{e}");
+    assert!(
+        matches!(e.cause, crate::cache::Cause::NotServed { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("/: not in a served tree"), "{e}");
 }
