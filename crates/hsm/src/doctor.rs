@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::process::ExitCode;
 
 use hsm_bpf::GuardReadiness;
 use hsm_kernel::fanotify::{FAN_PRE_ACCESS, Group, GroupOptions, MarkTarget};
@@ -268,6 +269,24 @@ fn plan_section(
 
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+/// `hsm doctor`: print the report; exit 0 when the agent can serve here, 1 when it cannot,
+/// 2 when not run as root.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let (text, verdict) = report();
+    print!("{text}");
+    Ok(match verdict {
+        Verdict::CanServe => ExitCode::SUCCESS,
+        Verdict::CannotServe => ExitCode::FAILURE,
+        Verdict::NotProbed => {
+            eprintln!(
+                "hsm: doctor needs root: as a user it cannot probe fanotify or BPF, so it \
+                 cannot tell whether the agent can serve here"
+            );
+            ExitCode::from(2)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 
 mod control;
 mod doctor;
+mod guard;
+mod tree;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,7 +106,7 @@ enum Command {
     /// Inspect, install or remove the BPF LSM stub guard (pinned in /sys/fs/bpf/hsm).
     Guard {
         #[command(subcommand)]
-        action: GuardAction,
+        action: guard::GuardAction,
     },
     /// Hold the agent's fanotify group across agent restarts. The agent starts it; it does
     /// nothing else (docs/SEMANTICS.md, "Agent restarts").
@@ -119,32 +121,7 @@ enum Command {
     },
     /// Serve stub trees: fetch bytes on first access (runs until SIGTERM; a second agent
     /// started on the same state directory takes over from the first without a gap).
-    Agent {
-        /// Stub trees to serve (added to [agent] trees).
-        dst: Vec<PathBuf>,
-        /// "filesystem" or "mount" (default: [agent] mark).
-        #[arg(long)]
-        mark: Option<MarkKind>,
-        /// Create this file once the marks are placed.
-        #[arg(long)]
-        ready_file: Option<PathBuf>,
-        /// Write metrics as JSON here periodically and at exit.
-        #[arg(long)]
-        stats_file: Option<PathBuf>,
-        /// Keeper socket and event journal directory (default: [agent] state_dir).
-        #[arg(long, env = "HSM_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-        /// "auto" or "off" (default: [agent] keeper).
-        #[arg(long, env = "HSM_KEEPER")]
-        keeper: Option<hsm_config::KeeperMode>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (default: [metrics] listen).
-        #[arg(long, env = "HSM_METRICS_LISTEN", value_name = "ADDR")]
-        metrics_listen: Option<std::net::SocketAddr>,
-        /// Bound the remote data held locally: a size ("64 MiB") or a percentage of the
-        /// filesystem ("20%"); "0" for no limit (default: [cache] max_size).
-        #[arg(long, env = "HSM_CACHE_MAX_SIZE", value_name = "SIZE")]
-        cache_max_size: Option<hsm_config::CacheSize>,
-    },
+    Agent(AgentArgs),
     /// Show the running agent's state and, per served tree, what is stub, local, pinned
     /// and cached (the agent walks the trees; big ones take a while).
     Status {
@@ -206,6 +183,35 @@ enum Command {
     },
 }
 
+/// `hsm agent`'s options; each overrides its configuration key.
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Stub trees to serve (added to [agent] trees).
+    dst: Vec<PathBuf>,
+    /// "filesystem" or "mount" (default: [agent] mark).
+    #[arg(long)]
+    mark: Option<MarkKind>,
+    /// Create this file once the marks are placed.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Write metrics as JSON here periodically and at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Keeper socket and event journal directory (default: [agent] state_dir).
+    #[arg(long, env = "HSM_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// "auto" or "off" (default: [agent] keeper).
+    #[arg(long, env = "HSM_KEEPER")]
+    keeper: Option<hsm_config::KeeperMode>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: [metrics] listen).
+    #[arg(long, env = "HSM_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Bound the remote data held locally: a size ("64 MiB") or a percentage of the
+    /// filesystem ("20%"); "0" for no limit (default: [cache] max_size).
+    #[arg(long, env = "HSM_CACHE_MAX_SIZE", value_name = "SIZE")]
+    cache_max_size: Option<hsm_config::CacheSize>,
+}
+
 /// Which agent a command talks to.
 #[derive(Debug, Args)]
 struct AgentSocket {
@@ -220,16 +226,6 @@ impl AgentSocket {
             .clone()
             .unwrap_or_else(|| cfg.agent.state_dir.clone())
     }
-}
-
-#[derive(Debug, Subcommand)]
-enum GuardAction {
-    /// Show whether the guard is installed, who is registered and its counters.
-    Status,
-    /// Load, attach and pin the guard (the agent does this itself with guard = "auto").
-    Install,
-    /// Detach and unpin the guard; nothing is left in bpffs.
-    Remove,
 }
 
 fn init_logging(cfg: &Config) {
@@ -274,7 +270,7 @@ fn main() -> ExitCode {
             if let Some(g) = min_granule {
                 cfg.populate.min_granule = g;
             }
-            let code = populate(&cfg, &src, &dst, force, json, !no_progress);
+            let code = tree::populate(&cfg, &src, &dst, force, json, !no_progress);
             if matches!(code, Ok(ExitCode::SUCCESS)) {
                 control::hydrate_pinned(&agent.dir(&cfg), &dst);
             }
@@ -289,7 +285,7 @@ fn main() -> ExitCode {
             json,
             no_progress,
             staging,
-        } => publish(
+        } => tree::publish(
             &cfg,
             &src,
             &url,
@@ -308,75 +304,11 @@ fn main() -> ExitCode {
             rootfs,
             output,
             args,
-        } => runtime_spec(&cfg, &url, &rootfs, output.as_deref(), &args),
-        Command::Doctor => {
-            let (text, verdict) = doctor::report();
-            print!("{text}");
-            Ok(match verdict {
-                doctor::Verdict::CanServe => ExitCode::SUCCESS,
-                doctor::Verdict::CannotServe => ExitCode::FAILURE,
-                doctor::Verdict::NotProbed => {
-                    eprintln!(
-                        "hsm: doctor needs root: as a user it cannot probe fanotify or BPF, so it \
-                         cannot tell whether the agent can serve here"
-                    );
-                    ExitCode::from(2)
-                }
-            })
-        }
-        Command::Guard { action } => guard(action),
-        Command::Keeper { socket, grace } => {
-            if let Ok(d) = std::env::var("HSM_STATE_DIR") {
-                cfg.agent.state_dir = PathBuf::from(d);
-            }
-            let socket =
-                socket.unwrap_or_else(|| hsm_agent::keeper::socket_path(&cfg.agent.state_dir));
-            let grace = grace.unwrap_or(cfg.agent.keeper_grace.0);
-            hsm_agent::keeper::run(&socket, grace)
-                .map(|()| ExitCode::SUCCESS)
-                .with_context(|| format!("keeper on {}", socket.display()))
-        }
-        Command::Agent {
-            dst,
-            mark,
-            ready_file,
-            stats_file,
-            state_dir,
-            keeper,
-            metrics_listen,
-            cache_max_size,
-        } => {
-            if let Some(c) = cache_max_size {
-                cfg.cache.max_size = c;
-            }
-            if metrics_listen.is_some() {
-                cfg.metrics.listen = metrics_listen;
-            }
-            if let Some(d) = state_dir {
-                cfg.agent.state_dir = d;
-            }
-            if let Some(k) = keeper {
-                cfg.agent.keeper = k;
-            }
-            if let Some(m) = mark {
-                cfg.agent.mark = m;
-            }
-            if ready_file.is_some() {
-                cfg.agent.ready_file = ready_file;
-            }
-            if stats_file.is_some() {
-                cfg.agent.stats_file = stats_file;
-            }
-            hsm_agent::run(hsm_agent::AgentOptions {
-                trees: dst,
-                config: cfg.agent.clone(),
-                remote: cfg.remote.clone(),
-                metrics_listen: cfg.metrics.listen,
-                cache: cfg.cache.clone(),
-            })
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(anyhow::Error::from)
-        }
+        } => tree::runtime_spec(&cfg, &url, &rootfs, output.as_deref(), &args),
+        Command::Doctor => doctor::run(),
+        Command::Guard { action } => guard::run(action),
+        Command::Keeper { socket, grace } => keeper(&mut cfg, socket, grace),
+        Command::Agent(args) => agent(cfg, args),
         Command::Status { path, json, agent } => {
             control::status(&agent.dir(&cfg), path.as_deref(), json)
         }
@@ -424,6 +356,56 @@ fn main() -> ExitCode {
     }
 }
 
+/// `hsm keeper`: hold the agent's fanotify group across restarts until told to stop.
+fn keeper(
+    cfg: &mut Config,
+    socket: Option<PathBuf>,
+    grace: Option<std::time::Duration>,
+) -> anyhow::Result<ExitCode> {
+    if let Ok(d) = std::env::var("HSM_STATE_DIR") {
+        cfg.agent.state_dir = PathBuf::from(d);
+    }
+    let socket = socket.unwrap_or_else(|| hsm_agent::keeper::socket_path(&cfg.agent.state_dir));
+    let grace = grace.unwrap_or(cfg.agent.keeper_grace.0);
+    hsm_agent::keeper::run(&socket, grace)
+        .map(|()| ExitCode::SUCCESS)
+        .with_context(|| format!("keeper on {}", socket.display()))
+}
+
+/// `hsm agent`: the command line over the configuration, then serve until stopped.
+fn agent(mut cfg: Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
+    if let Some(c) = a.cache_max_size {
+        cfg.cache.max_size = c;
+    }
+    if a.metrics_listen.is_some() {
+        cfg.metrics.listen = a.metrics_listen;
+    }
+    if let Some(d) = a.state_dir {
+        cfg.agent.state_dir = d;
+    }
+    if let Some(k) = a.keeper {
+        cfg.agent.keeper = k;
+    }
+    if let Some(m) = a.mark {
+        cfg.agent.mark = m;
+    }
+    if a.ready_file.is_some() {
+        cfg.agent.ready_file = a.ready_file;
+    }
+    if a.stats_file.is_some() {
+        cfg.agent.stats_file = a.stats_file;
+    }
+    hsm_agent::run(hsm_agent::AgentOptions {
+        trees: a.dst,
+        config: cfg.agent,
+        remote: cfg.remote,
+        metrics_listen: cfg.metrics.listen,
+        cache: cfg.cache,
+    })
+    .map(|()| ExitCode::SUCCESS)
+    .map_err(anyhow::Error::from)
+}
+
 /// An error and its causes on one line, each cause once: library errors often name their
 /// source in their own message already, and `{:#}` would print it twice.
 fn error_chain(e: &anyhow::Error) -> String {
@@ -436,277 +418,4 @@ fn error_chain(e: &anyhow::Error) -> String {
         }
     }
     msg
-}
-
-fn guard(action: GuardAction) -> anyhow::Result<ExitCode> {
-    match action {
-        GuardAction::Status => {
-            let st = hsm_bpf::guard_status();
-            if let Some(why) = &st.untrusted {
-                println!("guard: not installed: {why}");
-                println!(
-                    "guard: {} is not the guard's and is ignored (`hsm guard install` or `hsm guard remove` removes it)",
-                    hsm_bpf::PIN_DIR
-                );
-                return Ok(ExitCode::from(3));
-            }
-            if !st.present {
-                println!("guard: not installed ({} is absent)", hsm_bpf::PIN_DIR);
-                for p in &st.problems {
-                    println!("problem: {p}");
-                }
-                return Ok(ExitCode::from(3));
-            }
-            println!(
-                "guard: {} at {}",
-                if st.installed {
-                    "installed"
-                } else if st.unverified {
-                    "pinned (not verified: only root can check that the pins are the guard's BPF objects)"
-                } else {
-                    "INCOMPLETE"
-                },
-                hsm_bpf::PIN_DIR
-            );
-            for p in &st.problems {
-                println!("problem: {p}");
-            }
-            println!("links: {}", st.links.join(" "));
-            println!("maps: {}", st.maps.join(" "));
-            println!("generation: {}", st.generation);
-            for h in &st.holders {
-                println!(
-                    "holder: {} pid {} {}",
-                    h.kind,
-                    h.tgid,
-                    if h.alive { "alive" } else { "dead" }
-                );
-            }
-            for (major, minor) in &st.served {
-                println!("served: {major}:{minor}");
-            }
-            for (name, v) in &st.stats {
-                println!("{name}: {v}");
-            }
-            Ok(if st.installed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        GuardAction::Install => match hsm_bpf::install_guard()? {
-            hsm_bpf::GuardInstall::Installed {
-                skipped_hooks,
-                replaced,
-            } => {
-                if let Some(what) = replaced {
-                    println!("guard: removed what was not the guard's: {what}");
-                }
-                println!("guard: installed at {}", hsm_bpf::PIN_DIR);
-                if !skipped_hooks.is_empty() {
-                    println!(
-                        "guard: this kernel lacks the optional hooks {}",
-                        skipped_hooks.join(", ")
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            hsm_bpf::GuardInstall::AlreadyInstalled => {
-                println!("guard: already installed at {}", hsm_bpf::PIN_DIR);
-                Ok(ExitCode::SUCCESS)
-            }
-        },
-        GuardAction::Remove => {
-            let removed = hsm_bpf::remove_guard()?;
-            if let Some(what) = &removed.planted {
-                println!("guard: removed what was not the guard's: {what}");
-            } else if removed.pins == 0 {
-                println!("guard: nothing to remove");
-            } else {
-                println!("guard: removed ({} pins)", removed.pins);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn populate(
-    cfg: &Config,
-    src: &str,
-    dst: &std::path::Path,
-    force: bool,
-    json: bool,
-    progress: bool,
-) -> anyhow::Result<ExitCode> {
-    cfg.validate(std::path::Path::new("command line"))
-        .context("invalid option")?;
-    let source = hsm_populate::open_source(src, &cfg.remote)?;
-    let opts = hsm_populate::Options {
-        min_granule_shift: cfg.populate.min_granule.0.trailing_zeros() as u8,
-        jobs: cfg.populate.jobs,
-        force,
-        progress,
-        require_served_fs: true,
-    };
-    let summary = hsm_populate::populate(source.as_ref(), dst, &opts)?;
-    report("populate", &summary, &summary.errors, json)
-}
-
-fn publish(
-    cfg: &Config,
-    src: &std::path::Path,
-    url: &str,
-    opts: &hsm_populate::PublishOptions,
-    staging: Option<PathBuf>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    cfg.validate(std::path::Path::new("command line"))
-        .context("invalid option")?;
-    let src = src
-        .to_str()
-        .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
-    if src.starts_with("oci:") {
-        return publish_image(cfg, src, url, opts, staging, json);
-    }
-    let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
-    report("publish", &summary, &summary.errors, json)
-}
-
-/// What `hsm publish oci:...` did: the tree's summary, and which image it was.
-#[derive(Debug, serde::Serialize)]
-struct ImagePublishSummary {
-    #[serde(flatten)]
-    publish: hsm_populate::PublishSummary,
-    /// The image manifest's digest (sha256:...).
-    image_digest: String,
-    layers: usize,
-    /// Device nodes and FIFOs of the image, not published.
-    skipped_devices: u64,
-}
-
-impl std::fmt::Display for ImagePublishSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}; image {} ({} layers, {} device nodes and FIFOs not published)",
-            self.publish, self.image_digest, self.layers, self.skipped_devices
-        )
-    }
-}
-
-/// Stage the image's root filesystem, publish it like a directory, with the image config
-/// beside the manifest; the staging directory goes whatever happens.
-fn publish_image(
-    cfg: &Config,
-    src: &str,
-    url: &str,
-    opts: &hsm_populate::PublishOptions,
-    staging: Option<PathBuf>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let reference = hsm_oci::ImageRef::parse(src)?;
-    let staging = staging.unwrap_or_else(hsm_oci::default_staging);
-    let staged = hsm_oci::stage(&reference, &staging)?;
-    let rootfs = staged.rootfs();
-    let result = match rootfs.to_str() {
-        Some(root) => hsm_populate::publish_with_objects(
-            root,
-            url,
-            &cfg.remote,
-            opts,
-            &[(hsm_oci::IMAGE_CONFIG_KEY, &staged.image.config)],
-        )
-        .map_err(anyhow::Error::from),
-        None => Err(anyhow::anyhow!(
-            "{}: the staging path must be valid UTF-8",
-            rootfs.display()
-        )),
-    };
-    let image_digest = staged.image.digest.clone();
-    let layers = staged.image.layers.len();
-    let skipped_devices = staged.skipped_special;
-    staged.remove()?;
-    let mut publish = result?;
-    publish.source = reference.to_string();
-    let summary = ImagePublishSummary {
-        publish,
-        image_digest,
-        layers,
-        skipped_devices,
-    };
-    report("publish", &summary, &summary.publish.errors, json)
-}
-
-/// Largest `.hsm-image.json` read (image configs are a few KiB).
-const MAX_IMAGE_CONFIG: u64 = 16 << 20;
-
-/// Read the image config published at `url` and write a runtime spec for `rootfs`.
-fn runtime_spec(
-    cfg: &Config,
-    url: &str,
-    rootfs: &std::path::Path,
-    output: Option<&std::path::Path>,
-    args: &[String],
-) -> anyhow::Result<ExitCode> {
-    if !rootfs.is_dir() {
-        anyhow::bail!(
-            "{}: not a directory (populate the image there first)",
-            rootfs.display()
-        );
-    }
-    let key = hsm_oci::IMAGE_CONFIG_KEY;
-    let remote = hsm_remote::open_remote(url, &cfg.remote)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("runtime")?;
-    let config = rt
-        .block_on(async {
-            let info = remote.head(key).await?;
-            if info.size > MAX_IMAGE_CONFIG {
-                anyhow::bail!(
-                    "{url}/{key}: {} bytes is too large for an image config",
-                    info.size
-                );
-            }
-            let expect = hsm_remote::Expect {
-                etag: info.etag,
-                version: info.version,
-                size: info.size,
-            };
-            Ok(remote.get_range(key, 0..info.size, &expect).await?)
-        })
-        .with_context(|| format!("{url}: reading {key}, which `hsm publish oci:...` writes"))?;
-    let args = (!args.is_empty()).then_some(args);
-    let spec = hsm_oci::runtime_spec(&config, rootfs, args)?;
-    let mut text = serde_json::to_string_pretty(&spec)?;
-    text.push('\n');
-    match output {
-        Some(p) => std::fs::write(p, text).with_context(|| format!("{}", p.display()))?,
-        None => print!("{text}"),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Print each entry error and the summary (as JSON on stdout with `json`); exit status 1
-/// if any entry failed.
-fn report(
-    verb: &str,
-    summary: &(impl serde::Serialize + std::fmt::Display),
-    errors: &[hsm_populate::EntryError],
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    for e in errors {
-        eprintln!("hsm: {verb}: {}: {}", e.path, e.error);
-    }
-    if json {
-        println!("{}", serde_json::to_string(summary)?);
-    } else {
-        eprintln!("{summary}");
-    }
-    Ok(if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

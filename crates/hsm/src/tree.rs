@@ -1,0 +1,189 @@
+//! The commands that make trees: `hsm populate`, `hsm publish` (a directory or an OCI image)
+//! and `hsm runtime-spec`, and the summary they print.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use hsm_config::Config;
+
+pub(crate) fn populate(
+    cfg: &Config,
+    src: &str,
+    dst: &std::path::Path,
+    force: bool,
+    json: bool,
+    progress: bool,
+) -> anyhow::Result<ExitCode> {
+    cfg.validate(std::path::Path::new("command line"))
+        .context("invalid option")?;
+    let source = hsm_populate::open_source(src, &cfg.remote)?;
+    let opts = hsm_populate::Options {
+        min_granule_shift: cfg.populate.min_granule.0.trailing_zeros() as u8,
+        jobs: cfg.populate.jobs,
+        force,
+        progress,
+        require_served_fs: true,
+    };
+    let summary = hsm_populate::populate(source.as_ref(), dst, &opts)?;
+    report("populate", &summary, &summary.errors, json)
+}
+
+pub(crate) fn publish(
+    cfg: &Config,
+    src: &std::path::Path,
+    url: &str,
+    opts: &hsm_populate::PublishOptions,
+    staging: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    cfg.validate(std::path::Path::new("command line"))
+        .context("invalid option")?;
+    let src = src
+        .to_str()
+        .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
+    if src.starts_with("oci:") {
+        return publish_image(cfg, src, url, opts, staging, json);
+    }
+    let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
+    report("publish", &summary, &summary.errors, json)
+}
+
+/// What `hsm publish oci:...` did: the tree's summary, and which image it was.
+#[derive(Debug, serde::Serialize)]
+struct ImagePublishSummary {
+    #[serde(flatten)]
+    publish: hsm_populate::PublishSummary,
+    /// The image manifest's digest (sha256:...).
+    image_digest: String,
+    layers: usize,
+    /// Device nodes and FIFOs of the image, not published.
+    skipped_devices: u64,
+}
+
+impl std::fmt::Display for ImagePublishSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; image {} ({} layers, {} device nodes and FIFOs not published)",
+            self.publish, self.image_digest, self.layers, self.skipped_devices
+        )
+    }
+}
+
+/// Stage the image's root filesystem, publish it like a directory, with the image config
+/// beside the manifest; the staging directory goes whatever happens.
+fn publish_image(
+    cfg: &Config,
+    src: &str,
+    url: &str,
+    opts: &hsm_populate::PublishOptions,
+    staging: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reference = hsm_oci::ImageRef::parse(src)?;
+    let staging = staging.unwrap_or_else(hsm_oci::default_staging);
+    let staged = hsm_oci::stage(&reference, &staging)?;
+    let rootfs = staged.rootfs();
+    let result = match rootfs.to_str() {
+        Some(root) => hsm_populate::publish_with_objects(
+            root,
+            url,
+            &cfg.remote,
+            opts,
+            &[(hsm_oci::IMAGE_CONFIG_KEY, &staged.image.config)],
+        )
+        .map_err(anyhow::Error::from),
+        None => Err(anyhow::anyhow!(
+            "{}: the staging path must be valid UTF-8",
+            rootfs.display()
+        )),
+    };
+    let image_digest = staged.image.digest.clone();
+    let layers = staged.image.layers.len();
+    let skipped_devices = staged.skipped_special;
+    staged.remove()?;
+    let mut publish = result?;
+    publish.source = reference.to_string();
+    let summary = ImagePublishSummary {
+        publish,
+        image_digest,
+        layers,
+        skipped_devices,
+    };
+    report("publish", &summary, &summary.publish.errors, json)
+}
+
+/// Largest `.hsm-image.json` read (image configs are a few KiB).
+const MAX_IMAGE_CONFIG: u64 = 16 << 20;
+
+/// Read the image config published at `url` and write a runtime spec for `rootfs`.
+pub(crate) fn runtime_spec(
+    cfg: &Config,
+    url: &str,
+    rootfs: &std::path::Path,
+    output: Option<&std::path::Path>,
+    args: &[String],
+) -> anyhow::Result<ExitCode> {
+    if !rootfs.is_dir() {
+        anyhow::bail!(
+            "{}: not a directory (populate the image there first)",
+            rootfs.display()
+        );
+    }
+    let key = hsm_oci::IMAGE_CONFIG_KEY;
+    let remote = hsm_remote::open_remote(url, &cfg.remote)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
+    let config = rt
+        .block_on(async {
+            let info = remote.head(key).await?;
+            if info.size > MAX_IMAGE_CONFIG {
+                anyhow::bail!(
+                    "{url}/{key}: {} bytes is too large for an image config",
+                    info.size
+                );
+            }
+            let expect = hsm_remote::Expect {
+                etag: info.etag,
+                version: info.version,
+                size: info.size,
+            };
+            Ok(remote.get_range(key, 0..info.size, &expect).await?)
+        })
+        .with_context(|| format!("{url}: reading {key}, which `hsm publish oci:...` writes"))?;
+    let args = (!args.is_empty()).then_some(args);
+    let spec = hsm_oci::runtime_spec(&config, rootfs, args)?;
+    let mut text = serde_json::to_string_pretty(&spec)?;
+    text.push('\n');
+    match output {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("{}", p.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Print each entry error and the summary (as JSON on stdout with `json`); exit status 1
+/// if any entry failed.
+fn report(
+    verb: &str,
+    summary: &(impl serde::Serialize + std::fmt::Display),
+    errors: &[hsm_populate::EntryError],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    for e in errors {
+        eprintln!("hsm: {verb}: {}: {}", e.path, e.error);
+    }
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        eprintln!("{summary}");
+    }
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
