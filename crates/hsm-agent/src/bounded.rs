@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hsm_config::CacheConfig;
-use hsm_core::{Budget, CacheLimits, EvictOutcome, Evictor, FileKey};
+use hsm_core::{AgentCore, Budget, CacheLimits, EvictOutcome, Evictor, FileKey};
 use hsm_kernel::fanotify::Group;
 use hsm_kernel::fdio::FileHandle;
 use hsm_kernel::stat;
@@ -59,7 +59,7 @@ pub(crate) fn open_watch(private: &PrivateMounts) -> Result<Arc<Group>, AgentErr
 }
 
 /// Read the open notifications for as long as the agent runs: each is a use.
-pub(crate) fn spawn_open_reader(group: Arc<Group>, budget: Arc<Budget>) -> std::io::Result<()> {
+fn spawn_open_reader(group: Arc<Group>, budget: Arc<Budget>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("hsm-opens".into())
         .spawn(move || {
@@ -134,10 +134,32 @@ impl Evictor for OpsEvictor {
     }
 }
 
+/// Start the bounded cache: the budget fills are charged to, its eviction task, the reader
+/// of open notifications and the walk that counts what the trees already hold.
+pub(crate) fn start(
+    core: &Arc<AgentCore>,
+    ops: &Arc<CacheOps>,
+    limits: CacheLimits,
+    opens: Arc<Group>,
+) -> Result<(), AgentError> {
+    let budget = Budget::new(limits);
+    core.set_budget(budget.clone());
+    budget.start(Arc::new(OpsEvictor(ops.clone())));
+    spawn_open_reader(opens.clone(), budget.clone())?;
+    spawn_adoption(ops.clone(), budget, opens);
+    info!(
+        max = limits.max,
+        high = limits.high,
+        low = limits.low,
+        "bounded cache"
+    );
+    Ok(())
+}
+
 /// Count what the trees already hold (stubs with resident data, fully fetched copies), in
 /// the background: the limit applies from start-up, the order (oldest change first) once
 /// this is done.
-pub(crate) fn spawn_adoption(ops: Arc<CacheOps>, budget: Arc<Budget>, opens: Arc<Group>) {
+fn spawn_adoption(ops: Arc<CacheOps>, budget: Arc<Budget>, opens: Arc<Group>) {
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut files = 0u64;

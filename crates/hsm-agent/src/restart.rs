@@ -45,6 +45,15 @@ impl GroupStore {
     pub fn is_some(&self) -> bool {
         !matches!(self, GroupStore::None)
     }
+
+    /// What `hsm status` calls it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GroupStore::Keeper(_) => "keeper",
+            GroupStore::Systemd => "systemd",
+            GroupStore::None => "none",
+        }
+    }
 }
 
 /// The group and where it came from.

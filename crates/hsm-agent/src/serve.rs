@@ -86,16 +86,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     let group = obtained.group.clone();
     let store = obtained.store;
     let earlier = earlier_agents(&cfg, &group, &store, obtained.restored, nofile).await?;
-    let journal = match store.is_some() {
-        false => None,
-        true => Some(Arc::new(journal::Journal::create(&cfg.state_dir).map_err(
-            |source| AgentError::State {
-                what: "journal in",
-                path: cfg.state_dir.clone(),
-                source,
-            },
-        )?)),
-    };
+    let journal = open_journal(&cfg, &store)?;
     let metrics = Arc::new(Metrics::default());
     // Fills go through the agent's own clone of each tree's mount, whatever mount the
     // reader used (docs/SEMANTICS.md, "Paths to a file").
@@ -125,26 +116,8 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         metrics.clone(),
     );
 
-    // The kernel side: guard, marks, hand the group to its store, register, fastpath.
-    let guard_installed = marks::install_guard(cfg.guard)?;
-    marks::place_marks(&group, &trees, cfg.mark)?;
-    // Before any event is read, so before the core can open anything there.
-    private.exclude_from(&group)?;
-    if !obtained.restored {
-        restart::hand_over_group(&store, &group)?;
-    }
-    // Registration comes after the marks: a stub opened once we are registered must raise
-    // events (docs/BPF.md, "Order at start-up").
-    let registration = if guard_installed {
-        let keeper_pid = match &store {
-            GroupStore::Keeper(c) => c.keeper_pid(),
-            _ => None,
-        };
-        marks::register_with_guard(cfg.guard, &trees, keeper_pid)?
-    } else {
-        None
-    };
-    let fastpath = attach_fastpath(&cfg, &group);
+    let (registration, fastpath) =
+        attach_kernel(&cfg, &group, &trees, &private, &store, obtained.restored)?;
 
     // The event threads.
     let pending = Arc::new(Pending::new(group.clone(), journal.clone()));
@@ -157,46 +130,13 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         metrics,
     };
     let ctx = Arc::new(Ctx::new(shared, nofile));
-    let stop = Arc::new(
-        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| AgentError::Io(e.into()))?,
-    );
-    let mut threads = Vec::new();
-    for i in 0..cfg.event_threads.max(1) {
-        let (ctx, stop) = (ctx.clone(), stop.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("hsm-events-{i}"))
-                .spawn(move || event_thread(&ctx, &stop))?,
-        );
-    }
+    let (stop, threads) = spawn_event_threads(&cfg, &ctx)?;
     spawn_recovery(&cfg, &core, &group, &private, earlier);
     let started = Instant::now();
-    let exporter = metrics_listener.map(|l| {
-        let (core, pending) = (core.clone(), pending.clone());
-        exporter::spawn(
-            l,
-            Arc::new(move || {
-                core.metrics().render_prometheus(&Gauges {
-                    uptime_secs: started.elapsed().as_secs_f64(),
-                    cached_stubs: core.cached_stubs() as u64,
-                    events_in_flight: pending.len() as u64,
-                    cache: core.budget().map(|b| b.status()).unwrap_or_default(),
-                })
-            }),
-        )
-    });
-    if let Some(addr) = opts.metrics_listen {
-        info!(%addr, "serving Prometheus metrics at /metrics");
-    }
+    let exporter = metrics_listener.map(|l| spawn_exporter(l, &core, &pending, started));
 
     // The control socket, once the marks are placed: a command served from here on acts
     // on trees this agent serves. Before the ready file, so that "ready" includes it.
-    let group_store = match &store {
-        GroupStore::Keeper(_) => "keeper",
-        GroupStore::Systemd => "systemd",
-        GroupStore::None => "none",
-    };
     let ops = Arc::new(CacheOps::new(
         trees.clone(),
         core.clone(),
@@ -204,23 +144,13 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         private.clone(),
     )?);
     if let (Some(limits), Some(opens)) = (cache_limits, opens) {
-        let budget = hsm_core::Budget::new(limits);
-        core.set_budget(budget.clone());
-        budget.start(Arc::new(bounded::OpsEvictor(ops.clone())));
-        bounded::spawn_open_reader(opens.clone(), budget.clone())?;
-        bounded::spawn_adoption(ops.clone(), budget, opens);
-        info!(
-            max = limits.max,
-            high = limits.high,
-            low = limits.low,
-            "bounded cache"
-        );
+        bounded::start(&core, &ops, limits, opens)?;
     }
     let agent = control::Agent::new(
         core.clone(),
         pending.clone(),
         started,
-        group_store,
+        store.name(),
         registration.is_some(),
         trees.clone(),
         ops,
@@ -231,15 +161,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         source,
     })?;
 
-    if let Some(p) = &cfg.ready_file {
-        write_atomic(p, &format!("{}\n", std::process::id())).map_err(|source| {
-            AgentError::State {
-                what: "ready file",
-                path: p.clone(),
-                source,
-            }
-        })?;
-    }
+    write_ready_file(&cfg)?;
     notify_systemd("READY=1");
     info!(
         trees = trees.len(),
@@ -262,6 +184,120 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         exporter,
         control: Some(control),
         started,
+    })
+}
+
+/// The kernel side, in this order: the guard, the marks, the private mounts kept out of
+/// the group, the group handed to its store, registration with the guard (after the marks:
+/// a stub opened once registered must raise events, docs/BPF.md "Order at start-up"), and
+/// the fastpath.
+fn attach_kernel(
+    cfg: &AgentConfig,
+    group: &Arc<Group>,
+    trees: &[PathBuf],
+    private: &mounts::PrivateMounts,
+    store: &GroupStore,
+    restored: bool,
+) -> Result<
+    (
+        Option<hsm_bpf::Registration>,
+        Option<hsm_bpf::fastpath::FastpathHandle>,
+    ),
+    AgentError,
+> {
+    let guard_installed = marks::install_guard(cfg.guard)?;
+    marks::place_marks(group, trees, cfg.mark)?;
+    // Before any event is read, so before the core can open anything there.
+    private.exclude_from(group)?;
+    if !restored {
+        restart::hand_over_group(store, group)?;
+    }
+    // Registration comes after the marks: a stub opened once we are registered must raise
+    // events (docs/BPF.md, "Order at start-up").
+    let registration = if guard_installed {
+        let keeper_pid = match store {
+            GroupStore::Keeper(c) => c.keeper_pid(),
+            _ => None,
+        };
+        marks::register_with_guard(cfg.guard, trees, keeper_pid)?
+    } else {
+        None
+    };
+    let fastpath = attach_fastpath(cfg, group);
+    Ok((registration, fastpath))
+}
+
+/// The event journal, where a keeper or systemd keeps the group across restarts (the next
+/// agent answers what this one had read).
+fn open_journal(
+    cfg: &AgentConfig,
+    store: &GroupStore,
+) -> Result<Option<Arc<journal::Journal>>, AgentError> {
+    if !store.is_some() {
+        return Ok(None);
+    }
+    let j = journal::Journal::create(&cfg.state_dir).map_err(|source| AgentError::State {
+        what: "journal in",
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    Ok(Some(Arc::new(j)))
+}
+
+/// `[agent] event_threads` threads reading events, and the eventfd that stops them.
+fn spawn_event_threads(
+    cfg: &AgentConfig,
+    ctx: &Arc<Ctx>,
+) -> Result<(Arc<EventFd>, Vec<std::thread::JoinHandle<()>>), AgentError> {
+    let stop = Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| AgentError::Io(e.into()))?,
+    );
+    let mut threads = Vec::new();
+    for i in 0..cfg.event_threads.max(1) {
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("hsm-events-{i}"))
+                .spawn(move || event_thread(&ctx, &stop))?,
+        );
+    }
+    Ok((stop, threads))
+}
+
+/// The Prometheus endpoint on an address already bound.
+fn spawn_exporter(
+    listener: tokio::net::TcpListener,
+    core: &Arc<AgentCore>,
+    pending: &Arc<Pending>,
+    started: Instant,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let (core, pending) = (core.clone(), pending.clone());
+    exporter::spawn(
+        listener,
+        Arc::new(move || {
+            core.metrics().render_prometheus(&Gauges {
+                uptime_secs: started.elapsed().as_secs_f64(),
+                cached_stubs: core.cached_stubs() as u64,
+                events_in_flight: pending.len() as u64,
+                cache: core.budget().map(|b| b.status()).unwrap_or_default(),
+            })
+        }),
+    )
+}
+
+/// `[agent] ready_file`, if set: this agent's pid, written atomically.
+fn write_ready_file(cfg: &AgentConfig) -> Result<(), AgentError> {
+    let Some(p) = &cfg.ready_file else {
+        return Ok(());
+    };
+    write_atomic(p, &format!("{}\n", std::process::id())).map_err(|source| AgentError::State {
+        what: "ready file",
+        path: p.clone(),
+        source,
     })
 }
 

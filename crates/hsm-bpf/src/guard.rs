@@ -131,6 +131,10 @@ fn require_root(what: &str) -> Result<(), BpfError> {
 
 /// Load, attach and pin the guard. An unsupported kernel is `Err(BpfError::Unsupported)`;
 /// a kernel that refuses the program is `Err(BpfError::Load)` with libbpf's explanation.
+///
+/// (About 130 lines: load, pin into a fresh staging directory made through descriptors,
+/// rename it into place never over anything, and remove the staging directory if any step
+/// fails; in one piece, each step's checks sit beside the step they guard.)
 pub fn install() -> Result<GuardInstall, BpfError> {
     require_root("installing the guard")?;
     if let Some(why) = LsmProbe::read().missing() {

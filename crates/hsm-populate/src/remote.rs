@@ -252,14 +252,7 @@ impl RemoteSource {
             .enumerate()
             .map(|(i, e)| (e.path.as_str(), i))
             .collect();
-        let linked: std::collections::HashSet<usize> = m
-            .entries
-            .iter()
-            .filter_map(|e| match &e.kind {
-                hsm_manifest::Kind::HardLink { to } => index.get(to.as_str()).copied(),
-                _ => None,
-            })
-            .collect();
+        let linked = link_targets(m, &index);
         let zero_full = hsm_manifest::digest(&vec![0u8; m.chunk_size as usize]);
         let default_dir = root;
         // Directories first, so implied parents get their real attributes.
@@ -268,17 +261,7 @@ impl RemoteSource {
         order.sort_by_key(|e| !matches!(e.kind, hsm_manifest::Kind::Dir));
         // What is not a directory cannot hold entries: one whose parent (or any ancestor)
         // is a file or a symlink in the manifest is refused by name, never dropped unseen.
-        let leaves: HashMap<&str, &'static str> = m
-            .entries
-            .iter()
-            .filter_map(|e| match e.kind {
-                hsm_manifest::Kind::Dir => None,
-                hsm_manifest::Kind::Symlink { .. } => Some((e.path.as_str(), "a symbolic link")),
-                hsm_manifest::Kind::File(_) | hsm_manifest::Kind::HardLink { .. } => {
-                    Some((e.path.as_str(), "a file"))
-                }
-            })
-            .collect();
+        let leaves = leaves(m);
         for e in order {
             let rel = PathBuf::from(&e.path);
             let blocked = rel.ancestors().skip(1).find_map(|a| {
@@ -506,6 +489,31 @@ impl Source for RemoteSource {
     fn refused(&self) -> Vec<(String, String)> {
         self.refused.clone()
     }
+}
+
+/// The manifest entries other names link to (their indexes).
+fn link_targets(m: &Manifest, index: &HashMap<&str, usize>) -> std::collections::HashSet<usize> {
+    m.entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            hsm_manifest::Kind::HardLink { to } => index.get(to.as_str()).copied(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The manifest's entries that cannot hold entries, by path, with what they are.
+fn leaves(m: &Manifest) -> HashMap<&str, &'static str> {
+    m.entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            hsm_manifest::Kind::Dir => None,
+            hsm_manifest::Kind::Symlink { .. } => Some((e.path.as_str(), "a symbolic link")),
+            hsm_manifest::Kind::File(_) | hsm_manifest::Kind::HardLink { .. } => {
+                Some((e.path.as_str(), "a file"))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
