@@ -325,6 +325,7 @@ fn core_options(opts: &AgentOptions) -> CoreOptions {
         max_concurrent_fetches: cfg.max_concurrent_fetches,
         max_request_size: cfg.max_request_size.0,
         readahead: cfg.readahead.0,
+        readahead_max: cfg.readahead_max.0,
         persist_interval: cfg.persist_interval.0,
         cache_entries: cfg.cache_entries,
         max_bandwidth: cfg.max_bandwidth.0,

@@ -112,6 +112,9 @@ pub struct AgentConfig {
     pub max_request_size: ByteSize,
     /// After a sequential pattern, fetch this far ahead of the reader (0 disables).
     pub readahead: ByteSize,
+    /// While the reader stays sequential the window doubles, up to this; its requests
+    /// grow with it (half a window each). Never below `readahead`.
+    pub readahead_max: ByteSize,
     /// How long a filled range may wait before its resident map is persisted (batched
     /// fdatasync + xattr write). Writes never wait for this: they flush first.
     pub persist_interval: HumanDuration,
@@ -171,6 +174,7 @@ impl Default for AgentConfig {
             max_concurrent_fetches: 16,
             max_request_size: ByteSize(8 << 20),
             readahead: ByteSize(32 << 20),
+            readahead_max: ByteSize(256 << 20),
             persist_interval: HumanDuration(Duration::from_millis(200)),
             cache_entries: 8192,
             max_bandwidth: ByteSize(0),
@@ -497,6 +501,12 @@ impl Config {
             return Err(bad(
                 "agent.max_request_size",
                 "must be at least 4 KiB".into(),
+            ));
+        }
+        if a.readahead_max.0 < a.readahead.0 {
+            return Err(bad(
+                "agent.readahead_max",
+                format!("must be at least agent.readahead ({} bytes)", a.readahead.0),
             ));
         }
         if a.cache_entries < 16 {

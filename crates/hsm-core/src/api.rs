@@ -21,7 +21,10 @@ use crate::stubio::{self};
 pub struct CoreOptions {
     pub max_concurrent_fetches: usize,
     pub max_request_size: u64,
+    /// The first readahead window; it doubles while the reader stays sequential.
     pub readahead: u64,
+    /// The largest readahead window.
+    pub readahead_max: u64,
     pub persist_interval: Duration,
     pub cache_entries: usize,
     /// Bytes per second; 0 = unlimited.
@@ -36,6 +39,7 @@ impl Default for CoreOptions {
             max_concurrent_fetches: 16,
             max_request_size: 8 << 20,
             readahead: 32 << 20,
+            readahead_max: 256 << 20,
             persist_interval: Duration::from_millis(200),
             cache_entries: 8192,
             max_bandwidth: 0,

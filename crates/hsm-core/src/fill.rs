@@ -101,13 +101,27 @@ impl Stub {
         Ok(())
     }
 
-    /// Fetch the given missing granules (sorted), sharing fills already in flight. With
-    /// `background`, start the fills and return at once (readahead).
+    /// Fetch the given missing granules (sorted), sharing fills already in flight, in
+    /// requests of at most `max_request_size`. With `background`, start the fills and
+    /// return at once (readahead).
     pub(crate) async fn fill(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         granules: &[u64],
         background: bool,
+    ) -> Result<(), ServeError> {
+        self.fill_in(core, granules, background, core.opts.max_request_size)
+            .await
+    }
+
+    /// [`Self::fill`] with requests of at most `request_size` (readahead's grow with its
+    /// window).
+    async fn fill_in(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        granules: &[u64],
+        background: bool,
+        request_size: u64,
     ) -> Result<(), ServeError> {
         // Room in the bounded cache first: a fill that cannot fit fails before any of it is
         // fetched. Readahead never waits for room (nor makes any).
@@ -136,7 +150,7 @@ impl Stub {
         let mut started = 0;
         let waits: Vec<SharedFill> = {
             let mut s = lock(&self.state);
-            let per_request = (core.opts.max_request_size >> s.resident.granule_shift()).max(1);
+            let per_request = (request_size >> s.resident.granule_shift()).max(1);
             let mut waits: Vec<SharedFill> = Vec::new();
             let mut run: Option<Range<u64>> = None;
             for &g in granules {
@@ -157,7 +171,7 @@ impl Stub {
                     _ => {
                         if let Some(r) = run.take() {
                             started += s.run_bytes(&r);
-                            waits.push(self.start_fill(core, &mut s, r, background));
+                            waits.push(self.start_fill(core, &mut s, r, background, request_size));
                         }
                         run = Some(g..g + 1);
                     }
@@ -165,7 +179,7 @@ impl Stub {
             }
             if let Some(r) = run {
                 started += s.run_bytes(&r);
-                waits.push(self.start_fill(core, &mut s, r, background));
+                waits.push(self.start_fill(core, &mut s, r, background, request_size));
             }
             waits
         };
@@ -204,6 +218,7 @@ impl Stub {
         s: &mut StubState,
         run: Range<u64>,
         background: bool,
+        request_size: u64,
     ) -> SharedFill {
         Metrics::inc(&core.metrics.fills);
         if background {
@@ -215,7 +230,7 @@ impl Stub {
         let r = run.clone();
         let handle = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = stub.run_fill(&core2, r.clone()).await;
+            let result = stub.run_fill(&core2, r.clone(), request_size).await;
             core2.metrics.fill_duration.observe(started.elapsed());
             {
                 let mut s = lock(&stub.state);
@@ -252,12 +267,13 @@ impl Stub {
         fut
     }
 
-    /// Fetch granules `run` in parts of at most `max_request_size`, in parallel, and write
+    /// Fetch granules `run` in parts of at most `request_size`, in parallel, and write
     /// them. All or nothing: the caller marks the run resident only on success.
     async fn run_fill(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         run: Range<u64>,
+        request_size: u64,
     ) -> Result<(), ServeError> {
         let digests = self.digests(core).await?;
         let chunk = digests.as_ref().map(|(_, c)| *c);
@@ -272,7 +288,7 @@ impl Stub {
             }
             start..end.max(start)
         };
-        let mut step = core.opts.max_request_size.max(4096);
+        let mut step = request_size.max(4096);
         if let Some(chunk) = chunk {
             step = (step / chunk).max(1) * chunk;
         }
@@ -495,19 +511,35 @@ impl Stub {
         Ok(written)
     }
 
-    /// After a read, fetch ahead of a sequential reader.
+    /// After a read, fetch ahead of a sequential reader. The window starts at
+    /// `readahead` and doubles each time the reader gets within half a window of its end,
+    /// up to `readahead_max`; a read elsewhere starts it over. Its requests are half a
+    /// window each (never smaller than `max_request_size`): a streaming reader makes few,
+    /// large requests, which a store that charges per request (or, like moto, by the
+    /// object's size per request) rewards.
     pub(crate) fn readahead(self: &Arc<Self>, core: &Arc<AgentCore>, range: Range<u64>) {
-        let window = core.opts.readahead;
-        if window == 0 || core.shutting_down.load(Ordering::Relaxed) {
+        let base = core.opts.readahead;
+        if base == 0 || core.shutting_down.load(Ordering::Relaxed) {
             return;
         }
-        let todo: Vec<u64> = {
+        let (todo, window): (Vec<u64>, u64) = {
             let mut s = lock(&self.state);
             let sequential = range.start <= s.seq_next && range.end > s.seq_next;
             s.seq_next = range.end;
-            if !sequential || range.end.saturating_add(window / 2) < s.readahead_until {
+            if !sequential {
+                s.readahead_window = 0;
                 return;
             }
+            let current = s.readahead_window.max(base);
+            if range.end.saturating_add(current / 2) < s.readahead_until {
+                return;
+            }
+            let window = if s.readahead_window == 0 {
+                base
+            } else {
+                (s.readahead_window.saturating_mul(2)).min(core.opts.readahead_max.max(base))
+            };
+            s.readahead_window = window;
             let start = range.end.max(s.readahead_until);
             let end = range.end.saturating_add(window).min(s.resident.floor());
             if end <= start {
@@ -515,19 +547,22 @@ impl Stub {
             }
             s.readahead_until = end;
             let granules = s.resident.granules_for(start..end);
-            s.resident
+            let todo = s
+                .resident
                 .missing(granules)
                 .filter(|g| !s.inflight.contains_key(g))
-                .collect()
+                .collect();
+            (todo, window)
         };
         if todo.is_empty() {
             return;
         }
+        let request_size = (window / 2).max(core.opts.max_request_size);
         let stub = self.clone();
         let core2 = core.clone();
         core.rt.spawn(async move {
             // Background: errors surface to whoever reads those bytes.
-            let _ = stub.fill(&core2, &todo, true).await;
+            let _ = stub.fill_in(&core2, &todo, true, request_size).await;
         });
     }
 }

@@ -62,6 +62,8 @@ pub(crate) struct StubState {
     pub(crate) seq_next: u64,
     /// Readahead has been started up to here.
     pub(crate) readahead_until: u64,
+    /// The current readahead window (0: the reader is not sequential yet).
+    pub(crate) readahead_window: u64,
     pub(crate) finalized: bool,
     /// Dropped from the cache for an eviction: its map on disk is the eviction's to
     /// change, so nothing persists it any more (a later access loads a fresh state).
@@ -218,6 +220,7 @@ impl Stub {
                 writers: 0,
                 seq_next: 0,
                 readahead_until: 0,
+                readahead_window: 0,
                 finalized: false,
                 retired: false,
             }),

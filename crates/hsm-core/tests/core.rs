@@ -390,6 +390,58 @@ async fn sequential_reads_fetch_ahead() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_reader_gets_a_growing_window_of_larger_requests() {
+    // 1 MiB requests, a 2 MiB first window that may grow to 16 MiB: reading 64 MiB in
+    // 256 KiB steps must end in requests as large as half the largest window, and in
+    // far fewer requests than a fixed window of 1 MiB requests would make (64).
+    let r = rig(CoreOptions {
+        persist_interval: Duration::from_millis(1),
+        max_request_size: 1 << 20,
+        readahead: 2 << 20,
+        readahead_max: 16 << 20,
+        ..Default::default()
+    });
+    let data = pattern(64 << 20, 3);
+    let f = r.stub("f", "k", data.clone(), 20);
+    let mut off = 0u64;
+    while off < 64 << 20 {
+        assert_eq!(r.read(&f, off, 256 << 10).await, Verdict::Allow);
+        off += 256 << 10;
+    }
+    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
+    let ranges = r.remote.inner().served_ranges();
+    let largest = ranges
+        .iter()
+        .map(|(_, g)| g.end - g.start)
+        .max()
+        .unwrap_or(0);
+    assert_eq!(largest, 8 << 20, "requests: {ranges:?}");
+    assert!(ranges.len() < 24, "{} requests: {ranges:?}", ranges.len());
+    assert_bytes(&read_at(&f, 0, 64 << 20), &data);
+
+    // A read elsewhere starts the window over: the next readahead is 2 MiB again.
+    let g = r.stub("g", "kg", pattern(64 << 20, 4), 20);
+    for i in 0..40u64 {
+        assert_eq!(r.read(&g, i << 18, 1 << 18).await, Verdict::Allow);
+    }
+    assert_eq!(r.read(&g, 40 << 20, 4096).await, Verdict::Allow);
+    assert_eq!(r.read(&g, (40 << 20) + 4096, 4096).await, Verdict::Allow);
+    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
+    let after: Vec<_> = r
+        .remote
+        .inner()
+        .served_ranges()
+        .into_iter()
+        .filter(|(k, g)| k == "kg" && g.start > 40 << 20)
+        .collect();
+    let end = after.iter().map(|(_, g)| g.end).max().unwrap_or(0);
+    assert!(
+        end <= (40 << 20) + (4 << 20),
+        "after a jump the window is small again: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_granules_are_fetched_in_parallel_parts() {
     let r = rig(CoreOptions {
         max_request_size: 1 << 20,
