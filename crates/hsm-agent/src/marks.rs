@@ -107,6 +107,12 @@ fn place_open_ignore(
         })
 }
 
+fn warn_stale(stale: &[String]) {
+    for p in stale {
+        warn!(path = %p, "removed the staging directory of a guard install that did not finish");
+    }
+}
+
 /// Install the BPF LSM stub guard as `mode` says. `Ok(true)` when it is in place.
 pub(crate) fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
     if mode == GuardMode::Off {
@@ -117,7 +123,9 @@ pub(crate) fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
         Ok(hsm_bpf::GuardInstall::Installed {
             skipped_hooks,
             replaced,
+            stale,
         }) => {
+            warn_stale(&stale);
             if let Some(what) = replaced {
                 warn!(
                     pinned = hsm_bpf::PIN_DIR,
@@ -132,7 +140,8 @@ pub(crate) fn install_guard(mode: GuardMode) -> Result<bool, AgentError> {
             );
             Ok(true)
         }
-        Ok(hsm_bpf::GuardInstall::AlreadyInstalled) => {
+        Ok(hsm_bpf::GuardInstall::AlreadyInstalled { stale }) => {
+            warn_stale(&stale);
             info!(pinned = hsm_bpf::PIN_DIR, "stub guard already installed");
             Ok(true)
         }

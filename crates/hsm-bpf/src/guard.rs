@@ -106,8 +106,13 @@ pub enum GuardInstall {
         /// Something not the guard's was at [`PIN_DIR`] (planted by another user) and was
         /// removed first: what it was.
         replaced: Option<String>,
+        /// Staging directories of installs that crashed, removed first.
+        stale: Vec<String>,
     },
-    AlreadyInstalled,
+    AlreadyInstalled {
+        /// Staging directories of installs that crashed, removed.
+        stale: Vec<String>,
+    },
 }
 
 /// What [`remove`] did.
@@ -117,6 +122,8 @@ pub struct GuardRemoved {
     pub pins: usize,
     /// Something not the guard's was at [`PIN_DIR`] and was removed: what it was.
     pub planted: Option<String>,
+    /// Staging directories of installs that crashed, removed too.
+    pub stale: Vec<String>,
 }
 
 fn require_root(what: &str) -> Result<(), BpfError> {
@@ -141,9 +148,10 @@ pub fn install() -> Result<GuardInstall, BpfError> {
         return Err(BpfError::Unsupported(why));
     }
     ensure_bpffs()?;
+    let stale = pins::sweep_stale_staging(pins::bpffs()?.as_fd())?;
     let current = status();
     if current.installed {
-        return Ok(GuardInstall::AlreadyInstalled);
+        return Ok(GuardInstall::AlreadyInstalled { stale });
     }
     let btf = skel::vmlinux_btf()
         .ok_or_else(|| BpfError::Unsupported("cannot read the kernel's BTF".into()))?;
@@ -188,7 +196,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
     let bpffs = Path::new(pins::BPFFS);
     let mut staging = None;
     for n in 0..64 {
-        let name = format!("hsm-installing-{}-{n}", std::process::id());
+        let name = format!("{}{}-{n}", pins::STAGING_PREFIX, std::process::id());
         match pins::make_dir_at(root.as_fd(), &name) {
             Ok(fd) => {
                 staging = Some((name, fd));
@@ -200,7 +208,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
     }
     let (staging, staging_fd) = staging.ok_or_else(|| {
         BpfError::pin(
-            &bpffs.join("hsm-installing-*"),
+            &bpffs.join(format!("{}*", pins::STAGING_PREFIX)),
             std::io::Error::other("no free staging name"),
         )
     })?;
@@ -262,6 +270,7 @@ pub fn install() -> Result<GuardInstall, BpfError> {
     Ok(GuardInstall::Installed {
         skipped_hooks: skipped,
         replaced,
+        stale,
     })
 }
 
@@ -272,13 +281,18 @@ pub fn remove() -> Result<GuardRemoved, BpfError> {
     require_root("removing the guard")?;
     let root = pins::bpffs()?;
     let bpffs = Path::new(pins::BPFFS);
+    let stale = pins::sweep_stale_staging(root.as_fd())?;
     match pins::inspect(root.as_fd()) {
-        Found::Absent => Ok(GuardRemoved::default()),
+        Found::Absent => Ok(GuardRemoved {
+            stale,
+            ..GuardRemoved::default()
+        }),
         Found::Untrusted(why) => {
             pins::remove_all_at(root.as_fd(), pins::NAME, bpffs)?;
             Ok(GuardRemoved {
                 pins: 0,
                 planted: Some(why.to_string()),
+                stale,
             })
         }
         Found::Trusted(dir) => {
@@ -297,6 +311,7 @@ pub fn remove() -> Result<GuardRemoved, BpfError> {
             Ok(GuardRemoved {
                 pins: pins_there,
                 planted: None,
+                stale,
             })
         }
     }

@@ -25,6 +25,8 @@ use crate::BpfError;
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 /// The pin directory's name in [`BPFFS`].
 pub(crate) const NAME: &str = "hsm";
+/// An install pins into `hsm-installing-PID-N` in [`BPFFS`] and renames it to [`NAME`].
+pub(crate) const STAGING_PREFIX: &str = "hsm-installing-";
 
 fn io(path: impl AsRef<Path>, e: Errno) -> BpfError {
     BpfError::pin(path.as_ref(), std::io::Error::from(e))
@@ -321,6 +323,41 @@ pub(crate) fn remove_all_at(
         Err(io(&path, Errno::ENOTEMPTY))
     }
     inner(dir, name, shown, 0)
+}
+
+/// Remove the staging directories of installs whose process is gone: one that crashed
+/// between pinning and the rename left its directory, whose link pins keep the guard's
+/// programs attached with nothing to find them by. Only directories root made and no one
+/// else may write (another user's are not ours to judge), never following a link; a
+/// directory whose pid is alive (an install running now, or a reused pid) stays. Returns
+/// the paths removed.
+pub(crate) fn sweep_stale_staging(root: BorrowedFd<'_>) -> Result<Vec<String>, BpfError> {
+    let mut removed = Vec::new();
+    for name in names(root) {
+        let Some(pid) = name
+            .strip_prefix(STAGING_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid <= 0
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) != Err(Errno::ESRCH)
+        {
+            continue;
+        }
+        let Ok(st) = nix::sys::stat::fstatat(root, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        else {
+            continue;
+        };
+        let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+        if !is_dir || distrust(&name, &st).is_some() {
+            continue;
+        }
+        remove_all_at(root, &name, Path::new(BPFFS))?;
+        removed.push(format!("{BPFFS}/{name}"));
+    }
+    Ok(removed)
 }
 
 /// Make a fresh directory `name` in `dir` with mode 0755 whatever the umask, and open it.

@@ -74,7 +74,9 @@ pub(crate) fn run(action: GuardAction) -> anyhow::Result<ExitCode> {
             hsm_bpf::GuardInstall::Installed {
                 skipped_hooks,
                 replaced,
+                stale,
             } => {
+                print_stale(&stale);
                 if let Some(what) = replaced {
                     println!("guard: removed what was not the guard's: {what}");
                 }
@@ -87,21 +89,31 @@ pub(crate) fn run(action: GuardAction) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            hsm_bpf::GuardInstall::AlreadyInstalled => {
+            hsm_bpf::GuardInstall::AlreadyInstalled { stale } => {
+                print_stale(&stale);
                 println!("guard: already installed at {}", hsm_bpf::PIN_DIR);
                 Ok(ExitCode::SUCCESS)
             }
         },
         GuardAction::Remove => {
             let removed = hsm_bpf::remove_guard()?;
+            print_stale(&removed.stale);
             if let Some(what) = &removed.planted {
                 println!("guard: removed what was not the guard's: {what}");
             } else if removed.pins == 0 {
-                println!("guard: nothing to remove");
+                if removed.stale.is_empty() {
+                    println!("guard: nothing to remove");
+                }
             } else {
                 println!("guard: removed ({} pins)", removed.pins);
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn print_stale(stale: &[String]) {
+    for p in stale {
+        println!("guard: removed the staging directory of an install that did not finish: {p}");
     }
 }

@@ -133,3 +133,40 @@ rc=0
 ";
     assert_eq!(stdout, expected, "stderr: {stderr}");
 }
+
+#[test]
+fn a_crashed_install_leaves_no_staging_directory_behind() {
+    require_root();
+    // An install pins into /sys/fs/bpf/hsm-installing-PID-N and renames it to hsm; one
+    // killed in between leaves the directory (its link pins would keep the programs
+    // attached). The next remove (or install) takes away root's whose process is gone, and
+    // leaves alone an install still running and a directory another user made.
+    let out = in_private_bpffs(
+        r#"
+        dead=999999999
+        mkdir -p /sys/fs/bpf/hsm-installing-$dead-0/links/hsm_file_open /sys/fs/bpf/hsm-installing-$dead-0/maps
+        sleep 30 & live=$!
+        mkdir /sys/fs/bpf/hsm-installing-$live-0
+        nobody mkdir /sys/fs/bpf/hsm-installing-$dead-1
+        "$HSM" guard remove; echo "rc=$?"
+        for d in $dead-0 $live-0 $dead-1; do
+            test -e /sys/fs/bpf/hsm-installing-$d && echo "left: $d" | sed "s/$live/LIVE/; s/$dead/DEAD/"
+        done
+        kill $live; wait $live
+        "$HSM" guard remove | sed "s/$live/LIVE/"
+        "$HSM" guard remove; echo "rc=$?"
+        "#,
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let expected = "\
+guard: removed the staging directory of an install that did not finish: /sys/fs/bpf/hsm-installing-999999999-0
+rc=0
+left: LIVE-0
+left: DEAD-1
+guard: removed the staging directory of an install that did not finish: /sys/fs/bpf/hsm-installing-LIVE-0
+guard: nothing to remove
+rc=0
+";
+    assert_eq!(stdout, expected, "stderr: {stderr}");
+}
