@@ -113,7 +113,8 @@ pub struct AgentConfig {
     /// After a sequential pattern, fetch this far ahead of the reader (0 disables).
     pub readahead: ByteSize,
     /// While the reader stays sequential the window doubles, up to this; its requests
-    /// grow with it (half a window each). Never below `readahead`.
+    /// grow with it (half a window each, held in memory until written). Never below
+    /// `readahead`.
     pub readahead_max: ByteSize,
     /// How long a filled range may wait before its resident map is persisted (batched
     /// fdatasync + xattr write). Writes never wait for this: they flush first.
@@ -174,7 +175,7 @@ impl Default for AgentConfig {
             max_concurrent_fetches: 16,
             max_request_size: ByteSize(8 << 20),
             readahead: ByteSize(32 << 20),
-            readahead_max: ByteSize(256 << 20),
+            readahead_max: ByteSize(128 << 20),
             persist_interval: HumanDuration(Duration::from_millis(200)),
             cache_entries: 8192,
             max_bandwidth: ByteSize(0),

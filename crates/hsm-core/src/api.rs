@@ -39,7 +39,7 @@ impl Default for CoreOptions {
             max_concurrent_fetches: 16,
             max_request_size: 8 << 20,
             readahead: 32 << 20,
-            readahead_max: 256 << 20,
+            readahead_max: 128 << 20,
             persist_interval: Duration::from_millis(200),
             cache_entries: 8192,
             max_bandwidth: 0,
