@@ -126,18 +126,26 @@ impl Reopener for PrivateMounts {
             .iter()
             .filter(|(d, _)| *d == st.dev)
             .chain(self.mounts.iter().filter(|(d, _)| *d != st.dev));
+        // The error to report: the file's own filesystem's (ETXTBSY for a file being
+        // executed, say), not a later "stale handle" from another filesystem's mount.
+        let mut own = None;
         let mut last = None;
-        for (_, m) in order {
-            match fdio::open_by_handle(m.dir(), &handle, flags) {
+        for (d, m) in order {
+            let e = match fdio::open_by_handle(m.dir(), &handle, flags) {
                 Ok(fd) => match stat::fstatx(fd.as_fd()) {
                     Ok(s) if s.ino == st.ino && s.btime == st.btime => return Ok(fd),
                     Ok(_) => continue,
-                    Err(e) => last = Some(e),
+                    Err(e) => e,
                 },
-                Err(e) => last = Some(e),
+                Err(e) => e,
+            };
+            if *d == st.dev {
+                own.get_or_insert(e);
+            } else {
+                last = Some(e);
             }
         }
-        Err(match last {
+        Err(match own.or(last) {
             Some(e) => LocalError::from_kernel("open_by_handle_at (private mount)", &e),
             None => LocalError::from_io(
                 "open_by_handle_at (private mount)",
