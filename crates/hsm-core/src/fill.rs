@@ -513,10 +513,12 @@ impl Stub {
 
     /// After a read, fetch ahead of a sequential reader. The window starts at
     /// `readahead` and doubles each time the reader gets within half a window of its end,
-    /// up to `readahead_max`; a read elsewhere starts it over. Its requests are half a
-    /// window each (never smaller than `max_request_size`): a streaming reader makes few,
-    /// large requests, which a store that charges per request (or, like moto, by the
-    /// object's size per request) rewards.
+    /// up to `readahead_max`; a read elsewhere starts it over. From a network store its
+    /// requests are half a window each (never smaller than `max_request_size`): a
+    /// streaming reader makes few, large requests, which a store that charges per request
+    /// (or, like moto, by the object's size per request) rewards. From local files they
+    /// stay at `max_request_size`: a request costs nothing there, and a reader waits for
+    /// the whole request its next granule is in.
     pub(crate) fn readahead(self: &Arc<Self>, core: &Arc<AgentCore>, range: Range<u64>) {
         let base = core.opts.readahead;
         if base == 0 || core.shutting_down.load(Ordering::Relaxed) {
@@ -557,7 +559,11 @@ impl Stub {
         if todo.is_empty() {
             return;
         }
-        let request_size = (window / 2).max(core.opts.max_request_size);
+        let request_size = if self.remote.runs_inline() {
+            core.opts.max_request_size
+        } else {
+            (window / 2).max(core.opts.max_request_size)
+        };
         let stub = self.clone();
         let core2 = core.clone();
         core.rt.spawn(async move {

@@ -442,6 +442,39 @@ async fn a_streaming_reader_gets_a_growing_window_of_larger_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_from_local_files_keeps_its_requests_small() {
+    // A request costs nothing from local files, and a reader waits for the whole request
+    // its next granule is in: there the window grows but the requests stay at
+    // max_request_size.
+    let r = rig_with(
+        CoreOptions {
+            persist_interval: Duration::from_millis(1),
+            max_request_size: 1 << 20,
+            readahead: 2 << 20,
+            readahead_max: 16 << 20,
+            ..Default::default()
+        },
+        true,
+    );
+    let data = pattern(32 << 20, 5);
+    let f = r.stub("f", "k", data.clone(), 20);
+    let mut off = 0u64;
+    while off < 32 << 20 {
+        assert_eq!(r.read(&f, off, 256 << 10).await, Verdict::Allow);
+        off += 256 << 10;
+    }
+    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
+    let ranges = r.remote.inner().served_ranges();
+    let largest = ranges
+        .iter()
+        .map(|(_, g)| g.end - g.start)
+        .max()
+        .unwrap_or(0);
+    assert_eq!(largest, 1 << 20, "requests: {ranges:?}");
+    assert_bytes(&read_at(&f, 0, 32 << 20), &data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_granules_are_fetched_in_parallel_parts() {
     let r = rig(CoreOptions {
         max_request_size: 1 << 20,
