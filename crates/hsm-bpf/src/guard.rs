@@ -148,7 +148,8 @@ pub fn install() -> Result<GuardInstall, BpfError> {
         return Err(BpfError::Unsupported(why));
     }
     ensure_bpffs()?;
-    let stale = pins::sweep_stale_staging(pins::bpffs()?.as_fd())?;
+    let root = pins::bpffs()?;
+    let stale = pins::sweep_stale_staging(root.as_fd())?;
     let current = status();
     if current.installed {
         return Ok(GuardInstall::AlreadyInstalled { stale });
@@ -190,7 +191,6 @@ pub fn install() -> Result<GuardInstall, BpfError> {
         // leaves things as they were.
         replaced = remove()?.planted;
     }
-    let root = pins::bpffs()?;
     // A fresh directory of our own (bpffs refuses names with a dot in them: EPERM), made
     // and used through descriptors: a name taken by anyone else is skipped, never entered.
     let bpffs = Path::new(pins::BPFFS);

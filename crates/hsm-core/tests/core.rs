@@ -389,6 +389,24 @@ async fn sequential_reads_fetch_ahead() {
     assert_bytes(&read_at(&f, 0, 4 << 20), &data[..4 << 20]);
 }
 
+/// Read the first `len` bytes of `f` in 256 KiB steps, as a streaming reader does, and
+/// wait for its readahead: every range the remote served, and the largest.
+async fn stream(r: &Rig, f: &File, len: u64) -> (Vec<(String, std::ops::Range<u64>)>, u64) {
+    let mut off = 0u64;
+    while off < len {
+        assert_eq!(r.read(f, off, 256 << 10).await, Verdict::Allow);
+        off += 256 << 10;
+    }
+    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
+    let ranges = r.remote.inner().served_ranges();
+    let largest = ranges
+        .iter()
+        .map(|(_, g)| g.end - g.start)
+        .max()
+        .unwrap_or(0);
+    (ranges, largest)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_reader_gets_a_growing_window_of_larger_requests() {
     // 1 MiB requests, a 2 MiB first window that may grow to 16 MiB: reading 64 MiB in
@@ -403,18 +421,7 @@ async fn a_streaming_reader_gets_a_growing_window_of_larger_requests() {
     });
     let data = pattern(64 << 20, 3);
     let f = r.stub("f", "k", data.clone(), 20);
-    let mut off = 0u64;
-    while off < 64 << 20 {
-        assert_eq!(r.read(&f, off, 256 << 10).await, Verdict::Allow);
-        off += 256 << 10;
-    }
-    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
-    let ranges = r.remote.inner().served_ranges();
-    let largest = ranges
-        .iter()
-        .map(|(_, g)| g.end - g.start)
-        .max()
-        .unwrap_or(0);
+    let (ranges, largest) = stream(&r, &f, 64 << 20).await;
     assert_eq!(largest, 8 << 20, "requests: {ranges:?}");
     assert!(ranges.len() < 24, "{} requests: {ranges:?}", ranges.len());
     assert_bytes(&read_at(&f, 0, 64 << 20), &data);
@@ -458,18 +465,7 @@ async fn readahead_from_local_files_keeps_its_requests_small() {
     );
     let data = pattern(32 << 20, 5);
     let f = r.stub("f", "k", data.clone(), 20);
-    let mut off = 0u64;
-    while off < 32 << 20 {
-        assert_eq!(r.read(&f, off, 256 << 10).await, Verdict::Allow);
-        off += 256 << 10;
-    }
-    assert!(r.core.wait_fills(Duration::from_secs(10)).await);
-    let ranges = r.remote.inner().served_ranges();
-    let largest = ranges
-        .iter()
-        .map(|(_, g)| g.end - g.start)
-        .max()
-        .unwrap_or(0);
+    let (ranges, largest) = stream(&r, &f, 32 << 20).await;
     assert_eq!(largest, 1 << 20, "requests: {ranges:?}");
     assert_bytes(&read_at(&f, 0, 32 << 20), &data);
 }
