@@ -65,6 +65,11 @@ impl Body {
     }
 }
 
+/// The body of a streamed read: its chunks in order. The stream may end early or yield an
+/// error at any point (a reset connection, a request timeout); the caller counts what it
+/// got.
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, RemoteError>>;
+
 /// Metadata of a remote object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -163,6 +168,20 @@ pub trait Remote: Send + Sync + Debug {
         Ok(Body::Bytes(self.get_range(key, range, expect).await?))
     }
 
+    /// Read `range` of `key` as one request whose body arrives as a stream: the caller
+    /// consumes it at its own pace (an unread body holds the connection back) and may drop
+    /// it at any point. The precondition is checked when the request is made. The default
+    /// is one [`Remote::get_range`] yielded as a single chunk.
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<ByteStream, RemoteError> {
+        let bytes = self.get_range(key, range, expect).await?;
+        Ok(Box::pin(futures::stream::once(async move { Ok(bytes) })))
+    }
+
     /// True when this remote's futures need no reactor: polled outside a tokio runtime they
     /// do their (local, blocking) I/O on the calling thread and complete on first poll. The
     /// agent then serves small fills on its event threads without a thread hop.
@@ -197,6 +216,15 @@ impl<R: Remote + ?Sized> Remote for Arc<R> {
         expect: &Expect,
     ) -> Result<Body, RemoteError> {
         (**self).get_body(key, range, expect).await
+    }
+
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<ByteStream, RemoteError> {
+        (**self).get_stream(key, range, expect).await
     }
 
     fn runs_inline(&self) -> bool {

@@ -10,7 +10,22 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, Store, Upload};
+use crate::{
+    ByteStream, Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, Store, Upload,
+};
+
+/// The chunk size a mock's streamed body arrives in.
+const STREAM_CHUNK: usize = 256 << 10;
+
+/// `data` as a stream of [`STREAM_CHUNK`]-sized chunks, ending with `end` if given.
+fn chunked(data: Bytes, end: Option<RemoteError>) -> ByteStream {
+    let mut items: Vec<Result<Bytes, RemoteError>> = (0..data.len())
+        .step_by(STREAM_CHUNK)
+        .map(|i| Ok(data.slice(i..(i + STREAM_CHUNK).min(data.len()))))
+        .collect();
+    items.extend(end.map(Err));
+    Box::pin(futures::stream::iter(items))
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicking test thread must not hide the state from the others.
@@ -181,6 +196,16 @@ impl Remote for MockRemote {
         Ok(obj.data.slice(range.start as usize..range.end as usize))
     }
 
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<ByteStream, RemoteError> {
+        // One request, whose body arrives in chunks.
+        Ok(chunked(self.get_range(key, range, expect).await?, None))
+    }
+
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
         let objects = lock(&self.objects.map);
         let obj = objects.get(key).ok_or_else(|| self.not_found(key))?;
@@ -294,6 +319,9 @@ pub enum Fault {
     Corrupt,
     /// Wait this long before answering.
     Delay(Duration),
+    /// The connection breaks after this many bytes of the body: a ranged read fails, a
+    /// streamed one yields those bytes and then the error.
+    Break(u64),
 }
 
 /// Wraps a remote and injects faults into its ranged reads and, for a [`Store`], its writes.
@@ -360,10 +388,60 @@ impl<R: Remote> Remote for FaultRemote<R> {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<Bytes, RemoteError> {
+        let fault = self.next_fault().await;
+        self.faulted_range(fault, key, range, expect).await
+    }
+
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<ByteStream, RemoteError> {
+        match self.next_fault().await {
+            None => self.inner.get_stream(key, range, expect).await,
+            Some(Fault::Break(n)) => {
+                let b = self.inner.get_range(key, range, expect).await?;
+                let n = (n as usize).min(b.len());
+                Ok(chunked(b.slice(..n), Some(self.reset(key, n as u64))))
+            }
+            // The other faults act on the whole body.
+            other => Ok(chunked(
+                self.faulted_range(other, key, range, expect).await?,
+                None,
+            )),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
+        self.inner.head(key).await
+    }
+}
+
+impl<R: Remote> FaultRemote<R> {
+    /// Wait while paused, then take the next read's fault.
+    async fn next_fault(&self) -> Option<Fault> {
         let mut rx = self.paused.subscribe();
         // An error here means the sender is gone, which cannot happen while self lives.
         let _ = rx.wait_for(|paused| !paused).await;
-        let fault = lock(&self.queue).pop_front();
+        lock(&self.queue).pop_front()
+    }
+
+    fn reset(&self, key: &str, after: u64) -> RemoteError {
+        RemoteError::Failed {
+            url: self.inner.url().to_string(),
+            key: key.to_string(),
+            detail: format!("read: connection reset after {after} bytes of the body"),
+        }
+    }
+
+    async fn faulted_range(
+        &self,
+        fault: Option<Fault>,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<Bytes, RemoteError> {
         match fault {
             None => self.inner.get_range(key, range, expect).await,
             Some(Fault::Error(e)) => Err(e),
@@ -383,11 +461,11 @@ impl<R: Remote> Remote for FaultRemote<R> {
                 }
                 Ok(Bytes::from(v))
             }
+            Some(Fault::Break(n)) => {
+                self.inner.get_range(key, range, expect).await?;
+                Err(self.reset(key, n))
+            }
         }
-    }
-
-    async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
-        self.inner.head(key).await
     }
 }
 
@@ -421,6 +499,7 @@ impl<S: Store> Store for FaultRemote<S> {
                 }
                 self.inner.put(key, Bytes::from(v)).await
             }
+            Some(Fault::Break(n)) => Err(self.reset(key, n)),
         }
     }
 

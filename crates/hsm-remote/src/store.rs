@@ -22,8 +22,8 @@ use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, RetryConfig};
 
 use crate::{
-    Body, Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, RemoteUrl, Store,
-    StoreKind, Upload,
+    Body, ByteStream, Expect, ListedObject, ObjectInfo, PutInfo, Remote, RemoteError, RemoteUrl,
+    Store, StoreKind, Upload,
 };
 
 /// A remote backed by an `object_store` implementation.
@@ -412,6 +412,27 @@ impl Remote for ObjectStoreRemote {
         };
         self.check_len(key, &range, body.len())?;
         Ok(body)
+    }
+
+    async fn get_stream(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: &Expect,
+    ) -> Result<ByteStream, RemoteError> {
+        if self.local_root.is_some() {
+            // Local files are read in place; a stream would only copy them through memory.
+            let bytes = self.get_range(key, range, expect).await?;
+            return Ok(Box::pin(futures::stream::once(async move { Ok(bytes) })));
+        }
+        let result = self.open_range(key, range, expect).await?;
+        let url = self.url.clone();
+        let key = key.to_string();
+        Ok(Box::pin(
+            result
+                .into_stream()
+                .map_err(move |e| map_err(&url, "read", &key, e)),
+        ))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectInfo, RemoteError> {
