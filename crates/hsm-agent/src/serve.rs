@@ -326,6 +326,8 @@ fn core_options(opts: &AgentOptions) -> CoreOptions {
         max_request_size: cfg.max_request_size.0,
         readahead: cfg.readahead.0,
         readahead_max: cfg.readahead_max.0,
+        // Each holds a connection open while its reader is between windows.
+        readahead_streams: (cfg.max_concurrent_fetches / 2).max(1),
         persist_interval: cfg.persist_interval.0,
         cache_entries: cfg.cache_entries,
         max_bandwidth: cfg.max_bandwidth.0,

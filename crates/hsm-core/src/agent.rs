@@ -50,6 +50,8 @@ pub struct AgentCore {
     pub(crate) fetch_slots: Semaphore,
     /// Slots for requests that outlived SLOW_REQUEST (see `bounded_fetch`).
     pub(crate) slow_slots: Semaphore,
+    /// Slots for readahead streams (see crate::stream): each holds a connection open.
+    pub(crate) stream_slots: Arc<Semaphore>,
     pub(crate) bandwidth: Option<RateLimiter>,
     pub(crate) persist_tx: mpsc::UnboundedSender<Arc<Stub>>,
     pub(crate) metrics: Arc<Metrics>,
@@ -84,6 +86,7 @@ impl AgentCore {
         let core = Arc::new(AgentCore {
             fetch_slots: Semaphore::new(opts.max_concurrent_fetches.max(1)),
             slow_slots: Semaphore::new(opts.max_concurrent_fetches.max(1)),
+            stream_slots: Arc::new(Semaphore::new(opts.readahead_streams)),
             opts,
             remotes,
             marks,

@@ -25,6 +25,9 @@ pub struct CoreOptions {
     pub readahead: u64,
     /// The largest readahead window.
     pub readahead_max: u64,
+    /// Readahead streams (one streamed request per sequential reader of a network store)
+    /// that may run at once; 0: readahead from network stores makes ranged requests only.
+    pub readahead_streams: usize,
     pub persist_interval: Duration,
     pub cache_entries: usize,
     /// Bytes per second; 0 = unlimited.
@@ -40,6 +43,7 @@ impl Default for CoreOptions {
             max_request_size: 8 << 20,
             readahead: 32 << 20,
             readahead_max: 128 << 20,
+            readahead_streams: 8,
             persist_interval: Duration::from_millis(200),
             cache_entries: 8192,
             max_bandwidth: 0,

@@ -269,7 +269,7 @@ impl Stub {
 
     /// Fetch granules `run` in parts of at most `request_size`, in parallel, and write
     /// them. All or nothing: the caller marks the run resident only on success.
-    async fn run_fill(
+    pub(crate) async fn run_fill(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         run: Range<u64>,
@@ -408,7 +408,7 @@ impl Stub {
 
     /// Write fetched bytes, never beyond the floor or the file's current size, and never
     /// across a pending truncate.
-    async fn write_part(
+    pub(crate) async fn write_part(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         offset: u64,
@@ -559,6 +559,11 @@ impl Stub {
         if todo.is_empty() {
             return;
         }
+        // From a network store: one streamed request (see crate::stream), or, when every
+        // stream slot is taken, ranged requests of half a window.
+        if !self.remote.runs_inline() && self.stream_ahead(core, &todo) {
+            return;
+        }
         let request_size = if self.remote.runs_inline() {
             core.opts.max_request_size
         } else {
@@ -588,7 +593,7 @@ impl RateLimiter {
         }
     }
 
-    async fn acquire(&self, bytes: u64) {
+    pub(crate) async fn acquire(&self, bytes: u64) {
         let until = {
             let mut next = self.next.lock().await;
             let start = (*next).max(tokio::time::Instant::now());

@@ -12,6 +12,7 @@ mod integrity;
 pub mod metrics;
 mod persist;
 mod serve;
+mod stream;
 mod stub;
 pub mod stubio;
 mod truncate;

@@ -58,7 +58,12 @@ metrics! {
     fill_joins = "fill_joins" => "hsm_fill_joins_total",
     /// Fill tasks started by readahead rather than by a waiting reader.
     readahead_fills = "readahead_fills" => "hsm_readahead_fills_total",
-    /// Ranged reads sent to remotes.
+    /// Streamed requests readahead opened (one request whose body fills run after run).
+    readahead_streams = "readahead_streams" => "hsm_readahead_streams_total",
+    /// Readahead streams that broke (an error, a short body, a stall) and handed their
+    /// queued runs to ranged requests.
+    stream_fallbacks = "stream_fallbacks" => "hsm_stream_fallbacks_total",
+    /// Requests sent to remotes (ranged reads and streams).
     remote_requests = "remote_requests" => "hsm_remote_requests_total",
     /// Requests still running after 500 ms that moved to a slot for slow requests.
     slow_requests = "slow_requests" => "hsm_slow_requests_total",

@@ -226,6 +226,12 @@ impl Stub {
             if core.shutting_down.load(Ordering::SeqCst) {
                 return Err(ServeError::ShuttingDown);
             }
+            if access == Access::Read && range.start == 0 {
+                // A read from the start may be the first of a sequential reader: from a
+                // network store its granules come from a stream that readahead then
+                // extends, so a whole-file read costs one request (see crate::stream).
+                self.stream_from_start(core, &missing);
+            }
             self.fill(core, &missing, false).await?;
         }
         match access {

@@ -64,6 +64,8 @@ pub(crate) struct StubState {
     pub(crate) readahead_until: u64,
     /// The current readahead window (0: the reader is not sequential yet).
     pub(crate) readahead_window: u64,
+    /// The readahead stream filling this stub, if one runs (see crate::stream).
+    pub(crate) stream: Option<crate::stream::StreamTx>,
     pub(crate) finalized: bool,
     /// Dropped from the cache for an eviction: its map on disk is the eviction's to
     /// change, so nothing persists it any more (a later access loads a fresh state).
@@ -221,6 +223,7 @@ impl Stub {
                 seq_next: 0,
                 readahead_until: 0,
                 readahead_window: 0,
+                stream: None,
                 finalized: false,
                 retired: false,
             }),
