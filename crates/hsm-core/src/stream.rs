@@ -201,10 +201,10 @@ impl Stub {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                 Metrics::inc(&core.metrics.readahead_streams);
-                let stub = self.clone();
+                let stub = Arc::downgrade(self);
                 let core2 = core.clone();
                 core.rt.spawn(async move {
-                    stub.run_stream(&core2, id, rx, permit).await;
+                    Stub::run_stream(stub, &core2, id, rx, permit).await;
                 });
                 s.stream.insert(StreamTx {
                     id,
@@ -297,9 +297,10 @@ impl Stub {
     }
 
     /// The stream's task: fill its pieces in order from one request, until it idles, is
-    /// replaced, or breaks.
+    /// replaced, or breaks. It holds the stub only while it has a piece: an idle stream
+    /// keeps no stub from eviction.
     async fn run_stream(
-        self: Arc<Self>,
+        weak: Weak<Stub>,
         core: &Arc<AgentCore>,
         id: u64,
         mut rx: mpsc::UnboundedReceiver<Piece>,
@@ -314,7 +315,10 @@ impl Stub {
                 Ok(None) => return,
                 Err(_) => {
                     // Idle: leave the state under its lock, unless a piece arrived.
-                    let mut s = lock(&self.state);
+                    let Some(this) = weak.upgrade() else {
+                        return;
+                    };
+                    let mut s = lock(&this.state);
                     match rx.try_recv() {
                         Ok(p) => p,
                         Err(_) => {
@@ -324,23 +328,27 @@ impl Stub {
                     }
                 }
             };
-            match self.stream_piece(core, &mut reader, &piece).await {
+            // Gone (evicted from the cache, its file closed): the piece fails quietly.
+            let Some(this) = weak.upgrade() else {
+                return;
+            };
+            match this.stream_piece(core, &mut reader, &piece).await {
                 Ok(data) => {
                     // Written while the body goes on arriving; at most WRITES_AHEAD at
                     // once (each holds a piece in memory).
                     let Ok(permit) = writes.clone().acquire_owned().await else {
                         unreachable!("never closed");
                     };
-                    let (stub, core2) = (self.clone(), core.clone());
+                    let (stub, core2) = (this.clone(), core.clone());
                     tokio::spawn(async move {
                         let at = piece.bytes.start;
                         let result = stub.write_part(&core2, at, Body::Bytes(data)).await;
                         piece.complete(result);
                         drop(permit);
                     });
-                    if reader.off >= self.meta.remote_size {
+                    if reader.off >= this.meta.remote_size {
                         // The body is all read: nothing more can join this stream.
-                        self.detach(id);
+                        this.detach(id);
                         // What was queued meanwhile (nothing should be) is filled by
                         // ranged requests.
                         rx.close();
@@ -348,21 +356,21 @@ impl Stub {
                         while let Some(p) = rx.recv().await {
                             left.push(p);
                         }
-                        self.fill_ranged(core, left).await;
+                        this.fill_ranged(core, left).await;
                         return;
                     }
                 }
                 Err(e) => {
                     Metrics::inc(&core.metrics.stream_fallbacks);
-                    debug!(path = %self.path(), error = %e, "readahead stream broke; its pieces go to ranged requests");
+                    debug!(path = %this.path(), error = %e, "readahead stream broke; its pieces go to ranged requests");
                     drop(reader);
-                    self.detach(id);
+                    this.detach(id);
                     // No piece arrives any more (the sender is gone): fill what is queued.
                     let mut left = vec![piece];
                     while let Some(p) = rx.recv().await {
                         left.push(p);
                     }
-                    self.fill_ranged(core, left).await;
+                    this.fill_ranged(core, left).await;
                     return;
                 }
             }

@@ -240,3 +240,15 @@ async fn two_sequential_readers_of_one_file_get_every_byte_right() {
     assert_eq!(r.metric("fill_errors"), 0);
     assert_bytes(&read_at(&f, 0, 64 << 20), &data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_keeps_no_stub_from_eviction() {
+    // A reader stops a quarter into the file: its stream waits (up to 2 s) for more, but
+    // holding nothing of the stub, so the stub can be released for an eviction at once.
+    let r = rig(window_opts());
+    let f = r.stub("f", "k", pattern(16 << 20, 4), 20);
+    stream(&r, &f, 4 << 20).await;
+    r.settle().await;
+    let st = hsm_kernel::stat::fstatx(std::os::fd::AsFd::as_fd(&f)).expect("statx");
+    assert!(r.core.release_for_evict(&st).await.expect("release"));
+}
