@@ -2,11 +2,12 @@
 """Chaos: readers verify every byte they read while the agent is SIGKILLed and restarted.
 
     chaos.py --src SRC --dst DST --hsm HSM --work DIR [--cycles N] [--readers N]
-             [--min-up S] [--max-up S] [--config FILE]
+             [--processes N] [--lengths L,...] [--min-up S] [--max-up S] [--config FILE]
 
 SRC holds the files, DST their stubs (already populated). The script starts the agent,
 runs reader threads (half keep their descriptor open across agent deaths, half reopen for
-each read), and every cycle SIGKILLs the agent at a random moment, waits a random short
+each read; with --processes, that many reader processes instead, for rates a thread-bound
+reader cannot reach), and every cycle SIGKILLs the agent at a random moment, waits a random short
 while (readers stay blocked: the keeper holds the group), and starts a new agent. After
 the last cycle it stops the agent cleanly and compares every file in full.
 
@@ -14,6 +15,7 @@ Prints one summary line per measure (key: value) and exits 0; the caller asserts
 """
 import argparse
 import hashlib
+import multiprocessing
 import os
 import random
 import signal
@@ -32,6 +34,13 @@ def parse():
     p.add_argument("--config")
     p.add_argument("--cycles", type=int, default=10)
     p.add_argument("--readers", type=int, default=12)
+    p.add_argument("--processes", type=int, default=0,
+                   help="reader processes (one reader each) instead of --readers threads")
+    p.add_argument("--span", type=float, default=1.0,
+                   help="read only this fraction of each file (below 1, no file becomes "
+                        "whole, so every read stays an event for the agent)")
+    p.add_argument("--lengths", default="4096,65536,262144,1048576",
+                   help="read lengths to draw from, in bytes")
     p.add_argument("--min-up", type=float, default=0.3)
     p.add_argument("--max-up", type=float, default=1.5)
     p.add_argument("--max-down", type=float, default=0.5)
@@ -110,8 +119,8 @@ def reader(idx, args, files, stop, stats, sources):
     held = {}
     while not stop.is_set():
         name, size = rng.choice(files)
-        off = rng.randrange(0, max(size, 1)) & ~4095
-        length = min(rng.choice([4096, 65536, 262144, 1 << 20]), size - off)
+        off = rng.randrange(0, max(int(size * args.span), 1)) & ~4095
+        length = min(rng.choice(args.lengths), size - off)
         if length <= 0:
             continue
         t0 = time.monotonic()
@@ -137,8 +146,18 @@ def reader(idx, args, files, stop, stats, sources):
         os.close(fd)
 
 
+def reader_process(idx, args, files, stop, results):
+    """One reader in a process of its own; its figures go back through `results`."""
+    sources = {n: os.open(os.path.join(args.src, n), os.O_RDONLY) for n, _ in files}
+    stats = Stats()
+    reader(idx, args, files, stop, stats, sources)
+    results.put((stats.reads, stats.bytes, stats.wrong_bytes, stats.failed, stats.errors,
+                 stats.longest))
+
+
 def main():
     args = parse()
+    args.lengths = [int(x) for x in args.lengths.split(",")]
     files = sorted(
         (n, os.path.getsize(os.path.join(args.src, n)))
         for n in os.listdir(args.src)
@@ -149,11 +168,21 @@ def main():
     agent = Agent(args)
     agent.start()
     stats = Stats()
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=reader, args=(i, args, files, stop, stats, sources), daemon=True)
-        for i in range(args.readers)
-    ]
+    if args.processes:
+        mp = multiprocessing.get_context("fork")
+        stop = mp.Event()
+        results = mp.Queue()
+        threads = [
+            mp.Process(target=reader_process, args=(i, args, files, stop, results), daemon=True)
+            for i in range(args.processes)
+        ]
+    else:
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=reader, args=(i, args, files, stop, stats, sources),
+                             daemon=True)
+            for i in range(args.readers)
+        ]
     for t in threads:
         t.start()
     downtime = []
@@ -170,6 +199,16 @@ def main():
     for t in threads:
         t.join(timeout=max(0.1, deadline - time.monotonic()))
     stuck = sum(1 for t in threads if t.is_alive())
+    if args.processes:
+        for _ in range(len(threads) - stuck):
+            reads, nbytes, wrong, failed, errors, longest = results.get(timeout=30)
+            stats.reads += reads
+            stats.bytes += nbytes
+            stats.wrong_bytes += wrong
+            stats.failed += failed
+            stats.longest = max(stats.longest, longest)
+            for k, v in errors.items():
+                stats.errors[k] = stats.errors.get(k, 0) + v
     status = agent.stop()
     # Whole-file check of everything, through a fresh agent.
     agent.start()

@@ -201,8 +201,12 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
         let len = (room / FDS_PER_EVENT * MIN_EVENT_LEN).clamp(2 * MIN_EVENT_LEN, buf.len());
         let r = ctx.shared.group.read_events(&mut buf[..len], batch);
         n += batch.len();
-        for ev in batch.drain(..) {
-            dispatch(ctx, ev);
+        // Journal the whole batch before working on any of it: an event read but not yet
+        // journaled is one a crash leaves a restarted agent unable to serve (it answers
+        // such events EIO), and serving an event may take a fill's time.
+        let registered: Vec<_> = batch.drain(..).filter_map(|ev| register(ctx, ev)).collect();
+        for (ev, guard) in registered {
+            dispatch(ctx, ev, guard);
         }
         ctx.reading.fetch_sub(room, Ordering::SeqCst);
         match r {
@@ -216,15 +220,21 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
     }
 }
 
-fn dispatch(ctx: &Arc<Ctx>, ev: Event) {
-    let Some(fd) = ev.fd else {
+/// Register (and so journal) one event; `None` for an event with no descriptor (a queue
+/// overflow), which needs no answer.
+fn register(ctx: &Ctx, mut ev: Event) -> Option<(Event, events::EventGuard)> {
+    let Some(fd) = ev.fd.take() else {
         if ev.mask & hsm_kernel::fanotify::FAN_Q_OVERFLOW != 0 {
             Metrics::inc(&ctx.shared.metrics.queue_overflows);
             error!("fanotify queue overflow: some accesses were allowed unserved");
         }
-        return;
+        return None;
     };
     let guard = ctx.shared.pending.register(fd, ev.pid, ev.range);
+    Some((ev, guard))
+}
+
+fn dispatch(ctx: &Arc<Ctx>, ev: Event, guard: events::EventGuard) {
     if ev.mask & AGENT_EVENTS == 0 || ctx.shared.own.contains(ev.pid) {
         Metrics::inc(&ctx.shared.metrics.events_own);
         guard.respond(Response::Allow);
