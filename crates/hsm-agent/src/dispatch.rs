@@ -74,7 +74,7 @@ impl Ctx {
 
 /// One event thread: wait for events (one thread woken per event, EPOLLEXCLUSIVE), answer
 /// what can be answered on the spot, hand the rest to the async core.
-pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
+pub(crate) fn event_thread(ctx: &Arc<Ctx>, index: usize, stop: &EventFd) {
     let tid = hsm_kernel::sys::gettid();
     ctx.shared.own.add(tid);
     let run = || -> Result<(), LoopError> {
@@ -87,7 +87,20 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
         .map_err(fail("epoll add fanotify"))?;
         ep.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
             .map_err(fail("epoll add eventfd"))?;
-        let mut buf = vec![0u8; 64 * 1024];
+        // With a journal, events are read into this thread's region of the read log, so a
+        // batch read but not yet journaled outlives a crash (journal.rs).
+        let mut log = ctx.shared.pending.journal().map(|j| j.read_region(index));
+        if let Some(Err(e)) = &log {
+            warn!(error = %e, "no read log: events a crash catches before they are journaled will be answered EIO");
+        }
+        let mut owned = Vec::new();
+        let buf: &mut [u8] = match &mut log {
+            Some(Ok(region)) => &mut region[..],
+            _ => {
+                owned.resize(crate::journal::READ_REGION, 0u8);
+                &mut owned[..]
+            }
+        };
         let mut batch = Vec::with_capacity(64);
         let mut ready = [EpollEvent::empty(); 2];
         loop {
@@ -112,7 +125,7 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(errno) => return Err(fail("epoll_wait")(errno)),
             }
-            drain(ctx, &mut buf, &mut batch);
+            drain(ctx, buf, &mut batch);
             if ctx.stopping.load(Ordering::SeqCst) {
                 return Ok(());
             }
@@ -121,7 +134,7 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, stop: &EventFd) {
             // paying a wake-up (tens of microseconds on a virtual CPU).
             let mut idle_since = Instant::now();
             while idle_since.elapsed() < SPIN_AFTER_EVENT {
-                if drain(ctx, &mut buf, &mut batch) > 0 {
+                if drain(ctx, buf, &mut batch) > 0 {
                     idle_since = Instant::now();
                 } else {
                     std::thread::yield_now();
@@ -204,18 +217,44 @@ fn drain(ctx: &Arc<Ctx>, buf: &mut [u8], batch: &mut Vec<Event>) -> usize {
         // Journal the whole batch before working on any of it: an event read but not yet
         // journaled is one a crash leaves a restarted agent unable to serve (it answers
         // such events EIO), and serving an event may take a fill's time.
+        if !batch.is_empty() {
+            crash_point();
+        }
         let registered: Vec<_> = batch.drain(..).filter_map(|ev| register(ctx, ev)).collect();
+        // Journaled: the read log's copy is no longer needed, and must not outlive the
+        // events (their numbers are reused once they are answered).
+        if let Ok(n) = &r {
+            buf[..*n].fill(0);
+        }
         for (ev, guard) in registered {
             dispatch(ctx, ev, guard);
         }
         ctx.reading.fetch_sub(room, Ordering::SeqCst);
         match r {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.errno() == Some(libc::EAGAIN) => return n,
             Err(e) => {
                 error!(error = %e, "reading fanotify events");
                 return n;
             }
+        }
+    }
+}
+
+/// For tests of crash recovery (fstest 085): with `HSM_TEST_KILL_AFTER_READS=N`, the agent
+/// SIGKILLs itself when its Nth batch of events has been read and before it is journaled.
+fn crash_point() {
+    static LEFT: std::sync::OnceLock<Option<AtomicUsize>> = std::sync::OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        std::env::var("HSM_TEST_KILL_AFTER_READS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(AtomicUsize::new)
+    });
+    if let Some(left) = left {
+        if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            warn!("HSM_TEST_KILL_AFTER_READS: killing this agent before it journals what it read");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

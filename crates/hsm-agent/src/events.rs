@@ -139,6 +139,11 @@ impl Pending {
         }
     }
 
+    /// The journal, when there is one (with a keeper or an fd store).
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
+    }
+
     /// Events denied so far, per errno, in [`DENY_ERRNOS`] order.
     pub fn denied(&self) -> [u64; DENY_ERRNOS.len()] {
         std::array::from_fn(|i| self.denied[i].load(Ordering::Relaxed))

@@ -12,6 +12,13 @@
 //!   reader's thread id, the range, the file's handle and mount id, a sequence number and
 //!   a CRC; a slot whose CRC does not match (a write torn by a crash) is ignored.
 //!
+//! Beside it, `STATE_DIR/reads.PID`, the read log: one 64 KiB region per event thread, a
+//! shared mapping each thread reads its events into. What a `read` returned is then in the
+//! file before the thread journals it, and the thread clears it once the batch is
+//! journaled: a record still there names an event read but not journaled when the process
+//! died (its fd number, reader thread and range), which a successor can still serve
+//! (restart.rs, `adopt_orphans`).
+//!
 //! Order of operations per event: [`Journal::begin`] after the read, the answer, then
 //! [`Journal::end`], and only then is the event fd closed. A crash between answer and end
 //! leaves a stale slot whose number is still held by the dead process's fd (not reused),
@@ -23,7 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
-use hsm_kernel::fanotify::FileRange;
+use hsm_kernel::fanotify::{EventParser, FileRange};
 use hsm_kernel::fdio::{FileHandle, MAX_HANDLE_LEN};
 
 const MAGIC: &[u8; 4] = b"HSMJ";
@@ -38,6 +45,9 @@ const FLAG_STOPPED_READING: u32 = 1;
 /// access events add a 24-byte range record, open events nothing).
 pub const EVENTS_PER_READ: RawFd = 64 * 1024 / 24;
 
+/// Bytes of one event thread's region of the read log (its whole read buffer).
+pub const READ_REGION: usize = 64 * 1024;
+
 /// Highest fd number a journal can describe (the slot offset must stay sane).
 pub const MAX_FD: RawFd = 1 << 24;
 
@@ -46,6 +56,9 @@ pub const MAX_FD: RawFd = 1 << 24;
 pub struct Journal {
     file: File,
     path: PathBuf,
+    /// The read log (`reads.PID`), and a lock for growing it.
+    reads: PathBuf,
+    reads_grow: std::sync::Mutex<()>,
     max_fd: AtomicI32,
     seq: AtomicU64,
 }
@@ -72,6 +85,18 @@ pub struct OldJournal {
     pub open_fds: u32,
     pub stopped_reading: bool,
     pub entries: Vec<Entry>,
+    /// Events its read log still holds: read, and maybe not journaled, when it died.
+    pub read_log: Vec<Orphan>,
+}
+
+/// An event a dead agent's read log holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Orphan {
+    pub fd: RawFd,
+    pub mask: u64,
+    /// The reader's thread id.
+    pub tid: i32,
+    pub range: Option<FileRange>,
 }
 
 impl OldJournal {
@@ -131,6 +156,11 @@ fn journal_path(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("journal.{pid}"))
 }
 
+/// The read log beside a journal.
+pub fn reads_path(journal: &Path, pid: u32) -> PathBuf {
+    journal.with_file_name(format!("reads.{pid}"))
+}
+
 impl Journal {
     /// Create this process's journal in `dir` (made if missing).
     pub fn create(dir: &Path) -> std::io::Result<Journal> {
@@ -154,8 +184,12 @@ impl Journal {
         header[24..28].copy_from_slice(&(-1i32).to_le_bytes());
         header[32..36].copy_from_slice(&open_fd_count().to_le_bytes());
         file.write_all_at(&header, 0)?;
+        let reads = reads_path(&path, pid);
+        let _ = std::fs::remove_file(&reads);
         Ok(Journal {
             file,
+            reads,
+            reads_grow: std::sync::Mutex::new(()),
             path,
             max_fd: AtomicI32::new(-1),
             seq: AtomicU64::new(0),
@@ -222,9 +256,34 @@ impl Journal {
         Ok(())
     }
 
-    /// Delete the journal (clean exit: every event was answered).
+    /// Region `index` of the read log, mapped shared: the event thread of that index reads
+    /// its events into it and clears what it read once that is journaled ([`clear_read`]).
+    pub fn read_region(&self, index: usize) -> std::io::Result<hsm_kernel::fdio::MmapMut> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = {
+            let _grow = self.reads_grow.lock().unwrap_or_else(|p| p.into_inner());
+            let file = std::fs::OpenOptions::new()
+                .mode(0o600)
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.reads)?;
+            let want = ((index + 1) * READ_REGION) as u64;
+            if file.metadata()?.len() < want {
+                file.set_len(want)?;
+            }
+            file
+        };
+        // The file is this process's own (0600 in a directory only root may write); it
+        // only grows while we live, and a successor only reads it after we are gone.
+        hsm_kernel::fdio::map_private_file_shared(&file, (index * READ_REGION) as u64, READ_REGION)
+    }
+
+    /// Delete the journal and the read log (clean exit: every event was answered).
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.reads);
     }
 }
 
@@ -318,15 +377,39 @@ pub fn read(path: &Path) -> std::io::Result<Option<OldJournal>> {
         }
         at += SLOT as usize;
     }
+    let pid = u32_at(&data, 8);
     Ok(Some(OldJournal {
         path: path.to_path_buf(),
-        pid: u32_at(&data, 8),
+        read_log: read_log(&reads_path(path, pid)),
+        pid,
         start_ticks: u64_at(&data, 16),
         max_fd: max_fd.max(entries.iter().map(|e| e.fd).max().unwrap_or(-1)),
         open_fds: u32_at(&data, 32),
         stopped_reading: u32_at(&data, 28) & FLAG_STOPPED_READING != 0,
         entries,
     }))
+}
+
+/// The events a read log holds: each region parsed from its start up to the first byte
+/// that is not an event (a cleared region holds none).
+pub fn read_log(path: &Path) -> Vec<Orphan> {
+    let Ok(data) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    data.chunks(READ_REGION)
+        .flat_map(|region| {
+            EventParser::new(region)
+                .map_while(|e| e.ok())
+                .filter(|e| e.fd >= 0)
+                .map(|e| Orphan {
+                    fd: e.fd,
+                    mask: e.mask,
+                    tid: e.pid,
+                    range: e.range,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// A journal file too short to hold a header, whose process is gone.
@@ -362,6 +445,7 @@ pub fn scan(dir: &Path) -> Vec<OldJournal> {
             Ok(None) if short_and_orphaned(&e.path(), pid) => {
                 tracing::debug!(path = %e.path().display(), "removed the empty journal of a dead agent");
                 let _ = std::fs::remove_file(e.path());
+                let _ = std::fs::remove_file(reads_path(&e.path(), pid));
             }
             Ok(None) => tracing::warn!(path = %e.path().display(), "not an hsm journal; ignored"),
             Err(err) => {
@@ -376,6 +460,38 @@ pub fn scan(dir: &Path) -> Vec<OldJournal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_read_log_keeps_a_read_until_it_is_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = Journal::create(dir.path()).expect("create");
+        let mut region = j.read_region(1).expect("region");
+        // One event as a read returns it: metadata only (24 bytes), fd 9, thread 1234.
+        let mut ev = Vec::new();
+        ev.extend_from_slice(&24u32.to_ne_bytes());
+        ev.extend_from_slice(&[3, 0]);
+        ev.extend_from_slice(&24u16.to_ne_bytes());
+        ev.extend_from_slice(&hsm_kernel::fanotify::FAN_PRE_ACCESS.to_ne_bytes());
+        ev.extend_from_slice(&9i32.to_ne_bytes());
+        ev.extend_from_slice(&1234i32.to_ne_bytes());
+        region[..ev.len()].copy_from_slice(&ev);
+        let log = reads_path(&j.path, std::process::id());
+        // Read back through the file, as a successor does (the mapping is shared).
+        assert_eq!(
+            read_log(&log),
+            vec![Orphan {
+                fd: 9,
+                mask: hsm_kernel::fanotify::FAN_PRE_ACCESS,
+                tid: 1234,
+                range: None
+            }]
+        );
+        region[..ev.len()].fill(0);
+        assert_eq!(read_log(&log), vec![]);
+        drop(region);
+        j.remove();
+        assert!(!log.exists(), "the read log goes with the journal");
+    }
 
     #[test]
     fn in_flight_events_survive_and_ended_ones_do_not() {

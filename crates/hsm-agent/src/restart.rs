@@ -215,6 +215,87 @@ pub struct Recovered {
     pub failed: usize,
 }
 
+/// What [`adopt_orphans`] found in dead agents' read logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Adopted {
+    /// Events read but not journaled whose file was found: served like journaled ones.
+    pub adopted: usize,
+    /// Such events whose file could not be named with certainty: answered EIO.
+    pub uncertain: usize,
+}
+
+/// Events a dead agent read but had not journaled when it died are still in its read log
+/// (journal.rs): their numbers, reader threads and ranges, not their files. The reader is
+/// still blocked in the same call; when that call is a read-family one whose offset lies
+/// in the event's range, on a file of a served filesystem, and its process maps no file of
+/// a served filesystem (else the event could be a page fault on the read's buffer), the
+/// call's descriptor names the file: the event becomes a journal entry and is served like
+/// the others. Anything less certain is left to [`sweep_unjournaled`] (EIO).
+pub fn adopt_orphans(dead: &mut [OldJournal], served_devs: &[u64]) -> Adopted {
+    let mut a = Adopted::default();
+    for j in dead.iter_mut() {
+        let journaled: std::collections::HashSet<RawFd> = j.entries.iter().map(|e| e.fd).collect();
+        let orphans: Vec<journal::Orphan> = j
+            .read_log
+            .iter()
+            .filter(|o| !journaled.contains(&o.fd))
+            .copied()
+            .collect();
+        for o in orphans {
+            match o
+                .range
+                .and_then(|range| orphan_file(o.tid, range, served_devs))
+            {
+                Some((handle, mount_id)) => {
+                    j.entries.push(journal::Entry {
+                        fd: o.fd,
+                        tid: o.tid,
+                        range: o.range,
+                        mount_id,
+                        handle: Some(handle),
+                        seq: 0,
+                    });
+                    a.adopted += 1;
+                }
+                None => a.uncertain += 1,
+            }
+        }
+    }
+    a
+}
+
+/// The file (its handle and mount id) of an access event of thread `tid` over `range`, if
+/// it can be named with certainty (see [`adopt_orphans`]).
+fn orphan_file(
+    tid: i32,
+    range: hsm_kernel::fanotify::FileRange,
+    served_devs: &[u64],
+) -> Option<(hsm_kernel::fdio::FileHandle, i32)> {
+    use std::os::unix::fs::MetadataExt;
+    let read = hsm_kernel::intent::blocked_read(tid)?;
+    if read.offset < range.offset || read.offset >= range.offset + range.count.max(1) {
+        return None;
+    }
+    let mapped = hsm_kernel::intent::mapped_devices(tid)?;
+    if mapped.iter().any(|d| served_devs.contains(d)) {
+        return None;
+    }
+    let file = nix::fcntl::open(
+        format!("/proc/{tid}/fd/{}", read.fd).as_str(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()?;
+    let dev = std::fs::File::from(file.try_clone().ok()?)
+        .metadata()
+        .ok()?
+        .dev();
+    if !served_devs.contains(&dev) {
+        return None;
+    }
+    hsm_kernel::fdio::handle_of(file.as_fd()).ok()
+}
+
 /// Answer EIO every number up to `limit` that no journal entry claims: events a dead
 /// agent had read but not journaled. Only when no earlier agent is still running (its
 /// numbers are its own until it exits). Returns how many events that answered.
@@ -267,6 +348,7 @@ pub async fn recover(
     }
     for j in &dead {
         let _ = std::fs::remove_file(&j.path);
+        let _ = std::fs::remove_file(journal::reads_path(&j.path, j.pid));
     }
     r
 }

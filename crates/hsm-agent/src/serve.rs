@@ -85,7 +85,20 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     let obtained = restart::obtain_group(&cfg)?;
     let group = obtained.group.clone();
     let store = obtained.store;
-    let earlier = earlier_agents(&cfg, &group, &store, obtained.restored, nofile).await?;
+    let served_devs: Vec<u64> = trees
+        .iter()
+        .filter_map(|t| std::fs::metadata(t).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .collect();
+    let earlier = earlier_agents(
+        &cfg,
+        &group,
+        &store,
+        obtained.restored,
+        nofile,
+        &served_devs,
+    )
+    .await?;
     let journal = open_journal(&cfg, &store)?;
     let metrics = Arc::new(Metrics::default());
     // Fills go through the agent's own clone of each tree's mount, whatever mount the
@@ -259,7 +272,7 @@ fn spawn_event_threads(
         threads.push(
             std::thread::Builder::new()
                 .name(format!("hsm-events-{i}"))
-                .spawn(move || event_thread(&ctx, &stop))?,
+                .spawn(move || event_thread(&ctx, i, &stop))?,
         );
     }
     Ok((stop, threads))
@@ -344,6 +357,7 @@ async fn earlier_agents(
     store: &GroupStore,
     restored: bool,
     nofile: u64,
+    served_devs: &[u64],
 ) -> Result<Earlier, AgentError> {
     // A previous agent still running hands over: it stops reading before we start. The
     // wait for it is a blocking poll of its journal, so it runs off the async threads.
@@ -355,7 +369,7 @@ async fn earlier_agents(
             .await
             .unwrap_or_default()
     };
-    let (live, dead): (Vec<_>, Vec<_>) = olds.into_iter().partition(|j| j.writer_alive());
+    let (live, mut dead): (Vec<_>, Vec<_>) = olds.into_iter().partition(|j| j.writer_alive());
     debug!(
         restored,
         live = live.len(),
@@ -384,6 +398,14 @@ async fn earlier_agents(
     // this agent's own events are numbered low again.
     if let (Some(limit), Some(held)) = (reserve_to, reserved.as_mut()) {
         if live.is_empty() {
+            let adopted = restart::adopt_orphans(&mut dead, served_devs);
+            if adopted != restart::Adopted::default() {
+                info!(
+                    adopted = adopted.adopted,
+                    uncertain = adopted.uncertain,
+                    "events a crashed agent had read but not journaled, found in its read log"
+                );
+            }
             let swept = restart::sweep_unjournaled(group, &dead, limit);
             if swept > 0 {
                 warn!(

@@ -408,10 +408,11 @@ impl Group {
     }
 
     /// Read whatever events are queued into `buf` and hand out each event with its fd owned.
+    /// Returns how many bytes of `buf` the read filled.
     ///
     /// Returns `Ok(0)` events as an empty vector only when the read returned nothing; with a
     /// non-blocking group an empty queue is `Err` with `EAGAIN` (see [`KernelError::errno`]).
-    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<Event>) -> Result<()> {
+    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<Event>) -> Result<usize> {
         // SAFETY: buf is a valid writable region of buf.len() bytes for the whole call.
         let n = unsafe {
             libc::read(
@@ -451,7 +452,7 @@ impl Group {
         }
         match parse_error {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(n as usize),
         }
     }
 

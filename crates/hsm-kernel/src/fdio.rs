@@ -11,6 +11,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::{KernelError, Result};
 
+pub use memmap2::MmapMut;
+
 /// Largest handle we keep (the kernel's MAX_HANDLE_SZ is 128).
 pub const MAX_HANDLE_LEN: usize = 128;
 
@@ -236,6 +238,26 @@ pub fn highest_open_fd() -> RawFd {
                 .unwrap_or(0)
         })
         .unwrap_or(0)
+}
+
+/// Map `len` bytes of `file` at `offset` shared and writable: stores land in the file's page
+/// cache, so they outlive the process (the agent's read log).
+///
+/// The file must be the caller's own: no other process may truncate or write it while it
+/// is mapped (a truncate would make touching the mapping raise SIGBUS).
+pub fn map_private_file_shared(
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<memmap2::MmapMut> {
+    // SAFETY: by this function's contract nothing else truncates or writes the file while
+    // the mapping lives, which is what memmap2 requires of a mutable mapping.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .map_mut(file)
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,15 @@ mod nr {
         322, // execveat
         327, // preadv2
     ];
+    /// read, pread64, readv, preadv, preadv2: the calls whose file and offset a blocked
+    /// thread's arguments name (with where the offset argument is, if any).
+    pub const FILE_READS: &[(i64, Option<usize>)] = &[
+        (0, None),
+        (17, Some(3)),
+        (19, None),
+        (295, Some(3)),
+        (327, Some(3)),
+    ];
     pub const MMAP: i64 = 9;
     pub const TRUNCATE: i64 = 76;
     pub const FTRUNCATE: i64 = 77;
@@ -65,6 +74,13 @@ mod nr {
         281, // execveat
         286, // preadv2
     ];
+    pub const FILE_READS: &[(i64, Option<usize>)] = &[
+        (63, None),
+        (67, Some(3)),
+        (65, None),
+        (69, Some(3)),
+        (286, Some(3)),
+    ];
     pub const MMAP: i64 = 222;
     pub const TRUNCATE: i64 = 45;
     pub const FTRUNCATE: i64 = 46;
@@ -75,6 +91,7 @@ mod nr {
 mod nr {
     // Unknown syscall table: every access is classified as a write (always safe).
     pub const READS: &[i64] = &[];
+    pub const FILE_READS: &[(i64, Option<usize>)] = &[];
     pub const MMAP: i64 = i64::MIN;
     pub const TRUNCATE: i64 = i64::MIN;
     pub const FTRUNCATE: i64 = i64::MIN;
@@ -140,6 +157,77 @@ pub fn classify_line(line: &str, fd_read_only: impl FnOnce(i32) -> Option<bool>)
     }
 }
 
+/// A read-family system call a thread is blocked in: the descriptor it reads and the file
+/// offset the read starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockedRead {
+    pub fd: i32,
+    pub offset: u64,
+}
+
+/// Parse one line of `/proc/TID/syscall` as a read-family call (read, pread64, readv,
+/// preadv, preadv2; not exec). `position(fd)` gives the descriptor's file position, for
+/// the calls that read from it.
+pub fn blocked_read_line(
+    line: &str,
+    position: impl FnOnce(i32) -> Option<u64>,
+) -> Option<BlockedRead> {
+    let mut parts = line.split_ascii_whitespace();
+    let nr = parts.next()?.parse::<i64>().ok()?;
+    let &(_, offset_arg) = nr::FILE_READS.iter().find(|(n, _)| *n == nr)?;
+    let args: Vec<u64> = parts.take(6).filter_map(parse_num).collect();
+    let fd = i32::try_from(*args.first()?).ok()?;
+    let offset = match offset_arg.map(|i| args.get(i).copied()) {
+        // preadv2 with offset -1 reads at the position, like readv.
+        Some(Some(off)) if off as i64 >= 0 => off,
+        Some(Some(_)) | None => position(fd)?,
+        Some(None) => return None,
+    };
+    Some(BlockedRead { fd, offset })
+}
+
+/// The read-family call thread `tid` is blocked in, if it is in one.
+pub fn blocked_read(tid: i32) -> Option<BlockedRead> {
+    let line = std::fs::read_to_string(format!("/proc/{tid}/syscall")).ok()?;
+    blocked_read_line(&line, |fd| fd_position(tid, fd))
+}
+
+/// The file position `/proc/TID/fdinfo/FD` reports.
+pub fn fd_position(tid: i32, fd: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pos:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The devices of every file thread `tid`'s process maps (`/proc/TID/maps`).
+pub fn mapped_devices(tid: i32) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/maps")).ok()?;
+    Some(mapped_devices_of(&text))
+}
+
+/// [`mapped_devices`] of the text of a maps file: lines `start-end perms offset MAJ:MIN
+/// inode [path]`; anonymous mappings (inode 0) are left out.
+pub fn mapped_devices_of(maps: &str) -> Vec<u64> {
+    let mut devs: Vec<u64> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_ascii_whitespace().skip(3);
+            let (maj, min) = f.next()?.split_once(':')?;
+            let inode = f.next()?.parse::<u64>().ok()?;
+            if inode == 0 {
+                return None;
+            }
+            let maj = u32::from_str_radix(maj, 16).ok()?;
+            let min = u32::from_str_radix(min, 16).ok()?;
+            Some(libc::makedev(maj, min))
+        })
+        .collect();
+    devs.sort_unstable();
+    devs.dedup();
+    devs
+}
+
 /// Whether `/proc/TID/fdinfo/FD` says the descriptor is open read-only.
 pub fn fd_is_read_only(tid: i32, fd: i32) -> Option<bool> {
     let text = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
@@ -179,6 +267,66 @@ mod tests {
 
     fn c(line: &str) -> Access {
         classify_line(line, |_| Some(false)).access
+    }
+
+    #[test]
+    fn names_the_descriptor_and_offset_of_a_blocked_read() {
+        let at = |line: &str| blocked_read_line(line, |fd| Some(4096 * fd as u64));
+        let r = |fd, offset| Some(BlockedRead { fd, offset });
+        // pread64(5, buf, 65536, 0x300000)
+        assert_eq!(
+            at("17 0x5 0x7f21d0000000 0x10000 0x300000 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            r(5, 0x300000)
+        );
+        // read(3, buf, 4096): at the descriptor's position
+        assert_eq!(
+            at("0 0x3 0x55d0c0 0x1000 0x0 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            r(3, 3 * 4096)
+        );
+        // readv(7, iov, 2)
+        assert_eq!(
+            at("19 0x7 0x7ffd10 0x2 0x0 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            r(7, 7 * 4096)
+        );
+        // preadv2(4, iov, 1, -1, 0, 0): -1 reads at the position
+        assert_eq!(
+            at("327 0x4 0x7ffd10 0x1 0xffffffffffffffff 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            r(4, 4 * 4096)
+        );
+        assert_eq!(
+            at("295 0x4 0x7ffd10 0x1 0x2000 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            r(4, 0x2000)
+        );
+        // Not a read of a file: a write, an exec, a page fault outside any call, running.
+        assert_eq!(
+            at("1 0x3 0x55d0c0 0x1000 0x0 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            None
+        );
+        assert_eq!(
+            at("59 0x55d0c0 0x7ffd10 0x7ffd20 0x0 0x0 0x0 0x7ffd9c 0x7f21e1"),
+            None
+        );
+        assert_eq!(at("-1 0x7ffd9c 0x7f21e1"), None);
+        assert_eq!(at("running"), None);
+        // The position unknown (the descriptor is gone): no answer.
+        assert_eq!(
+            blocked_read_line("0 0x3 0x55d0c0 0x1000 0x0 0x0 0x0 0x1 0x2", |_| None),
+            None
+        );
+    }
+
+    #[test]
+    fn lists_the_devices_of_mapped_files() {
+        let maps = "\
+55d0c0000000-55d0c0001000 r--p 00000000 fd:01 1310 /usr/bin/python3.11
+7f21d0000000-7f21d0100000 r--s 00000000 07:03 12 /mnt/dst/f.bin
+7f21e0000000-7f21e0021000 rw-p 00000000 00:00 0
+7ffd9c000000-7ffd9c021000 rw-p 00000000 00:00 0 [stack]
+7f21e1000000-7f21e1001000 r--p 00001000 fd:01 1311 /usr/lib/x86_64-linux-gnu/libc.so.6
+";
+        let mut want = vec![libc::makedev(0xfd, 1), libc::makedev(7, 3)];
+        want.sort_unstable();
+        assert_eq!(mapped_devices_of(maps), want);
     }
 
     #[test]
