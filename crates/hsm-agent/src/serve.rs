@@ -85,11 +85,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     let obtained = restart::obtain_group(&cfg)?;
     let group = obtained.group.clone();
     let store = obtained.store;
-    let served_devs: Vec<u64> = trees
-        .iter()
-        .filter_map(|t| std::fs::metadata(t).ok())
-        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
-        .collect();
+    let served_devs = served_devices(&trees);
     let earlier = earlier_agents(
         &cfg,
         &group,
@@ -330,6 +326,43 @@ fn resolve_trees(opts: &AgentOptions) -> Result<Vec<PathBuf>, AgentError> {
         .into_iter()
         .map(|t| std::fs::canonicalize(&t).map_err(|source| AgentError::Tree { path: t, source }))
         .collect()
+}
+
+/// The device numbers of the served filesystems, both as `stat` reports them and as the
+/// superblock's (what `/proc/PID/maps` and mountinfo show): on btrfs the two differ (each
+/// subvolume has its own anonymous device), and recovery must recognise a served file by
+/// either (restart.rs, `adopt_orphans`).
+fn served_devices(trees: &[PathBuf]) -> Vec<u64> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut devs = Vec::new();
+    for t in trees {
+        if let Ok(m) = std::fs::metadata(t) {
+            devs.push(std::os::unix::fs::MetadataExt::dev(&m));
+        }
+        // The mount the tree is on: the longest mount point that contains it.
+        let best = mountinfo
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_ascii_whitespace().collect();
+                let point = f.get(4)?.replace("\\040", " ");
+                let (maj, min) = f.get(2)?.split_once(':')?;
+                let inside = t.starts_with(&point);
+                inside.then(|| {
+                    (
+                        point.len(),
+                        maj.parse::<u32>().ok(),
+                        min.parse::<u32>().ok(),
+                    )
+                })
+            })
+            .max_by_key(|(len, _, _)| *len);
+        if let Some((_, Some(maj), Some(min))) = best {
+            devs.push(libc::makedev(maj, min));
+        }
+    }
+    devs.sort_unstable();
+    devs.dedup();
+    devs
 }
 
 fn core_options(opts: &AgentOptions) -> CoreOptions {
