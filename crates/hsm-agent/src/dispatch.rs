@@ -155,7 +155,7 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, index: usize, stop: &EventFd) {
 const SPIN_AFTER_EVENT: Duration = Duration::from_micros(100);
 
 /// Descriptors kept outside the event budget (see [`Ctx::new`]).
-const FD_MARGIN: usize = 2048;
+const FD_MARGIN: usize = 4096;
 
 /// The shortest event: metadata without an information record (an open permission
 /// event). A buffer of `n * MIN_EVENT_LEN` bytes returns at most `n` events.
