@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::api::DenyErrno;
-use futures::FutureExt;
 use hsm_kernel::stat::FileStat;
 use hsm_remote::Remote;
 use tracing::warn;
@@ -17,7 +16,7 @@ use crate::api::{Access, AccessEvent, IntentSource, Later, Verdict, ambiguous, n
 use crate::error::{ServeError, deny_errno};
 use crate::fill::InlineClaim;
 use crate::metrics::Metrics;
-use crate::stub::{FillResult, SharedFill, Stub};
+use crate::stub::Stub;
 
 impl Stub {
     /// The synchronous half of [`Stub::serve`]: reads whose granules are resident, or
@@ -118,16 +117,7 @@ impl Stub {
             None => None,
         };
         // Claim the granules so concurrent events wait on this fill instead of repeating it.
-        let (tx, rx) = tokio::sync::oneshot::channel::<FillResult>();
-        let shared: SharedFill = async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(Arc::new(ServeError::TaskFailed(
-                    "inline fill abandoned".into(),
-                )))
-            })
-        }
-        .boxed()
-        .shared();
+        let (tx, shared) = crate::stub::completed_by_sender("inline fill abandoned");
         let mut claim = {
             let mut s = lock(&self.state);
             if run

@@ -19,7 +19,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use hsm_remote::{Body, ByteStream, RemoteError};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::debug;
@@ -27,7 +27,7 @@ use tracing::debug;
 use crate::agent::{AgentCore, lock};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::stub::{FillResult, SharedFill, Stub, StubState};
+use crate::stub::{FillResult, Stub, StubState};
 
 /// A stream with no piece to fill for this long ends, and its connection is dropped.
 const STREAM_IDLE: Duration = Duration::from_secs(2);
@@ -269,16 +269,7 @@ impl Stub {
                 if bytes.is_empty() {
                     return None;
                 }
-                let (tx, rx) = oneshot::channel::<FillResult>();
-                let fill: SharedFill = async move {
-                    rx.await.unwrap_or_else(|_| {
-                        Err(Arc::new(ServeError::TaskFailed(
-                            "readahead stream ended".into(),
-                        )))
-                    })
-                }
-                .boxed()
-                .shared();
+                let (tx, fill) = crate::stub::completed_by_sender("readahead stream ended");
                 for g in run.clone() {
                     s.inflight.insert(g, fill.clone());
                 }

@@ -40,6 +40,22 @@ pub(crate) type FillResult = Result<(), Arc<ServeError>>;
 
 pub(crate) type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
+/// A fill others can join that ends when the returned sender sends its result; if the
+/// sender is dropped unsent, it fails with `abandoned`.
+pub(crate) fn completed_by_sender(
+    abandoned: &'static str,
+) -> (tokio::sync::oneshot::Sender<FillResult>, SharedFill) {
+    use futures::FutureExt;
+    let (tx, rx) = tokio::sync::oneshot::channel::<FillResult>();
+    let fill = async move {
+        rx.await
+            .unwrap_or_else(|_| Err(Arc::new(ServeError::TaskFailed(abandoned.into()))))
+    }
+    .boxed()
+    .shared();
+    (tx, fill)
+}
+
 /// Per-stub mutable state.
 #[derive(Debug)]
 pub(crate) struct StubState {
