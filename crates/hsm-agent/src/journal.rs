@@ -48,6 +48,9 @@ pub const EVENTS_PER_READ: RawFd = 64 * 1024 / 24;
 /// Bytes of one event thread's region of the read log (its whole read buffer).
 pub const READ_REGION: usize = 64 * 1024;
 
+/// Regions in a read log (event threads beyond this read into private memory).
+pub const READ_REGIONS: usize = 64;
+
 /// Highest fd number a journal can describe (the slot offset must stay sane).
 pub const MAX_FD: RawFd = 1 << 24;
 
@@ -56,9 +59,11 @@ pub const MAX_FD: RawFd = 1 << 24;
 pub struct Journal {
     file: File,
     path: PathBuf,
-    /// The read log (`reads.PID`), and a lock for growing it.
+    /// The read log (`reads.PID`), opened and sized when the journal is made: before the
+    /// agent's marks exist, so neither raises an event (the state directory may be on a
+    /// served filesystem).
     reads: PathBuf,
-    reads_grow: std::sync::Mutex<()>,
+    reads_file: File,
     max_fd: AtomicI32,
     seq: AtomicU64,
 }
@@ -164,6 +169,18 @@ pub fn reads_path(journal: &Path, pid: u32) -> PathBuf {
 impl Journal {
     /// Create this process's journal in `dir` (made if missing).
     pub fn create(dir: &Path) -> std::io::Result<Journal> {
+        Self::create_with(dir, |_| Ok(()))
+    }
+
+    /// [`Journal::create`], giving each file to `before_use` right after it is opened and
+    /// before anything is written to it: with the state directory on a served filesystem
+    /// and the group already marked (a restart), a write would raise an event that no
+    /// event thread is there yet to answer; the agent ignore-marks the files.
+    pub fn create_with(
+        dir: &Path,
+        mut before_use: impl FnMut(std::os::fd::BorrowedFd<'_>) -> std::io::Result<()>,
+    ) -> std::io::Result<Journal> {
+        use std::os::fd::AsFd;
         use std::os::unix::fs::OpenOptionsExt;
         ensure_private_dir(dir)?;
         let pid = std::process::id();
@@ -175,6 +192,7 @@ impl Journal {
             .create(true)
             .truncate(true)
             .open(&path)?;
+        before_use(file.as_fd())?;
         let mut header = [0u8; 64];
         header[0..4].copy_from_slice(MAGIC);
         header[4..8].copy_from_slice(&VERSION.to_le_bytes());
@@ -186,10 +204,19 @@ impl Journal {
         file.write_all_at(&header, 0)?;
         let reads = reads_path(&path, pid);
         let _ = std::fs::remove_file(&reads);
+        let reads_file = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&reads)?;
+        before_use(reads_file.as_fd())?;
+        // Sparse: only the regions event threads touch take memory.
+        reads_file.set_len((READ_REGIONS * READ_REGION) as u64)?;
         Ok(Journal {
             file,
             reads,
-            reads_grow: std::sync::Mutex::new(()),
+            reads_file,
             path,
             max_fd: AtomicI32::new(-1),
             seq: AtomicU64::new(0),
@@ -257,27 +284,34 @@ impl Journal {
     }
 
     /// Region `index` of the read log, mapped shared: the event thread of that index reads
-    /// its events into it and clears what it read once that is journaled ([`clear_read`]).
-    pub fn read_region(&self, index: usize) -> std::io::Result<hsm_kernel::fdio::MmapMut> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = {
-            let _grow = self.reads_grow.lock().unwrap_or_else(|p| p.into_inner());
-            let file = std::fs::OpenOptions::new()
-                .mode(0o600)
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&self.reads)?;
-            let want = ((index + 1) * READ_REGION) as u64;
-            if file.metadata()?.len() < want {
-                file.set_len(want)?;
-            }
-            file
-        };
+    /// its events into it and clears what it read once that is journaled. `before_use` is
+    /// given the journal and the read log before any page of the log is touched: the state
+    /// directory may be on a served filesystem, where a page fault on the log or a write
+    /// to the journal would raise an event that only the event threads, busy writing them,
+    /// could answer; the caller ignore-marks both.
+    pub fn read_region(
+        &self,
+        index: usize,
+        mut before_use: impl FnMut(std::os::fd::BorrowedFd<'_>) -> std::io::Result<()>,
+    ) -> std::io::Result<hsm_kernel::fdio::MmapMut> {
+        if index >= READ_REGIONS {
+            return Err(std::io::Error::other(format!(
+                "the read log has {READ_REGIONS} regions, for as many event threads"
+            )));
+        }
+        let file = &self.reads_file;
+        before_use(std::os::fd::AsFd::as_fd(&self.file))?;
+        before_use(std::os::fd::AsFd::as_fd(file))?;
         // The file is this process's own (0600 in a directory only root may write); it
         // only grows while we live, and a successor only reads it after we are gone.
-        hsm_kernel::fdio::map_private_file_shared(&file, (index * READ_REGION) as u64, READ_REGION)
+        let mut map = hsm_kernel::fdio::map_private_file_shared(
+            file,
+            (index * READ_REGION) as u64,
+            READ_REGION,
+        )?;
+        // Every page in now, not in the middle of a read of events.
+        map.fill(0);
+        Ok(map)
     }
 
     /// Delete the journal and the read log (clean exit: every event was answered).
@@ -465,7 +499,7 @@ mod tests {
     fn the_read_log_keeps_a_read_until_it_is_cleared() {
         let dir = tempfile::tempdir().expect("tempdir");
         let j = Journal::create(dir.path()).expect("create");
-        let mut region = j.read_region(1).expect("region");
+        let mut region = j.read_region(1, |_| Ok(())).expect("region");
         // One event as a read returns it: metadata only (24 bytes), fd 9, thread 1234.
         let mut ev = Vec::new();
         ev.extend_from_slice(&24u32.to_ne_bytes());

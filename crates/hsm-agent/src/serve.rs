@@ -95,7 +95,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         &served_devs,
     )
     .await?;
-    let journal = open_journal(&cfg, &store)?;
+    let journal = open_journal(&cfg, &store, &group)?;
     let metrics = Arc::new(Metrics::default());
     // Fills go through the agent's own clone of each tree's mount, whatever mount the
     // reader used (docs/SEMANTICS.md, "Paths to a file").
@@ -241,14 +241,23 @@ fn attach_kernel(
 fn open_journal(
     cfg: &AgentConfig,
     store: &GroupStore,
+    group: &Group,
 ) -> Result<Option<Arc<journal::Journal>>, AgentError> {
     if !store.is_some() {
         return Ok(None);
     }
-    let j = journal::Journal::create(&cfg.state_dir).map_err(|source| AgentError::State {
-        what: "journal in",
-        path: cfg.state_dir.clone(),
-        source,
+    // The agent's own files raise no event, wherever the state directory is.
+    let ignore = |file: std::os::fd::BorrowedFd<'_>| {
+        group
+            .add_ignore_mark(file, hsm_kernel::fanotify::AGENT_EVENTS)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let j = journal::Journal::create_with(&cfg.state_dir, ignore).map_err(|source| {
+        AgentError::State {
+            what: "journal in",
+            path: cfg.state_dir.clone(),
+            source,
+        }
     })?;
     Ok(Some(Arc::new(j)))
 }
