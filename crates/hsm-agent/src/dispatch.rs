@@ -89,14 +89,7 @@ pub(crate) fn event_thread(ctx: &Arc<Ctx>, index: usize, stop: &EventFd) {
             .map_err(fail("epoll add eventfd"))?;
         // With a journal, events are read into this thread's region of the read log, so a
         // batch read but not yet journaled outlives a crash (journal.rs).
-        let mut log = ctx.shared.pending.journal().map(|j| {
-            j.read_region(index, |file| {
-                ctx.shared
-                    .group
-                    .add_ignore_mark(file, AGENT_EVENTS)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })
-        });
+        let mut log = ctx.shared.pending.journal().map(|j| j.read_region(index));
         if let Some(Err(e)) = &log {
             warn!(error = %e, "no read log: events a crash catches before they are journaled will be answered EIO");
         }

@@ -284,24 +284,16 @@ impl Journal {
     }
 
     /// Region `index` of the read log, mapped shared: the event thread of that index reads
-    /// its events into it and clears what it read once that is journaled. `before_use` is
-    /// given the journal and the read log before any page of the log is touched: the state
-    /// directory may be on a served filesystem, where a page fault on the log or a write
-    /// to the journal would raise an event that only the event threads, busy writing them,
-    /// could answer; the caller ignore-marks both.
-    pub fn read_region(
-        &self,
-        index: usize,
-        mut before_use: impl FnMut(std::os::fd::BorrowedFd<'_>) -> std::io::Result<()>,
-    ) -> std::io::Result<hsm_kernel::fdio::MmapMut> {
+    /// its events into it and clears what it read once that is journaled. Its pages are
+    /// touched here, before the thread reads any event (the agent ignore-marked the file
+    /// when the journal was made, so not even a fault on a served filesystem raises one).
+    pub fn read_region(&self, index: usize) -> std::io::Result<hsm_kernel::fdio::MmapMut> {
         if index >= READ_REGIONS {
             return Err(std::io::Error::other(format!(
                 "the read log has {READ_REGIONS} regions, for as many event threads"
             )));
         }
         let file = &self.reads_file;
-        before_use(std::os::fd::AsFd::as_fd(&self.file))?;
-        before_use(std::os::fd::AsFd::as_fd(file))?;
         // The file is this process's own (0600 in a directory only root may write); it
         // only grows while we live, and a successor only reads it after we are gone.
         let mut map = hsm_kernel::fdio::map_private_file_shared(
@@ -499,7 +491,7 @@ mod tests {
     fn the_read_log_keeps_a_read_until_it_is_cleared() {
         let dir = tempfile::tempdir().expect("tempdir");
         let j = Journal::create(dir.path()).expect("create");
-        let mut region = j.read_region(1, |_| Ok(())).expect("region");
+        let mut region = j.read_region(1).expect("region");
         // One event as a read returns it: metadata only (24 bytes), fd 9, thread 1234.
         let mut ev = Vec::new();
         ev.extend_from_slice(&24u32.to_ne_bytes());

@@ -271,7 +271,6 @@ fn orphan_file(
     range: hsm_kernel::fanotify::FileRange,
     served_devs: &[u64],
 ) -> Option<(hsm_kernel::fdio::FileHandle, i32)> {
-    use std::os::unix::fs::MetadataExt;
     let read = hsm_kernel::intent::blocked_read(tid)?;
     if read.offset < range.offset || read.offset >= range.offset + range.count.max(1) {
         return None;
@@ -286,11 +285,7 @@ fn orphan_file(
         nix::sys::stat::Mode::empty(),
     )
     .ok()?;
-    let dev = std::fs::File::from(file.try_clone().ok()?)
-        .metadata()
-        .ok()?
-        .dev();
-    if !served_devs.contains(&dev) {
+    if !served_devs.contains(&hsm_kernel::stat::fstatx(file.as_fd()).ok()?.dev) {
         return None;
     }
     hsm_kernel::fdio::handle_of(file.as_fd()).ok()

@@ -70,6 +70,11 @@ impl Body {
 /// got.
 pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, RemoteError>>;
 
+/// A body that arrives as one chunk (a store that cannot stream, or local files).
+pub fn one_chunk(bytes: Bytes) -> ByteStream {
+    Box::pin(futures::stream::once(async move { Ok(bytes) }))
+}
+
 /// Metadata of a remote object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -178,8 +183,7 @@ pub trait Remote: Send + Sync + Debug {
         range: Range<u64>,
         expect: &Expect,
     ) -> Result<ByteStream, RemoteError> {
-        let bytes = self.get_range(key, range, expect).await?;
-        Ok(Box::pin(futures::stream::once(async move { Ok(bytes) })))
+        Ok(one_chunk(self.get_range(key, range, expect).await?))
     }
 
     /// True when this remote's futures need no reactor: polled outside a tokio runtime they

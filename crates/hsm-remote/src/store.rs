@@ -422,8 +422,7 @@ impl Remote for ObjectStoreRemote {
     ) -> Result<ByteStream, RemoteError> {
         if self.local_root.is_some() {
             // Local files are read in place; a stream would only copy them through memory.
-            let bytes = self.get_range(key, range, expect).await?;
-            return Ok(Box::pin(futures::stream::once(async move { Ok(bytes) })));
+            return Ok(crate::one_chunk(self.get_range(key, range, expect).await?));
         }
         let result = self.open_range(key, range, expect).await?;
         let url = self.url.clone();
