@@ -52,6 +52,21 @@ pub enum Request {
     },
     /// `{"op":"hydrate"|"evict"|"pin"|"unpin","paths":["/abs/path", ...]}`
     Cache { op: Op, paths: Vec<PathBuf> },
+    /// `{"op":"prefetch","paths":["/abs/tree", ...],"wait":true}`: prefetch the traces
+    /// published for each populated tree; without `wait`, answer once they are started.
+    Prefetch {
+        op: PrefetchOp,
+        paths: Vec<PathBuf>,
+        #[serde(default)]
+        wait: bool,
+    },
+}
+
+/// The `op` of a prefetch request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchOp {
+    Prefetch,
 }
 
 /// Why a connection's request was refused (the text of its `error` line).
@@ -66,7 +81,7 @@ pub enum RequestError {
     #[error("the request must be one line ending in a newline")]
     NotALine,
     #[error(
-        "bad request ({0}): expected {{\"op\":\"status\",\"path\":null}} or {{\"op\":\"hydrate\"|\"evict\"|\"pin\"|\"unpin\",\"paths\":[...]}}"
+        "bad request ({0}): expected {{\"op\":\"status\",\"path\":null}} or {{\"op\":\"hydrate\"|\"evict\"|\"pin\"|\"unpin\"|\"prefetch\",\"paths\":[...]}}"
     )]
     Malformed(#[source] serde_json::Error),
     #[error("{}: paths sent to the agent must be absolute", .0.display())]
@@ -93,7 +108,9 @@ impl Request {
         let req: Self = serde_json::from_str(line.trim_end()).map_err(RequestError::Malformed)?;
         let relative = match &req {
             Request::Status { path, .. } => path.iter().find(|p| p.is_relative()),
-            Request::Cache { paths, .. } => paths.iter().find(|p| p.is_relative()),
+            Request::Cache { paths, .. } | Request::Prefetch { paths, .. } => {
+                paths.iter().find(|p| p.is_relative())
+            }
         };
         match relative {
             Some(p) => Err(RequestError::Relative(p.clone())),
@@ -227,6 +244,8 @@ pub(crate) struct Agent {
     pub guard: bool,
     pub trees: Vec<PathBuf>,
     pub cache: Arc<CacheOps>,
+    /// Runs prefetch requests.
+    pub prefetch: Option<Arc<crate::prefetch::Prefetcher>>,
     samples: Mutex<VecDeque<Sample>>,
 }
 
@@ -248,10 +267,17 @@ impl Agent {
             guard,
             trees,
             cache,
+            prefetch: None,
             samples: Mutex::new(VecDeque::new()),
         };
         a.sample();
         a
+    }
+
+    /// Serve prefetch requests with `p`.
+    pub fn with_prefetcher(mut self, p: Arc<crate::prefetch::Prefetcher>) -> Self {
+        self.prefetch = Some(p);
+        self
     }
 
     fn now(&self) -> Sample {
@@ -509,7 +535,49 @@ async fn run(req: Request, agent: Arc<Agent>, tx: tokio::sync::mpsc::UnboundedSe
             );
             let _ = tx.send(serde_json::json!({ "done": summary }).to_string() + "\n");
         }
+        Request::Prefetch { paths, wait, .. } => prefetch(&agent, paths, wait, &tx).await,
     }
+}
+
+/// Prefetch each tree's published traces: one `{"tree": ..., "prefetch": summary}` line
+/// per tree (or `"started": true` without `wait`), then `{"done": {"trees": N}}`. A path
+/// outside the served trees, or one whose traces cannot be read, is an `error` line of its
+/// own; the others still run.
+async fn prefetch(
+    agent: &Arc<Agent>,
+    paths: Vec<PathBuf>,
+    wait: bool,
+    tx: &tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let Some(prefetcher) = agent.prefetch.clone() else {
+        let _ = tx.send(error_line(&"this agent does not prefetch"));
+        return;
+    };
+    let mut n = 0;
+    for p in paths {
+        let real = match served_tree(&agent.trees, &p) {
+            Ok((_, real)) => real,
+            Err(e) => {
+                let line =
+                    serde_json::json!({ "tree": p, "error": e.to_string(), "not_served": true });
+                let _ = tx.send(line.to_string() + "\n");
+                continue;
+            }
+        };
+        n += 1;
+        if !wait {
+            prefetcher.spawn(real.clone());
+            let _ =
+                tx.send(serde_json::json!({ "tree": real, "started": true }).to_string() + "\n");
+            continue;
+        }
+        let line = match prefetcher.tree(real.clone()).await {
+            Ok(s) => serde_json::json!({ "tree": real, "prefetch": s }),
+            Err(e) => serde_json::json!({ "tree": real, "error": e.to_string() }),
+        };
+        let _ = tx.send(line.to_string() + "\n");
+    }
+    let _ = tx.send(serde_json::json!({ "done": { "trees": n } }).to_string() + "\n");
 }
 
 /// Walk each tree (or the one holding `path`, from `path` down).

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod keeper;
 mod marks;
 pub mod mounts;
+pub mod prefetch;
 pub mod restart;
 mod serve;
 
@@ -128,6 +129,8 @@ pub struct AgentOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `[cache]`: the bounded cache.
     pub cache: hsm_config::CacheConfig,
+    /// `[prefetch]`: published access traces fetched ahead of readers.
+    pub prefetch: hsm_config::PrefetchConfig,
 }
 
 /// The core's view of an event's range: the core knows nothing of fanotify.

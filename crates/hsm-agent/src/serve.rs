@@ -15,7 +15,6 @@ use hsm_kernel::fdio::ReservedFds;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{debug, error, info, warn};
 
-use crate::bounded;
 use crate::cache::CacheOps;
 use crate::dispatch::{Ctx, Shared, event_thread};
 use crate::events::Pending;
@@ -25,6 +24,7 @@ use crate::{
     AgentError, AgentOptions, GroupMarks, OwnThreads, ProcIntent, control, exporter, journal,
     marks, mounts, notify_systemd, stats_json, write_atomic,
 };
+use crate::{bounded, prefetch};
 
 /// Serve until SIGTERM or SIGINT (stop) or SIGUSR2 (hand over to a new agent).
 pub(crate) async fn serve(opts: AgentOptions, own: Arc<OwnThreads>) -> Result<(), AgentError> {
@@ -155,6 +155,22 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     if let (Some(limits), Some(opens)) = (cache_limits, opens) {
         bounded::start(&core, &ops, limits, opens)?;
     }
+    if let Some(path) = &cfg.record_trace {
+        let recorder =
+            hsm_core::trace::TraceRecorder::create(path).map_err(|source| AgentError::State {
+                what: "access trace",
+                path: path.clone(),
+                source,
+            })?;
+        info!(path = %path.display(), "recording an access trace");
+        core.record_trace(Arc::new(recorder));
+    }
+    let prefetcher = Arc::new(prefetch::Prefetcher {
+        ops: ops.clone(),
+        core: core.clone(),
+        cfg: opts.prefetch.clone(),
+        remote: opts.remote.clone(),
+    });
     let agent = control::Agent::new(
         core.clone(),
         pending.clone(),
@@ -162,8 +178,9 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
         store.name(),
         registration.is_some(),
         trees.clone(),
-        ops,
-    );
+        ops.clone(),
+    )
+    .with_prefetcher(prefetcher.clone());
     let control = control::start(&cfg.state_dir, agent).map_err(|source| AgentError::State {
         what: "control socket",
         path: control::socket_path(&cfg.state_dir),
@@ -172,6 +189,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
 
     write_ready_file(&cfg)?;
     notify_systemd("READY=1");
+    prefetcher.spawn_at_start(&trees);
     info!(
         trees = trees.len(),
         pid = std::process::id(),
@@ -555,6 +573,7 @@ impl Running {
                 }
                 _ = stats_tick.tick() => {
                     self.write_stats(self.pending.len());
+                    self.core.flush_trace();
                     self.pending.refresh_journal_high_water();
                 }
             }
@@ -594,6 +613,7 @@ impl Running {
             self.close_group().await;
         }
         let failed = self.core.flush_all().await;
+        self.core.flush_trace();
         self.write_stats(0);
         if how == Stop::Shutdown {
             restart::release_group(&self.store);

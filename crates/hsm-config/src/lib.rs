@@ -21,6 +21,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub cache: CacheConfig,
+    pub prefetch: PrefetchConfig,
 }
 
 /// Where the agent places its fanotify mark.
@@ -143,6 +144,9 @@ pub struct AgentConfig {
     /// How long the keeper holds the group with no agent connected before it answers
     /// every waiting reader with EIO and releases it.
     pub keeper_grace: HumanDuration,
+    /// Record an access trace here: every reader's first touch of each stub granule, in
+    /// order (docs/SEMANTICS.md, "Access traces and prefetch"). Unset: no recording.
+    pub record_trace: Option<PathBuf>,
 }
 
 /// See [`AgentConfig::keeper`].
@@ -188,6 +192,7 @@ impl Default for AgentConfig {
             keeper: KeeperMode::Auto,
             state_dir: PathBuf::from("/run/hsm"),
             keeper_grace: HumanDuration(Duration::from_secs(300)),
+            record_trace: None,
         }
     }
 }
@@ -290,6 +295,31 @@ pub struct MetricsConfig {
     /// Serve `GET /metrics` on this address ("127.0.0.1:9464", "[::1]:9464"); unset (the
     /// default) serves nothing. No authentication: keep it on loopback or a private network.
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[prefetch]`: fetching a populated tree's published access traces ahead of its readers
+/// (docs/SEMANTICS.md, "Access traces and prefetch").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Prefetch each served tree's traces when the agent starts, and a tree's that
+    /// `hsm populate` has just made (`hsm prefetch TREE` works either way).
+    pub enabled: bool,
+    /// Trace entries fetched at once per tree (readers never wait for these: they have
+    /// the other `max_concurrent_fetches` slots).
+    pub jobs: usize,
+    /// Most bytes per second prefetch fetches, per tree (0 = unlimited).
+    pub bandwidth: ByteSize,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            enabled: true,
+            jobs: 2,
+            bandwidth: ByteSize(256 << 20),
+        }
+    }
 }
 
 /// `[cache]`: the bounded cache (docs/SEMANTICS.md, "The bounded cache").
@@ -512,6 +542,18 @@ impl Config {
         }
         if a.cache_entries < 16 {
             return Err(bad("agent.cache_entries", "must be at least 16".into()));
+        }
+        if !(1..=64).contains(&self.prefetch.jobs) {
+            return Err(bad("prefetch.jobs", "must be between 1 and 64".into()));
+        }
+        if self.prefetch.jobs >= a.max_concurrent_fetches {
+            return Err(bad(
+                "prefetch.jobs",
+                format!(
+                    "must be below agent.max_concurrent_fetches ({}): readers need slots of their own",
+                    a.max_concurrent_fetches
+                ),
+            ));
         }
         let c = &self.cache;
         if c.low_watermark >= c.high_watermark {

@@ -86,6 +86,23 @@ fn invalid_values_name_the_key() {
     )
     .expect_err("bad duration");
     assert!(e.to_string().contains("soon"), "{e}");
+    // Prefetch must leave readers fetch slots of their own.
+    let e = Config::parse(
+        "[agent]\nmax_concurrent_fetches = 4\n[prefetch]\njobs = 4\n",
+        Path::new("x.toml"),
+    )
+    .expect_err("prefetch jobs take every slot");
+    assert!(e.to_string().contains("prefetch.jobs"), "{e}");
+    assert!(e.to_string().contains("readers need slots"), "{e}");
+    let c = Config::parse(
+        "[prefetch]\nenabled = false\njobs = 3\nbandwidth = \"1 MiB\"\n",
+        Path::new("x.toml"),
+    )
+    .expect("a valid [prefetch]");
+    assert_eq!(
+        (c.prefetch.enabled, c.prefetch.jobs, c.prefetch.bandwidth.0),
+        (false, 3, 1 << 20)
+    );
 }
 
 /// The example in config/ lists every key with its default: parsing it gives the defaults,

@@ -67,6 +67,8 @@ pub struct AgentCore {
     epoch: Instant,
     /// The bounded cache, when `[cache] max_size` is set.
     pub(crate) budget: std::sync::OnceLock<Arc<crate::budget::Budget>>,
+    /// The access trace being recorded (`hsm agent --record-trace`).
+    pub(crate) trace: std::sync::OnceLock<Arc<crate::trace::TraceRecorder>>,
     /// For spawning from threads outside the runtime (the adapter's event threads).
     pub(crate) rt: tokio::runtime::Handle,
 }
@@ -103,6 +105,7 @@ impl AgentCore {
             manifests: tokio::sync::Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             budget: std::sync::OnceLock::new(),
+            trace: std::sync::OnceLock::new(),
             rt: tokio::runtime::Handle::current(),
         });
         tokio::spawn(persister(Arc::downgrade(&core), rx));
@@ -121,6 +124,25 @@ impl AgentCore {
 
     pub fn budget(&self) -> Option<&Arc<crate::budget::Budget>> {
         self.budget.get()
+    }
+
+    /// Record every reader's first touch of each stub granule from now on.
+    pub fn record_trace(&self, recorder: Arc<crate::trace::TraceRecorder>) {
+        let _ = self.trace.set(recorder);
+    }
+
+    /// Write out what the trace recorder holds back (at stop, and now and then).
+    pub fn flush_trace(&self) {
+        if let Some(t) = self.trace.get() {
+            t.flush();
+        }
+    }
+
+    /// A reader asked for `range` of `stub` (recorded when a trace is being recorded).
+    pub(crate) fn traced(&self, stub: &Stub, range: &std::ops::Range<u64>) {
+        if let Some(t) = self.trace.get() {
+            t.touch(stub, range);
+        }
     }
 
     /// A file that is not a stub was accessed: if it is counted by the bounded cache, that
@@ -388,6 +410,87 @@ impl AgentCore {
         verdict
     }
 
+    /// Fetch the missing granules of `range` of the stub open at `fd` (opened on the
+    /// agent's own mount, so it raises no event) ahead of any reader: the prefetch of a
+    /// trace entry. Nothing is done unless the stub still names `url` and `key` (a file
+    /// renamed or replaced since the trace was made is left alone). Waits until the fetch
+    /// is written; readers that arrive meanwhile join it. Returns the bytes made resident.
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        url: &str,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Prefetched, ServeError> {
+        let st =
+            stat::fstatx(fd).map_err(|e| crate::error::LocalError::from_kernel("statx", &e))?;
+        let stub = match self.cached(&st) {
+            Some(s) => s,
+            None => {
+                let dup = self
+                    .reopener
+                    .reopen(fd, &st, libc::O_RDONLY | libc::O_LARGEFILE)?;
+                let this = self.clone();
+                let looked = tokio::task::spawn_blocking(move || this.load_blocking(dup, &st))
+                    .await
+                    .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
+                match looked {
+                    Lookup::Stub(s) => s,
+                    _ => return Ok(Prefetched::NotStub),
+                }
+            }
+        };
+        if stub.meta.remote_url.trim_end_matches('/') != url.trim_end_matches('/')
+            || stub.meta.key != key
+        {
+            return Ok(Prefetched::Elsewhere);
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ServeError::ShuttingDown);
+        }
+        let todo: Vec<u64> = {
+            let s = lock(&stub.state);
+            if s.finalized {
+                return Ok(Prefetched::Fetched(0));
+            }
+            let end = range.end.min(s.resident.floor());
+            let granules = s.resident.granules_for(range.start.min(end)..end);
+            s.resident
+                .missing(granules)
+                .filter(|g| !s.inflight.contains_key(g))
+                .collect()
+        };
+        if todo.is_empty() {
+            return Ok(Prefetched::Fetched(0));
+        }
+        // Started like readahead (never waiting for room in the bounded cache, never making
+        // any), then waited for, so the caller can pace what it asks.
+        stub.fill_in(self, &todo, true, self.opts.max_request_size)
+            .await?;
+        let waits: Vec<crate::stub::SharedFill> = {
+            let s = lock(&stub.state);
+            let mut w: Vec<crate::stub::SharedFill> = Vec::new();
+            for g in &todo {
+                if let Some(f) = s.inflight.get(g) {
+                    if !w.iter().any(|x| x.ptr_eq(f)) {
+                        w.push(f.clone());
+                    }
+                }
+            }
+            w
+        };
+        for r in futures::future::join_all(waits).await {
+            r.map_err(|e| (*e).clone())?;
+        }
+        let s = lock(&stub.state);
+        let bytes = todo
+            .iter()
+            .filter(|&&g| s.finalized || s.resident.is_resident(g))
+            .map(|&g| s.run_bytes(&(g..g + 1)))
+            .sum();
+        Ok(Prefetched::Fetched(bytes))
+    }
+
     /// The verdict for a lookup that did not produce a stub to serve.
     fn verdict_for_lookup(
         &self,
@@ -471,6 +574,17 @@ impl AgentCore {
     pub fn stub_descriptors(&self) -> usize {
         crate::stub::LIVE.load(Ordering::Relaxed)
     }
+}
+
+/// What [`AgentCore::prefetch`] did with one trace entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// These bytes were fetched and written (0: all of it was already there or on its way).
+    Fetched(u64),
+    /// The file is not a stub (fetched whole, written locally, or never one).
+    NotStub,
+    /// The stub names another object now.
+    Elsewhere,
 }
 
 enum Lookup {

@@ -116,7 +116,7 @@ impl Stub {
 
     /// [`Self::fill`] with requests of at most `request_size` (readahead's grow with its
     /// window).
-    async fn fill_in(
+    pub(crate) async fn fill_in(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         granules: &[u64],

@@ -15,11 +15,13 @@ mod serve;
 mod stream;
 mod stub;
 pub mod stubio;
+pub mod trace;
 mod truncate;
 
 pub use agent::{
     Access, AccessEvent, AgentCore, CoreOptions, DenyErrno, FileRange, IntentProbe, IntentSource,
-    Later, MarkSink, NoThreads, ProcReopener, RemoteOpener, Reopener, UrlRemotes, Verdict,
+    Later, MarkSink, NoThreads, Prefetched, ProcReopener, RemoteOpener, Reopener, UrlRemotes,
+    Verdict,
 };
 pub use budget::{Budget, BudgetStatus, CacheLimits, EvictOutcome, Evictor, FileKey};
 pub use error::{LocalError, ServeError, deny_errno};

@@ -86,6 +86,7 @@ impl Stub {
             // Writes need a flush (and truncates a barrier) before they are allowed.
             return Err(Later(ev.intent.seen(access)));
         }
+        core.traced(self, &range);
         let Some(run) = run else {
             Metrics::inc(&core.metrics.events_resident);
             self.readahead(core, range);
@@ -211,6 +212,9 @@ impl Stub {
         if early.is_none() && access == Access::Shift {
             range = needed_range(ev.range, Some(access));
             missing = self.plan(&range, st).0;
+        }
+        if access == Access::Read {
+            core.traced(self, &range);
         }
         if !missing.is_empty() {
             if core.shutting_down.load(Ordering::SeqCst) {

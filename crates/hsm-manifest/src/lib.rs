@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+pub mod trace;
+
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 

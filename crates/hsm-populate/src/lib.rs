@@ -327,6 +327,13 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     pool.install(|| finish_links(&ctx));
     finish_dirs(&ctx, &root_attrs);
     ctx.progress.finish_and_clear();
+    // Where the agent finds this tree's published access traces (prefetch).
+    if let Err(e) = record_tree_url(ctx.root.as_fd(), source.url()) {
+        ctx.error(
+            Path::new(""),
+            format!("recording the remote on the root: {e}"),
+        );
+    }
 
     for (key, why) in source.refused() {
         ctx.error(Path::new(&key), why);
@@ -340,6 +347,32 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
         errors,
         ..ctx.stats.summary()
     })
+}
+
+/// Write `trusted.hsm.tree` (the remote URL) on the tree's root, `root` an `O_PATH`
+/// descriptor of it.
+fn record_tree_url(root: BorrowedFd<'_>, url: &str) -> Result<(), String> {
+    use nix::fcntl::{OFlag, openat};
+    let dir = openat(
+        root,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut have = Vec::new();
+    if hsm_kernel::xattr::fget(dir.as_fd(), hsm_stub::TREE_XATTR, &mut have).unwrap_or(false)
+        && have == url.as_bytes()
+    {
+        return Ok(());
+    }
+    hsm_kernel::xattr::fset(
+        dir.as_fd(),
+        hsm_stub::TREE_XATTR,
+        url.as_bytes(),
+        hsm_kernel::xattr::SetMode::Any,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn setup_err(path: &Path, why: impl std::fmt::Display) -> PopulateError {

@@ -37,6 +37,9 @@ pub const ORIGIN_XATTR: &str = "trusted.hsm.origin";
 /// Name of the pin xattr, on a file or a directory (covering everything below it): pinned
 /// files are kept whole and never evicted. Its value is empty.
 pub const PIN_XATTR: &str = "trusted.hsm.pin";
+/// Name of the tree xattr on the root directory of a populated tree: the remote URL it was
+/// populated from (UTF-8), where the agent finds the tree's published access traces.
+pub const TREE_XATTR: &str = "trusted.hsm.tree";
 
 /// Upper bound on granules per file, so the bitmap stays at 2048 bytes.
 pub const MAX_GRANULES: u64 = 16384;

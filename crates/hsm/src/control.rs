@@ -60,8 +60,9 @@ enum Line {
 fn parse_line(l: &str) -> anyhow::Result<Line> {
     let mut v: serde_json::Value = serde_json::from_str(l)
         .with_context(|| format!("the agent answered something that is not JSON: {l:?}"))?;
-    // A per-file line has a "file" (a failed one carries an "error" too).
-    if v.get("file").is_some() {
+    // A per-file line has a "file", a per-tree one a "tree" (a failed one carries an
+    // "error" too).
+    if v.get("file").is_some() || v.get("tree").is_some() {
         return Ok(Line::File(v));
     }
     if let Some(e) = v.get("error") {
@@ -324,6 +325,96 @@ pub fn hydrate_pinned(state_dir: &Path, dst: &Path) {
         Err(e) => {
             eprintln!("hsm: populate: could not ask the agent to hydrate pinned files: {e:#}")
         }
+    }
+}
+
+/// `hsm prefetch TREE...`: ask the agent to prefetch each populated tree's published
+/// traces; with `wait`, until done, printing what each did.
+pub fn prefetch(
+    state_dir: &Path,
+    paths: &[PathBuf],
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let req = Request::Prefetch {
+        op: hsm_agent::control::PrefetchOp::Prefetch,
+        paths: absolute(paths)?,
+        wait,
+    };
+    let mut failed = false;
+    let mut lines = Vec::new();
+    exchange(state_dir, &req, |v| {
+        let tree = v.get("tree").and_then(|t| t.as_str()).unwrap_or("?");
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            failed = true;
+            eprintln!("hsm: prefetch: {tree}: {e}");
+        } else if !json {
+            match v.get("prefetch") {
+                Some(serde_json::Value::Null) => {
+                    eprintln!("{tree}: no published traces (or no remote recorded on its root)")
+                }
+                Some(p) => {
+                    let n = |k: &str| p.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+                    eprintln!(
+                        "{tree}: {} traces, {} entries: {} fetched, {} skipped, {} failed in {:.1} s",
+                        n("traces"),
+                        n("entries"),
+                        hsm_populate::human_bytes(n("bytes_fetched") as u64),
+                        n("skipped"),
+                        n("failed"),
+                        n("elapsed_secs")
+                    );
+                    failed |= n("failed") > 0.0;
+                }
+                None => eprintln!("{tree}: prefetch started"),
+            }
+        } else if v
+            .get("prefetch")
+            .and_then(|p| p.get("failed"))
+            .and_then(|f| f.as_u64())
+            > Some(0)
+        {
+            failed = true;
+        }
+        lines.push(v.clone());
+    })?;
+    if json {
+        println!("{}", serde_json::Value::Array(lines));
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// After `hsm populate DST`: ask the agent serving DST, if one runs, to prefetch the traces
+/// published for it (without waiting). Best effort, like [`hydrate_pinned`].
+pub fn prefetch_populated(state_dir: &Path, dst: &Path) {
+    if !socket_path(state_dir).exists() {
+        return;
+    }
+    let Ok(paths) = absolute(&[dst.to_path_buf()]) else {
+        return;
+    };
+    let req = Request::Prefetch {
+        op: hsm_agent::control::PrefetchOp::Prefetch,
+        paths,
+        wait: false,
+    };
+    let done = exchange(state_dir, &req, |v| {
+        // A DST outside the trees this agent serves is not its to prefetch: nothing to say.
+        let not_served = v.get("not_served").and_then(|n| n.as_bool()) == Some(true);
+        if let Some(e) = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .filter(|_| !not_served)
+        {
+            eprintln!("hsm: populate: prefetch: {e}");
+        }
+    });
+    if let Err(e) = done {
+        eprintln!("hsm: populate: could not ask the agent to prefetch: {e:#}");
     }
 }
 

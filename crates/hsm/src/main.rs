@@ -83,6 +83,12 @@ enum Command {
         /// there and removed afterwards; default: $TMPDIR, else /var/tmp).
         #[arg(long)]
         staging: Option<PathBuf>,
+        /// An access trace `hsm agent --record-trace` wrote, stored beside the manifest as
+        /// .hsm-traces/NAME (NAME: the file's name without .trace) for the agent to
+        /// prefetch; repeat for several entry points. The traces given replace those
+        /// published before; without --trace they stay.
+        #[arg(long, value_name = "FILE")]
+        trace: Vec<PathBuf>,
     },
     /// Write an OCI runtime spec (config.json for runc or crun) for an image published
     /// with `hsm publish oci:...` and populated at --rootfs.
@@ -128,6 +134,22 @@ enum Command {
         /// Only this file or directory (inside a served tree).
         path: Option<PathBuf>,
         /// Print one JSON object (docs/CONTROL.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentSocket,
+    },
+    /// Fetch what the access traces published for populated trees name (`hsm publish
+    /// --trace`), in trace order, ahead of readers. The agent does this by itself at start
+    /// and after `hsm populate` unless [prefetch] enabled = false.
+    Prefetch {
+        /// Roots of populated trees the agent serves.
+        #[arg(required = true)]
+        trees: Vec<PathBuf>,
+        /// Wait until done and say what was fetched (default: return once started).
+        #[arg(long)]
+        wait: bool,
+        /// Print the agent's answer lines as JSON on stdout.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -210,6 +232,17 @@ struct AgentArgs {
     /// filesystem ("20%"); "0" for no limit (default: [cache] max_size).
     #[arg(long, env = "HSM_CACHE_MAX_SIZE", value_name = "SIZE")]
     cache_max_size: Option<hsm_config::CacheSize>,
+    /// Record every reader's first touch of each stub range, in order, to FILE (for
+    /// `hsm publish --trace`; default: [agent] record_trace).
+    #[arg(long, env = "HSM_RECORD_TRACE", value_name = "FILE")]
+    record_trace: Option<PathBuf>,
+    /// Do not prefetch published access traces (default: [prefetch] enabled).
+    #[arg(long, env = "HSM_NO_PREFETCH", value_parser = clap::builder::BoolishValueParser::new())]
+    no_prefetch: bool,
+    /// Most bytes per second prefetch fetches per tree, "0" for no limit (default:
+    /// [prefetch] bandwidth).
+    #[arg(long, env = "HSM_PREFETCH_BANDWIDTH", value_name = "SIZE")]
+    prefetch_bandwidth: Option<ByteSize>,
 }
 
 /// Which agent a command talks to.
@@ -273,6 +306,9 @@ fn main() -> ExitCode {
             let code = tree::populate(&cfg, &src, &dst, force, json, !no_progress);
             if matches!(code, Ok(ExitCode::SUCCESS)) {
                 control::hydrate_pinned(&agent.dir(&cfg), &dst);
+                if cfg.prefetch.enabled {
+                    control::prefetch_populated(&agent.dir(&cfg), &dst);
+                }
             }
             code
         }
@@ -285,6 +321,7 @@ fn main() -> ExitCode {
             json,
             no_progress,
             staging,
+            trace,
         } => tree::publish(
             &cfg,
             &src,
@@ -297,6 +334,7 @@ fn main() -> ExitCode {
                 ..Default::default()
             },
             staging,
+            &trace,
             json,
         ),
         Command::RuntimeSpec {
@@ -312,6 +350,12 @@ fn main() -> ExitCode {
         Command::Status { path, json, agent } => {
             control::status(&agent.dir(&cfg), path.as_deref(), json)
         }
+        Command::Prefetch {
+            trees,
+            wait,
+            json,
+            agent,
+        } => control::prefetch(&agent.dir(&cfg), &trees, wait, json),
         Command::Hydrate {
             paths,
             json,
@@ -395,12 +439,22 @@ fn agent(mut cfg: Config, a: AgentArgs) -> anyhow::Result<ExitCode> {
     if a.stats_file.is_some() {
         cfg.agent.stats_file = a.stats_file;
     }
+    if a.record_trace.is_some() {
+        cfg.agent.record_trace = a.record_trace;
+    }
+    if a.no_prefetch {
+        cfg.prefetch.enabled = false;
+    }
+    if let Some(b) = a.prefetch_bandwidth {
+        cfg.prefetch.bandwidth = b;
+    }
     hsm_agent::run(hsm_agent::AgentOptions {
         trees: a.dst,
         config: cfg.agent,
         remote: cfg.remote,
         metrics_listen: cfg.metrics.listen,
         cache: cfg.cache,
+        prefetch: cfg.prefetch,
     })
     .map(|()| ExitCode::SUCCESS)
     .map_err(anyhow::Error::from)

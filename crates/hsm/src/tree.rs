@@ -29,12 +29,14 @@ pub(crate) fn populate(
     report("populate", &summary, &summary.errors, json)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn publish(
     cfg: &Config,
     src: &std::path::Path,
     url: &str,
     opts: &hsm_populate::PublishOptions,
     staging: Option<PathBuf>,
+    traces: &[PathBuf],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     cfg.validate(std::path::Path::new("command line"))
@@ -42,11 +44,80 @@ pub(crate) fn publish(
     let src = src
         .to_str()
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
+    let traces = trace_objects(url, traces)?;
+    let objects: Vec<(&str, &[u8])> = traces
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
     if src.starts_with("oci:") {
-        return publish_image(cfg, src, url, opts, staging, json);
+        return publish_image(cfg, src, url, opts, staging, &objects, json);
     }
-    let summary = hsm_populate::publish(src, url, &cfg.remote, opts)?;
+    let summary = hsm_populate::publish_with_objects(src, url, &cfg.remote, opts, &objects)?;
     report("publish", &summary, &summary.errors, json)
+}
+
+/// The objects `hsm publish --trace FILE...` adds: each recorded trace's entries for `url`
+/// as `.hsm-traces/NAME` (NAME: the file's name without `.trace`), and the index naming
+/// them all. No `--trace`: none (the traces published before stay as they are).
+fn trace_objects(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use hsm_manifest::trace::{self, TRACES_PREFIX};
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let want = url.trim_end_matches('/');
+    let mut out = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for f in files {
+        let file_name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{}: not a file name", f.display()))?;
+        let name = file_name.strip_suffix(".trace").unwrap_or(file_name);
+        trace::check_name(name)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (rename the file)", f.display()))?;
+        anyhow::ensure!(
+            !names.iter().any(|n| n == name),
+            "{}: a trace named {name:?} is given twice",
+            f.display()
+        );
+        let bytes = std::fs::read(f).with_context(|| format!("{}: reading", f.display()))?;
+        let entries = trace::parse(&bytes).with_context(|| format!("{}", f.display()))?;
+        let mut text = trace::header_line();
+        let mut kept = 0usize;
+        let mut others = std::collections::BTreeSet::new();
+        for mut e in entries {
+            match e.url.take() {
+                Some(u) if u.trim_end_matches('/') == want => {
+                    text.push_str(&e.line());
+                    kept += 1;
+                }
+                Some(u) => {
+                    others.insert(u);
+                }
+                None => anyhow::bail!(
+                    "{}: an entry names no remote (a published trace, not one `hsm agent --record-trace` wrote)",
+                    f.display()
+                ),
+            }
+        }
+        anyhow::ensure!(
+            kept > 0,
+            "{}: no entry of this trace is for {url} (it has entries for: {})",
+            f.display(),
+            if others.is_empty() {
+                "nothing".to_string()
+            } else {
+                others.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        );
+        out.push((format!("{TRACES_PREFIX}{name}"), text.into_bytes()));
+        names.push(name.to_string());
+    }
+    out.push((
+        hsm_agent::prefetch::TRACE_INDEX.to_string(),
+        serde_json::to_vec(&names)?,
+    ));
+    Ok(out)
 }
 
 /// What `hsm publish oci:...` did: the tree's summary, and which image it was.
@@ -79,6 +150,7 @@ fn publish_image(
     url: &str,
     opts: &hsm_populate::PublishOptions,
     staging: Option<PathBuf>,
+    traces: &[(&str, &[u8])],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let reference = hsm_oci::ImageRef::parse(src)?;
@@ -91,7 +163,10 @@ fn publish_image(
             url,
             &cfg.remote,
             opts,
-            &[(hsm_oci::IMAGE_CONFIG_KEY, &staged.image.config)],
+            &[(hsm_oci::IMAGE_CONFIG_KEY, staged.image.config.as_slice())]
+                .into_iter()
+                .chain(traces.iter().copied())
+                .collect::<Vec<_>>(),
         )
         .map_err(anyhow::Error::from),
         None => Err(anyhow::anyhow!(

@@ -31,6 +31,25 @@ fn requests_round_trip() {
         );
         assert_eq!(Request::decode(&line).expect("decode"), r);
     }
+    // Prefetch: `wait` may be left out (false).
+    let pf = Request::Prefetch {
+        op: PrefetchOp::Prefetch,
+        paths: vec!["/t/pkg".into()],
+        wait: true,
+    };
+    assert_eq!(
+        pf.encode(),
+        "{\"op\":\"prefetch\",\"paths\":[\"/t/pkg\"],\"wait\":true}\n"
+    );
+    assert_eq!(Request::decode(&pf.encode()).expect("decode"), pf);
+    assert_eq!(
+        Request::decode("{\"op\":\"prefetch\",\"paths\":[\"/t/pkg\"]}").expect("decode"),
+        Request::Prefetch {
+            op: PrefetchOp::Prefetch,
+            paths: vec!["/t/pkg".into()],
+            wait: false
+        }
+    );
     // A status request may leave out the path.
     assert_eq!(
         Request::decode("{\"op\":\"status\"}").expect("decode"),
@@ -58,6 +77,7 @@ fn bad_requests_are_refused() {
     for (line, path) in [
         ("{\"op\":\"status\",\"path\":\"a.bin\"}", "a.bin"),
         ("{\"op\":\"evict\",\"paths\":[\"/t/a\",\"b/c\"]}", "b/c"),
+        ("{\"op\":\"prefetch\",\"paths\":[\"pkg\"]}", "pkg"),
     ] {
         match Request::decode(line) {
             Err(RequestError::Relative(p)) => assert_eq!(p, Path::new(path)),

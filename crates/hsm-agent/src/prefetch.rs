@@ -1,0 +1,344 @@
+//! Prefetch of a populated tree's published access traces (docs/SEMANTICS.md, "Access
+//! traces and prefetch").
+//!
+//! The tree's root names the remote it was populated from (`trusted.hsm.tree`, written by
+//! populate). Its traces are `.hsm-traces/NAME` under that prefix, listed in
+//! `.hsm-traces/index`; entries name object keys, which the manifest maps to paths in the
+//! tree (without a manifest a key is the path). Entries are fetched in trace order, at most
+//! `[prefetch] jobs` at once and `bandwidth` bytes per second, each through
+//! [`AgentCore::prefetch`] on the agent's private mount: readers that arrive join a fetch in
+//! flight, and always have the other fetch slots of their own.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hsm_config::{PrefetchConfig, RemoteConfig};
+use hsm_core::{AgentCore, Prefetched, ServeError};
+use hsm_manifest::trace::{self, TRACES_PREFIX, TraceEntry};
+use hsm_remote::{RemoteError, RemoteUrl, Store};
+use tracing::{debug, info, warn};
+
+use crate::cache::CacheOps;
+
+/// The object at a tree's prefix that lists its traces' names (a JSON array of strings).
+pub const TRACE_INDEX: &str = ".hsm-traces/index";
+
+/// What one prefetch of a tree did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrefetchSummary {
+    pub tree: PathBuf,
+    /// The remote URL the tree was populated from.
+    pub url: String,
+    pub traces: usize,
+    pub entries: usize,
+    /// Bytes fetched by the prefetch (not those readers fetched first).
+    pub bytes_fetched: u64,
+    /// Entries whose file is gone, no longer a stub, or names another object now.
+    pub skipped: usize,
+    pub failed: usize,
+    pub elapsed_secs: f64,
+}
+
+/// Why a tree's traces could not be prefetched.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    #[error("{}: {why}", .tree.display())]
+    Tree { tree: PathBuf, why: String },
+    #[error("{url}: {source}")]
+    Remote {
+        url: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("{url}{key}: {why}")]
+    Trace {
+        url: String,
+        key: String,
+        why: String,
+    },
+}
+
+/// The remote URL `tree`'s root names, or `None` when it names none (not populated by
+/// an hsm that records it).
+pub fn tree_url(tree: &Path) -> Result<Option<String>, PrefetchError> {
+    let bad = |why: String| PrefetchError::Tree {
+        tree: tree.to_path_buf(),
+        why,
+    };
+    let dir = std::fs::File::open(tree).map_err(|e| bad(e.to_string()))?;
+    let mut buf = Vec::new();
+    match hsm_kernel::xattr::fget(dir.as_fd(), hsm_stub::TREE_XATTR, &mut buf) {
+        Ok(false) => Ok(None),
+        Ok(true) => String::from_utf8(buf)
+            .map(Some)
+            .map_err(|_| bad(format!("{} is not UTF-8", hsm_stub::TREE_XATTR))),
+        Err(e) => Err(bad(format!("reading {}: {e}", hsm_stub::TREE_XATTR))),
+    }
+}
+
+/// The traces published at `url`, in index order (none when there is no index).
+pub async fn published_traces(
+    store: &dyn Store,
+    url: &str,
+) -> Result<Vec<(String, Vec<TraceEntry>)>, PrefetchError> {
+    let remote = |source| PrefetchError::Remote {
+        url: url.to_string(),
+        source,
+    };
+    let index = match store.get(TRACE_INDEX).await {
+        Ok(b) => b,
+        Err(RemoteError::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(remote(e)),
+    };
+    let names: Vec<String> = serde_json::from_slice(&index).map_err(|e| PrefetchError::Trace {
+        url: url.to_string(),
+        key: TRACE_INDEX.into(),
+        why: format!("not a JSON list of names: {e}"),
+    })?;
+    let mut out = Vec::new();
+    for name in names {
+        let key = format!("{TRACES_PREFIX}{name}");
+        let bad = |why: String| PrefetchError::Trace {
+            url: url.to_string(),
+            key: key.clone(),
+            why,
+        };
+        trace::check_name(&name).map_err(bad)?;
+        let bytes = store.get(&key).await.map_err(remote)?;
+        let entries = trace::parse(&bytes).map_err(|e| bad(e.to_string()))?;
+        out.push((name, entries));
+    }
+    Ok(out)
+}
+
+/// Object key to path in the tree, from the manifest at `url` (none: keys are paths).
+async fn key_paths(store: &dyn Store, url: &str) -> Result<HashMap<String, String>, PrefetchError> {
+    let bytes = match store.get(hsm_manifest::MANIFEST_KEY).await {
+        Ok(b) => b,
+        Err(RemoteError::NotFound { .. }) => return Ok(HashMap::new()),
+        Err(source) => {
+            return Err(PrefetchError::Remote {
+                url: url.to_string(),
+                source,
+            });
+        }
+    };
+    let m = hsm_manifest::Manifest::decode(&bytes).map_err(|e| PrefetchError::Trace {
+        url: url.to_string(),
+        key: hsm_manifest::MANIFEST_KEY.into(),
+        why: e.to_string(),
+    })?;
+    Ok(m.entries
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            hsm_manifest::Kind::File(f) => Some((f.key, e.path)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Keeps prefetch to a byte rate: each entry reserves its bytes before it is fetched (so
+/// the time a fetch takes counts towards its share) and gives back what it did not need.
+struct Pace {
+    bytes_per_sec: u64,
+    /// When the bytes reserved so far will have been allowed.
+    next: std::sync::Mutex<Instant>,
+}
+
+impl Pace {
+    fn cost(&self, bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
+    }
+
+    /// Reserve `bytes` and wait for their turn.
+    async fn reserve(&self, bytes: u64) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let start = (*next).max(Instant::now());
+            *next = start + self.cost(bytes);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
+
+    /// Give back `bytes` of a reservation that were not fetched.
+    fn refund(&self, bytes: u64) {
+        if self.bytes_per_sec == 0 || bytes == 0 {
+            return;
+        }
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        *next = next
+            .checked_sub(self.cost(bytes))
+            .unwrap_or(*next)
+            .max(Instant::now());
+    }
+}
+
+/// Prefetch the traces published for `tree` (a served tree, or a directory in one that
+/// was populated by itself). `Ok(None)`: the tree names no remote, or it has no traces.
+pub async fn prefetch_tree(
+    ops: Arc<CacheOps>,
+    core: Arc<AgentCore>,
+    tree: PathBuf,
+    cfg: PrefetchConfig,
+    remote_cfg: RemoteConfig,
+) -> Result<Option<PrefetchSummary>, PrefetchError> {
+    let started = Instant::now();
+    let Some(url) = tree_url(&tree)? else {
+        debug!(tree = %tree.display(), "no remote recorded on the tree's root: nothing to prefetch");
+        return Ok(None);
+    };
+    let store = RemoteUrl::parse(&url)
+        .and_then(|u| hsm_remote::open_store(&u, &remote_cfg))
+        .map_err(|source| PrefetchError::Remote {
+            url: url.clone(),
+            source,
+        })?;
+    let traces = published_traces(&*store, &url).await?;
+    if traces.is_empty() {
+        debug!(tree = %tree.display(), %url, "no published traces");
+        return Ok(None);
+    }
+    let paths = key_paths(&*store, &url).await?;
+    let lists: Vec<Vec<TraceEntry>> = traces.iter().map(|(_, t)| t.clone()).collect();
+    let entries = trace::interleave(&lists);
+    info!(tree = %tree.display(), %url, traces = traces.len(), entries = entries.len(),
+          "prefetching the published traces");
+    let pace = Arc::new(Pace {
+        bytes_per_sec: cfg.bandwidth.0,
+        next: std::sync::Mutex::new(Instant::now()),
+    });
+    let mut summary = PrefetchSummary {
+        tree: tree.clone(),
+        url: url.clone(),
+        traces: traces.len(),
+        entries: entries.len(),
+        ..Default::default()
+    };
+    let results = futures::stream::iter(entries.into_iter().map(|e| {
+        let rel = paths.get(&e.key).cloned().unwrap_or_else(|| e.key.clone());
+        let (ops, core, pace, tree, url) = (
+            ops.clone(),
+            core.clone(),
+            pace.clone(),
+            tree.clone(),
+            url.clone(),
+        );
+        async move {
+            let want = e.end - e.start;
+            pace.reserve(want).await;
+            let r = one(&ops, &core, &tree, &rel, &url, &e).await;
+            let got = match &r {
+                Ok(Prefetched::Fetched(n)) => *n,
+                _ => 0,
+            };
+            pace.refund(want.saturating_sub(got));
+            (rel, r)
+        }
+    }))
+    .buffered(cfg.jobs.max(1));
+    futures::pin_mut!(results);
+    while let Some((rel, r)) = results.next().await {
+        match r {
+            Ok(Prefetched::Fetched(n)) => summary.bytes_fetched += n,
+            Ok(_) => summary.skipped += 1,
+            Err(One::Skip(why)) => {
+                debug!(tree = %tree.display(), path = %rel, why, "prefetch skipped an entry");
+                summary.skipped += 1;
+            }
+            Err(One::Failed(ServeError::ShuttingDown)) => break,
+            Err(One::Failed(e)) => {
+                if summary.failed == 0 {
+                    warn!(tree = %tree.display(), path = %rel, error = %e,
+                          "prefetch of a trace entry failed (a reader will fetch it on demand)");
+                }
+                summary.failed += 1;
+            }
+        }
+    }
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    info!(tree = %tree.display(), entries = summary.entries, bytes = summary.bytes_fetched,
+          skipped = summary.skipped, failed = summary.failed,
+          secs = format!("{:.2}", summary.elapsed_secs), "prefetch done");
+    Ok(Some(summary))
+}
+
+enum One {
+    Skip(&'static str),
+    Failed(ServeError),
+}
+
+async fn one(
+    ops: &CacheOps,
+    core: &Arc<AgentCore>,
+    tree: &Path,
+    rel: &str,
+    url: &str,
+    e: &TraceEntry,
+) -> Result<Prefetched, One> {
+    // Manifest paths are checked by its decoder; a bare key is checked here.
+    if hsm_manifest::check_path(rel).is_err() {
+        return Err(One::Skip("not a path inside the tree"));
+    }
+    let path = tree.join(rel);
+    let (fd, _) = match ops.reopen(&path, libc::O_RDONLY) {
+        Ok(x) => x,
+        Err(_) => return Err(One::Skip("no such regular file")),
+    };
+    debug!(fd = fd.as_raw_fd(), path = %path.display(), start = e.start, end = e.end, "prefetch");
+    core.prefetch(fd.as_fd(), url, &e.key, e.start..e.end)
+        .await
+        .map_err(One::Failed)
+}
+
+/// What prefetches need, shared by the start-up prefetch and the control socket's.
+#[derive(Debug)]
+pub(crate) struct Prefetcher {
+    pub ops: Arc<CacheOps>,
+    pub core: Arc<AgentCore>,
+    pub cfg: PrefetchConfig,
+    pub remote: RemoteConfig,
+}
+
+impl Prefetcher {
+    /// [`prefetch_tree`] for `tree`.
+    pub fn tree(
+        &self,
+        tree: PathBuf,
+    ) -> impl std::future::Future<Output = Result<Option<PrefetchSummary>, PrefetchError>> + use<>
+    {
+        prefetch_tree(
+            self.ops.clone(),
+            self.core.clone(),
+            tree,
+            self.cfg.clone(),
+            self.remote.clone(),
+        )
+    }
+
+    /// Prefetch `tree` in a task of its own; a failure is logged.
+    pub fn spawn(&self, tree: PathBuf) {
+        let fut = self.tree(tree.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                warn!(tree = %tree.display(), error = %e, "could not prefetch the tree's traces");
+            }
+        });
+    }
+
+    /// At start: every served tree whose root names a remote, unless `[prefetch]` is off.
+    pub fn spawn_at_start(&self, trees: &[PathBuf]) {
+        if self.cfg.enabled {
+            for tree in trees {
+                self.spawn(tree.clone());
+            }
+        }
+    }
+}
