@@ -58,8 +58,8 @@ struct Args {
     /// The script that runs the S3 cold-read test (moto, curl).
     #[arg(long, default_value = "tools/bench-s3")]
     s3_script: PathBuf,
-    /// Run only these tests: seq, reread, latency, populate, container, evict, zipf, s3
-    /// (comma separated).
+    /// Run only these tests: seq, reread, latency, populate, container, evict, zipf, s3,
+    /// disk, kbuild (comma separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also print the results as JSON on stdout.
@@ -74,6 +74,9 @@ struct Args {
     /// The script that runs the container-start test (podman, moto, the cached test image).
     #[arg(long, default_value = "tools/bench-container")]
     container_script: PathBuf,
+    /// The script that runs the kernel-build test (Debian's linux-source, make).
+    #[arg(long, default_value = "tools/bench-kbuild")]
+    kbuild_script: PathBuf,
 }
 
 /// Cold sequential read of a stub vs cp of the source + read of the copy, both + sync.
@@ -528,6 +531,12 @@ fn bench_container(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
         num("read_bytes")?,
         num("image_bytes")?,
     );
+    let (warm, cold, local, entries) = (
+        num("warm_s")?,
+        num("cold_s")?,
+        num("local_s")?,
+        num("trace_entries")?,
+    );
     let mib = |b: f64| b / f64::from(1u32 << 20);
     Ok(vec![
         Line {
@@ -559,6 +568,234 @@ fn bench_container(a: &Args, dst: &LoopFs) -> Result<Vec<Line>> {
             ),
             info: false,
         },
+        Line {
+            name: "container start, trace prefetch (vs local)",
+            hsm: warm,
+            base: local,
+            unit: "s",
+            ratio: warm / local,
+            goal: 1.3,
+            at_most: true,
+            detail: format!(
+                "podman run to first line, caches dropped: stubs with the agent prefetching a published trace ({entries:.0} entries) vs the image's plain tree, no agent; {} runs each, medians",
+                a.repeat
+            ),
+            info: false,
+        },
+        Line {
+            name: "  trace prefetch (vs none)",
+            hsm: warm,
+            base: cold,
+            unit: "s",
+            ratio: warm / cold,
+            goal: 1.0,
+            at_most: true,
+            detail: format!(
+                "the same start from stubs with hsm agent --no-prefetch; must be faster; {:.1} MiB fetched with prefetch",
+                mib(num("warm_fetched_bytes")?)
+            ),
+            info: false,
+        },
+    ])
+}
+
+/// A tinyconfig kernel build in a stub tree of Debian's linux-source through the agent vs
+/// the same build in a plain copy, then the stub tree's disk use after `make mrproper`
+/// against the plain tree's (tools/bench-kbuild).
+fn bench_kbuild(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let remote = src.mnt.join("kbuild");
+    let num = run_script(
+        a,
+        &a.kbuild_script,
+        &dst.mnt.join("kbuild"),
+        &["--remote", path_str(&remote)?],
+    )?;
+    let (h, b) = (num("hsm_s")?, num("plain_s")?);
+    let (after, before, full) = (
+        num("stub_after_bytes")?,
+        num("stub_before_bytes")?,
+        num("plain_after_bytes")?,
+    );
+    let files = num("files")?;
+    let mb = |b: f64| b / 1e6;
+    Ok(vec![
+        Line {
+            name: "kernel build through the agent (vs plain)",
+            hsm: h,
+            base: b,
+            unit: "s",
+            ratio: h / b,
+            goal: 1.02,
+            at_most: true,
+            detail: format!(
+                "Debian linux-source ({files:.0} files), make tinyconfig + make -j, caches dropped; {} runs each, medians; vmlinux compared",
+                a.repeat
+            ),
+            info: false,
+        },
+        Line {
+            name: "  disk after build + mrproper (vs full tree)",
+            hsm: mb(after),
+            base: mb(full),
+            unit: "MB",
+            ratio: after / full,
+            goal: 0.08,
+            at_most: true,
+            detail: "du of the stub tree vs du of the plain tree, both after make mrproper".into(),
+            info: false,
+        },
+        Line {
+            name: "  stub tree before the build (vs full tree)",
+            hsm: mb(before),
+            base: mb(full),
+            unit: "MB",
+            ratio: before / full,
+            goal: 0.05,
+            at_most: true,
+            detail: format!(
+                "du right after populate: {:.0} bytes a stub; populate took {:.1} s",
+                before / files,
+                num("populate_s")?
+            ),
+            info: true,
+        },
+    ])
+}
+
+/// `du` of a tree in bytes (allocated blocks, each hard-linked file once).
+fn du_bytes(p: &Path) -> Result<f64> {
+    let out = sh("du", &["-s", "--block-size=1", path_str(p)?])?;
+    out.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("du printed {out:?}"))
+}
+
+/// Disk use of a stub tree before any read vs the same tree copied whole: the test image's
+/// root filesystem (fstests/common/image: Debian minbase with python3 and numpy). Two
+/// what-if lines (information) take the stubs apart to show where the bytes are: without
+/// their data-marker pages, then also without the metadata and map xattrs (only the
+/// marker left, which fits in any inode).
+fn bench_disk(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
+    let img = sh("fstests/common/image", &[]).context("building the test image")?;
+    let rootfs = Path::new(&img).join("rootfs");
+    let srcdir = src.mnt.join("disk-src");
+    let (plain, stubs) = (dst.mnt.join("disk-plain"), dst.mnt.join("disk-stub"));
+    for d in [&srcdir, &plain, &stubs] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    sh("cp", &["-a", path_str(&rootfs)?, path_str(&srcdir)?])?;
+    sh("cp", &["-a", path_str(&srcdir)?, path_str(&plain)?])?;
+    // Populate reports the image's device nodes as skipped; the files are what is measured.
+    let _ = Command::new(a.bin.join("hsm"))
+        .args(["populate", "--no-progress"])
+        .arg(&srcdir)
+        .arg(&stubs)
+        .env("RUST_LOG", "error")
+        .stderr(Stdio::null())
+        .status()?;
+    nix::unistd::sync();
+    let (full, stub) = (du_bytes(&plain)?, du_bytes(&stubs)?);
+    let count = |d: &Path| -> Result<String> {
+        sh(
+            "sh",
+            &["-c", &format!("find '{}' -type f | wc -l", path_str(d)?)],
+        )
+    };
+    let files = count(&stubs)?;
+    ensure!(
+        files == count(&srcdir)?,
+        "populate made {files} files of the image's {}",
+        count(&srcdir)?
+    );
+    // What-ifs: punch every stub's data out, then remove its metadata and map.
+    let strip = |xattrs: bool| -> Result<f64> {
+        sh(
+            "python3",
+            &[
+                "-c",
+                r#"
+import os, sys
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+for d, _, names in os.walk(sys.argv[1]):
+    for n in names:
+        p = os.path.join(d, n)
+        if os.path.islink(p) or not os.path.isfile(p):
+            continue
+        try:
+            os.getxattr(p, "security.bpf.hsm")
+        except OSError:
+            continue
+        if sys.argv[2] == "0":
+            fd = os.open(p, os.O_RDWR)
+            # Whole blocks: a punch frees only blocks it covers entirely (past EOF is fine).
+            end = (os.fstat(fd).st_size + 65535) // 65536 * 65536
+            if libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, end):
+                sys.exit(f"{p}: punch failed: errno {ctypes.get_errno()}")
+            os.close(fd)
+        else:
+            for x in ("trusted.hsm.meta", "trusted.hsm.map"):
+                try:
+                    os.removexattr(p, x)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if e.errno != 61:  # ENODATA: another name of a file already done
+                        raise
+"#,
+                path_str(&stubs)?,
+                if xattrs { "1" } else { "0" },
+            ],
+        )?;
+        nix::unistd::sync();
+        du_bytes(&stubs)
+    };
+    let no_pages = strip(false)?;
+    let marker_only = strip(true)?;
+    let _ = std::fs::remove_dir_all(&plain);
+    let _ = std::fs::remove_dir_all(&stubs);
+    let _ = std::fs::remove_dir_all(&srcdir);
+    let mb = |b: f64| b / 1e6;
+    let n: f64 = files.trim().parse().unwrap_or(1.0);
+    let line = |name, hsm: f64, goal, info, detail: String| Line {
+        name,
+        hsm: mb(hsm),
+        base: mb(full),
+        unit: "MB",
+        ratio: hsm / full,
+        goal,
+        at_most: true,
+        detail,
+        info,
+    };
+    Ok(vec![
+        line(
+            "stub tree on disk before reads (vs full tree)",
+            stub,
+            0.05,
+            false,
+            format!(
+                "the test image's rootfs ({n:.0} files), du after populate + sync vs du of cp -a; {:.0} bytes a stub",
+                (stub - marker_only) / n
+            ),
+        ),
+        line(
+            "  what if: no data-marker pages",
+            no_pages,
+            0.05,
+            true,
+            "the same stubs with their data punched out (hole-skipping copiers would then copy zeros)".into(),
+        ),
+        line(
+            "  what if: and only the marker xattr",
+            marker_only,
+            0.05,
+            true,
+            "also without trusted.hsm.meta and .map (what a per-tree index would leave)".into(),
+        ),
     ])
 }
 
@@ -576,6 +813,7 @@ fn main() -> Result<()> {
     let a = Args {
         bin: std::fs::canonicalize(&a.bin)?,
         s3_script: std::fs::canonicalize(&a.s3_script).unwrap_or(a.s3_script.clone()),
+        kbuild_script: std::fs::canonicalize(&a.kbuild_script).unwrap_or(a.kbuild_script.clone()),
         ..a
     };
     let a = Args {
@@ -638,6 +876,18 @@ fn main() -> Result<()> {
     }
     if want("container") {
         for l in bench_container(&a, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("disk") {
+        for l in bench_disk(&a, &src, &dst)? {
+            print_line(&l);
+            lines.push(l);
+        }
+    }
+    if want("kbuild") {
+        for l in bench_kbuild(&a, &src, &dst)? {
             print_line(&l);
             lines.push(l);
         }
