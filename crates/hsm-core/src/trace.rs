@@ -38,13 +38,16 @@ struct Inner {
 }
 
 impl TraceRecorder {
-    /// Create (or empty) `path`, mode 0600, and write the header.
+    /// Create (or empty) `path`, mode 0600, and write the header. A symbolic link there is
+    /// refused (`ELOOP`), not followed: the agent runs as root, and a link another user
+    /// left in /tmp must not make it empty a file the link points to.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
         let mut out = BufWriter::new(file);
         out.write_all(header_line().as_bytes())?;

@@ -97,3 +97,15 @@ async fn prefetch_fetches_exactly_the_missing_range() {
     assert_eq!(r.remote.inner().served_ranges().len(), 2);
     assert_bytes(&read_at(&f, MIB, 2 << 20), &data[1 << 20..3 << 20]);
 }
+
+#[test]
+fn a_symlink_is_not_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").expect("write");
+    let link = dir.path().join("t.trace");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    let e = TraceRecorder::create(&link).expect_err("a symlink must be refused");
+    assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+    assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
+}
