@@ -799,6 +799,14 @@ for d, _, names in os.walk(sys.argv[1]):
     ])
 }
 
+/// Print a bench's lines as they come and keep them for the summary.
+fn report(lines: &mut Vec<Line>, new: Vec<Line>) {
+    for l in new {
+        print_line(&l);
+        lines.push(l);
+    }
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     ensure!(
@@ -839,34 +847,19 @@ fn main() -> Result<()> {
     );
     let mut lines = Vec::new();
     if want("seq") || want("reread") {
-        for l in bench_seq(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_seq(&a, &src, &dst)?);
     }
     if want("latency") {
-        for l in bench_latency(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_latency(&a, &src, &dst)?);
     }
     if want("populate") {
-        for l in bench_populate(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_populate(&a, &src, &dst)?);
     }
     if want("evict") {
-        for l in bench_evict(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_evict(&a, &src, &dst)?);
     }
     if want("zipf") {
-        for l in bench_zipf(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_zipf(&a, &src, &dst)?);
     }
     if want("s3") {
         for l in bench_s3(&a, &dst)? {
@@ -875,22 +868,13 @@ fn main() -> Result<()> {
         }
     }
     if want("container") {
-        for l in bench_container(&a, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_container(&a, &dst)?);
     }
     if want("disk") {
-        for l in bench_disk(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_disk(&a, &src, &dst)?);
     }
     if want("kbuild") {
-        for l in bench_kbuild(&a, &src, &dst)? {
-            print_line(&l);
-            lines.push(l);
-        }
+        report(&mut lines, bench_kbuild(&a, &src, &dst)?);
     }
     let goals: Vec<&Line> = lines.iter().filter(|l| !l.info).collect();
     let met = goals.iter().filter(|l| l.met()).count();
