@@ -424,21 +424,8 @@ impl AgentCore {
     ) -> Result<Prefetched, ServeError> {
         let st =
             stat::fstatx(fd).map_err(|e| crate::error::LocalError::from_kernel("statx", &e))?;
-        let stub = match self.cached(&st) {
-            Some(s) => s,
-            None => {
-                let dup = self
-                    .reopener
-                    .reopen(fd, &st, libc::O_RDONLY | libc::O_LARGEFILE)?;
-                let this = self.clone();
-                let looked = tokio::task::spawn_blocking(move || this.load_blocking(dup, &st))
-                    .await
-                    .map_err(|e| ServeError::TaskFailed(e.to_string()))??;
-                match looked {
-                    Lookup::Stub(s) => s,
-                    _ => return Ok(Prefetched::NotStub),
-                }
-            }
+        let Lookup::Stub(stub) = self.lookup_or_load(fd, &st).await? else {
+            return Ok(Prefetched::NotStub);
         };
         if stub.meta.remote_url.trim_end_matches('/') != url.trim_end_matches('/')
             || stub.meta.key != key
