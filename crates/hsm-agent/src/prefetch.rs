@@ -40,6 +40,10 @@ pub struct PrefetchSummary {
     /// Entries whose file is gone, no longer a stub, or names another object now.
     pub skipped: usize,
     pub failed: usize,
+    /// Entries whose bytes a pack held but that were fetched from their objects instead:
+    /// the bytes did not match the manifest's digests (or the stub has none to check).
+    #[serde(default)]
+    pub pack_refused: usize,
     pub elapsed_secs: f64,
 }
 
@@ -84,7 +88,7 @@ pub fn tree_url(tree: &Path) -> Result<Option<String>, PrefetchError> {
 pub async fn published_traces(
     store: &dyn Store,
     url: &str,
-) -> Result<Vec<(String, Vec<TraceEntry>)>, PrefetchError> {
+) -> Result<Vec<Published>, PrefetchError> {
     let remote = |source| PrefetchError::Remote {
         url: url.to_string(),
         source,
@@ -110,9 +114,172 @@ pub async fn published_traces(
         trace::check_name(&name).map_err(bad)?;
         let bytes = store.get(&key).await.map_err(remote)?;
         let entries = trace::parse(&bytes).map_err(|e| bad(e.to_string()))?;
-        out.push((name, entries));
+        out.push(Published {
+            name,
+            entries,
+            raw: bytes,
+        });
     }
     Ok(out)
+}
+
+/// One published trace.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Its name (`.hsm-traces/NAME`).
+    pub name: String,
+    pub entries: Vec<TraceEntry>,
+    /// The object's bytes (a pack names their digest).
+    pub raw: bytes::Bytes,
+}
+
+/// One thing for the prefetch to do: fetch an entry's range, or write bytes of it a pack
+/// supplied (checked against the digests first; fetched instead if they do not match).
+enum Work {
+    Ranged(TraceEntry),
+    Supplied(TraceEntry, bytes::Bytes),
+}
+
+impl Work {
+    fn entry(&self) -> &TraceEntry {
+        match self {
+            Work::Ranged(e) | Work::Supplied(e, _) => e,
+        }
+    }
+}
+
+/// The body of `t`'s pack after its header, and how many of `t`'s first entries it holds;
+/// `None` (the entries are fetched one by one) when there is no pack or it cannot be used.
+async fn open_pack(
+    store: &dyn Store,
+    url: &str,
+    t: &Published,
+) -> Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)> {
+    let key = format!("{}{}", trace::PACKS_PREFIX, t.name);
+    let info = match store.head(&key).await {
+        Ok(i) => i,
+        Err(RemoteError::NotFound { .. }) => {
+            debug!(%url, %key, "no pack for this trace: its entries are fetched one by one");
+            return None;
+        }
+        Err(e) => {
+            warn!(%url, %key, error = %e, "cannot read the trace's pack: its entries are fetched one by one");
+            return None;
+        }
+    };
+    let expect = hsm_remote::Expect {
+        etag: info.etag.clone(),
+        version: info.version.clone(),
+        size: info.size,
+    };
+    let unusable = |why: String| {
+        warn!(%url, %key, why, "the trace's pack is not usable: its entries are fetched one by one");
+    };
+    let mut body = match store.get_stream(&key, 0..info.size, &expect).await {
+        Ok(b) => b,
+        Err(e) => {
+            unusable(e.to_string());
+            return None;
+        }
+    };
+    let mut buf = bytes::BytesMut::new();
+    let nl = loop {
+        if let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            break nl;
+        }
+        if buf.len() >= trace::MAX_PACK_HEADER {
+            unusable("no header line".into());
+            return None;
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                unusable(e.to_string());
+                return None;
+            }
+            None => {
+                unusable("ends before its header line".into());
+                return None;
+            }
+        }
+    };
+    let header = match trace::PackHeader::parse_for(&buf[..nl], &t.raw, t.entries.len()) {
+        Ok(h) => h,
+        Err(why) => {
+            unusable(why);
+            return None;
+        }
+    };
+    let want: u64 = t.entries[..header.entries]
+        .iter()
+        .map(|e| e.end - e.start)
+        .sum();
+    if header.bytes != want || info.size != (nl as u64 + 1) + want {
+        unusable(format!(
+            "holds {} bytes after a header of {} bytes, its entries need {want}",
+            info.size.saturating_sub(nl as u64 + 1),
+            nl + 1
+        ));
+        return None;
+    }
+    let _ = buf.split_to(nl + 1);
+    Some((body, buf, header.entries))
+}
+
+/// `t`'s entries as work, in order: those its pack holds with their bytes (read from the
+/// pack as the prefetch gets to them, each entry's bytes reserved against the rate first),
+/// the rest, and all after a pack that breaks, to be fetched.
+fn trace_work(
+    pack: Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)>,
+    entries: Vec<TraceEntry>,
+    pace: Arc<Pace>,
+    url: String,
+    name: String,
+) -> impl futures::Stream<Item = Work> + Send {
+    struct St {
+        pack: Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)>,
+        entries: std::vec::IntoIter<TraceEntry>,
+        done: usize,
+    }
+    let st = St {
+        pack,
+        entries: entries.into_iter(),
+        done: 0,
+    };
+    futures::stream::unfold(st, move |mut st| {
+        let (pace, url, name) = (pace.clone(), url.clone(), name.clone());
+        async move {
+            let e = st.entries.next()?;
+            let i = st.done;
+            st.done += 1;
+            let Some((body, buf, held)) = st.pack.as_mut() else {
+                return Some((Work::Ranged(e), st));
+            };
+            if i >= *held {
+                st.pack = None;
+                return Some((Work::Ranged(e), st));
+            }
+            let len = (e.end - e.start) as usize;
+            pace.reserve(len as u64).await;
+            while buf.len() < len {
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    other => {
+                        let why = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "ended early".into(),
+                        };
+                        warn!(%url, trace = %name, entry = i, why,
+                              "the trace's pack broke: the rest of its entries are fetched one by one");
+                        st.pack = None;
+                        return Some((Work::Ranged(e), st));
+                    }
+                }
+            }
+            let data = buf.split_to(len).freeze();
+            Some((Work::Supplied(e, data), st))
+        }
+    })
 }
 
 /// Object key to path in the tree, from the manifest at `url` (none: keys are paths).
@@ -207,47 +374,88 @@ pub async fn prefetch_tree(
         return Ok(None);
     }
     let paths = key_paths(&*store, &url).await?;
-    let lists: Vec<Vec<TraceEntry>> = traces.iter().map(|(_, t)| t.clone()).collect();
-    let entries = trace::interleave(&lists);
-    info!(tree = %tree.display(), %url, traces = traces.len(), entries = entries.len(),
-          "prefetching the published traces");
     let pace = Arc::new(Pace {
         bytes_per_sec: cfg.bandwidth.0,
         next: std::sync::Mutex::new(Instant::now()),
     });
+    // Each trace with a pack is one stream of its entries' bytes; the others are
+    // interleaved entry by entry, as before packs.
+    let mut streams: Vec<futures::stream::BoxStream<'static, Work>> = Vec::new();
+    let mut unpacked: Vec<Vec<TraceEntry>> = Vec::new();
+    let mut entries = 0;
+    let mut packs = 0;
+    for t in &traces {
+        entries += t.entries.len();
+        match open_pack(&*store, &url, t).await {
+            Some(pack) => {
+                packs += 1;
+                streams.push(Box::pin(trace_work(
+                    Some(pack),
+                    t.entries.clone(),
+                    pace.clone(),
+                    url.clone(),
+                    t.name.clone(),
+                )));
+            }
+            None => unpacked.push(t.entries.clone()),
+        }
+    }
+    if !unpacked.is_empty() {
+        let rest = trace::interleave(&unpacked);
+        streams.push(Box::pin(futures::stream::iter(
+            rest.into_iter().map(Work::Ranged),
+        )));
+    }
+    info!(tree = %tree.display(), %url, traces = traces.len(), packs, entries,
+          "prefetching the published traces");
     let mut summary = PrefetchSummary {
         tree: tree.clone(),
         url: url.clone(),
         traces: traces.len(),
-        entries: entries.len(),
+        entries,
         ..Default::default()
     };
-    let results = futures::stream::iter(entries.into_iter().map(|e| {
-        let rel = paths.get(&e.key).cloned().unwrap_or_else(|| e.key.clone());
-        let (ops, core, pace, tree, url) = (
-            ops.clone(),
-            core.clone(),
-            pace.clone(),
-            tree.clone(),
-            url.clone(),
-        );
-        async move {
-            let want = e.end - e.start;
-            pace.reserve(want).await;
-            let r = one(&ops, &core, &tree, &rel, &url, &e).await;
-            let got = match &r {
-                Ok(Prefetched::Fetched(n)) => *n,
-                _ => 0,
-            };
-            pace.refund(want.saturating_sub(got));
-            (rel, r)
-        }
-    }))
-    .buffered(cfg.jobs.max(1));
+    let results = futures::stream::select_all(streams)
+        .map(|w| {
+            let rel = paths
+                .get(&w.entry().key)
+                .cloned()
+                .unwrap_or_else(|| w.entry().key.clone());
+            let (ops, core, pace, tree, url) = (
+                ops.clone(),
+                core.clone(),
+                pace.clone(),
+                tree.clone(),
+                url.clone(),
+            );
+            async move {
+                let r = match w {
+                    Work::Ranged(e) => {
+                        let want = e.end - e.start;
+                        pace.reserve(want).await;
+                        let r = one(&ops, &core, &tree, &rel, &url, &e, None).await;
+                        let got = match &r {
+                            Ok((Prefetched::Fetched(n), _)) => *n,
+                            _ => 0,
+                        };
+                        pace.refund(want.saturating_sub(got));
+                        r
+                    }
+                    Work::Supplied(e, data) => {
+                        one(&ops, &core, &tree, &rel, &url, &e, Some(data)).await
+                    }
+                };
+                (rel, r)
+            }
+        })
+        .buffered(cfg.jobs.max(1));
     futures::pin_mut!(results);
     while let Some((rel, r)) = results.next().await {
+        if let Ok((_, true)) = r {
+            summary.pack_refused += 1;
+        }
         match r {
-            Ok(Prefetched::Fetched(n)) => summary.bytes_fetched += n,
+            Ok((Prefetched::Fetched(n), _)) => summary.bytes_fetched += n,
             Ok(_) => summary.skipped += 1,
             Err(One::Skip(why)) => {
                 debug!(tree = %tree.display(), path = %rel, why, "prefetch skipped an entry");
@@ -264,6 +472,10 @@ pub async fn prefetch_tree(
         }
     }
     summary.elapsed_secs = started.elapsed().as_secs_f64();
+    if summary.pack_refused > 0 {
+        warn!(tree = %tree.display(), %url, entries = summary.pack_refused,
+              "the traces' packs held bytes that are not the objects' (published before the objects changed?): those entries were fetched from the objects instead; publish --trace again");
+    }
     info!(tree = %tree.display(), entries = summary.entries, bytes = summary.bytes_fetched,
           skipped = summary.skipped, failed = summary.failed,
           secs = format!("{:.2}", summary.elapsed_secs), "prefetch done");
@@ -282,7 +494,8 @@ async fn one(
     rel: &str,
     url: &str,
     e: &TraceEntry,
-) -> Result<Prefetched, One> {
+    supplied: Option<bytes::Bytes>,
+) -> Result<(Prefetched, bool), One> {
     // Manifest paths are checked by its decoder; a bare key is checked here.
     if hsm_manifest::check_path(rel).is_err() {
         return Err(One::Skip("not a path inside the tree"));
@@ -292,10 +505,35 @@ async fn one(
         Ok(x) => x,
         Err(_) => return Err(One::Skip("no such regular file")),
     };
-    debug!(fd = fd.as_raw_fd(), path = %path.display(), start = e.start, end = e.end, "prefetch");
-    core.prefetch(fd.as_fd(), url, &e.key, e.start..e.end)
+    debug!(fd = fd.as_raw_fd(), path = %path.display(), start = e.start, end = e.end,
+           packed = supplied.is_some(), "prefetch");
+    let mut written = 0;
+    let mut refused = false;
+    if let Some(data) = supplied {
+        match core
+            .prefetch_supplied(fd.as_fd(), url, &e.key, e.start, data)
+            .await
+            .map_err(One::Failed)?
+        {
+            Prefetched::Fetched(n) => written = n,
+            Prefetched::Unverified => {
+                debug!(path = %path.display(), "the pack's bytes for this entry cannot be checked or are not the object's: fetching it");
+                refused = true;
+            }
+            other => return Ok((other, false)),
+        }
+    }
+    // What the pack did not cover (or all of it, without one).
+    let p = match core
+        .prefetch(fd.as_fd(), url, &e.key, e.start..e.end)
         .await
-        .map_err(One::Failed)
+        .map_err(One::Failed)?
+    {
+        Prefetched::Fetched(n) => Prefetched::Fetched(written + n),
+        other if written == 0 => other,
+        _ => Prefetched::Fetched(written),
+    };
+    Ok((p, refused))
 }
 
 /// What prefetches need, shared by the start-up prefetch and the control socket's.

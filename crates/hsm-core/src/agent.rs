@@ -422,19 +422,10 @@ impl AgentCore {
         key: &str,
         range: std::ops::Range<u64>,
     ) -> Result<Prefetched, ServeError> {
-        let st =
-            stat::fstatx(fd).map_err(|e| crate::error::LocalError::from_kernel("statx", &e))?;
-        let Lookup::Stub(stub) = self.lookup_or_load(fd, &st).await? else {
-            return Ok(Prefetched::NotStub);
+        let stub = match self.prefetch_target(fd, url, key).await? {
+            Ok(stub) => stub,
+            Err(not) => return Ok(not),
         };
-        if stub.meta.remote_url.trim_end_matches('/') != url.trim_end_matches('/')
-            || stub.meta.key != key
-        {
-            return Ok(Prefetched::Elsewhere);
-        }
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ServeError::ShuttingDown);
-        }
         let todo: Vec<u64> = {
             let s = lock(&stub.state);
             if s.finalized {
@@ -469,13 +460,56 @@ impl AgentCore {
         for r in futures::future::join_all(waits).await {
             r.map_err(|e| (*e).clone())?;
         }
-        let s = lock(&stub.state);
-        let bytes = todo
-            .iter()
-            .filter(|&&g| s.finalized || s.resident.is_resident(g))
-            .map(|&g| s.run_bytes(&(g..g + 1)))
-            .sum();
+        let bytes = {
+            let s = lock(&stub.state);
+            todo.iter()
+                .filter(|&&g| s.finalized || s.resident.is_resident(g))
+                .map(|&g| s.run_bytes(&(g..g + 1)))
+                .sum()
+        };
+        self.finalise_if_complete(&stub).await?;
         Ok(Prefetched::Fetched(bytes))
+    }
+
+    /// The stub open at `fd` if it names `url` and `key`, or what a prefetch of it
+    /// reports instead.
+    pub(crate) async fn prefetch_target(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'_>,
+        url: &str,
+        key: &str,
+    ) -> Result<Result<Arc<Stub>, Prefetched>, ServeError> {
+        let st =
+            stat::fstatx(fd).map_err(|e| crate::error::LocalError::from_kernel("statx", &e))?;
+        let Lookup::Stub(stub) = self.lookup_or_load(fd, &st).await? else {
+            return Ok(Err(Prefetched::NotStub));
+        };
+        if stub.meta.remote_url.trim_end_matches('/') != url.trim_end_matches('/')
+            || stub.meta.key != key
+        {
+            return Ok(Err(Prefetched::Elsewhere));
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ServeError::ShuttingDown);
+        }
+        Ok(Ok(stub))
+    }
+
+    /// A file a prefetch completed becomes an ordinary file now, not at the persister's
+    /// next batch: an open through overlayfs that arrived meanwhile would otherwise sync
+    /// and finalise it on the reader's time.
+    pub(crate) async fn finalise_if_complete(
+        self: &Arc<Self>,
+        stub: &Arc<Stub>,
+    ) -> Result<(), ServeError> {
+        let complete = {
+            let s = lock(&stub.state);
+            !s.finalized && s.resident.is_complete()
+        };
+        if complete {
+            stub.persist(self, false).await?;
+        }
+        Ok(())
     }
 
     /// The verdict for a lookup that did not produce a stub to serve.
@@ -572,6 +606,10 @@ pub enum Prefetched {
     NotStub,
     /// The stub names another object now.
     Elsewhere,
+    /// Supplied bytes were not used: the stub has no digests to check them against, they
+    /// do not cover whole chunks, or they are not the object's (nothing was written; the
+    /// caller fetches the range instead).
+    Unverified,
 }
 
 enum Lookup {

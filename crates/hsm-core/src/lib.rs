@@ -15,6 +15,7 @@ mod serve;
 mod stream;
 mod stub;
 pub mod stubio;
+mod supply;
 pub mod trace;
 mod truncate;
 

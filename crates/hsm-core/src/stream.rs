@@ -76,8 +76,13 @@ pub(crate) struct Piece {
 }
 
 impl Piece {
-    fn complete(mut self, result: Result<(), ServeError>) {
+    pub(crate) fn complete(mut self, result: Result<(), ServeError>) {
         self.finish(result);
+    }
+
+    /// The bytes to write.
+    pub(crate) fn bytes(&self) -> Range<u64> {
+        self.bytes.clone()
     }
 
     fn finish(&mut self, result: Result<(), ServeError>) {
@@ -245,7 +250,7 @@ impl Stub {
 
     /// Claim the missing granules of `todo` as pieces of at most `max_request_size`,
     /// each in flight with a fill readers can join.
-    fn claim_pieces(
+    pub(crate) fn claim_pieces(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         s: &mut StubState,

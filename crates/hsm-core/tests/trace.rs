@@ -109,3 +109,111 @@ fn a_symlink_is_not_followed() {
     assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
     assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_that_completes_a_file_finalises_it_at_once() {
+    // A long persist interval: only the prefetch itself can have finalised the file.
+    let mut opts = fast_opts();
+    opts.persist_interval = std::time::Duration::from_secs(3600);
+    let r = rig(opts);
+    let data = pattern((3 << 20) + 7, 4);
+    let f = r.stub("f", "pkg/f", data.clone(), 20);
+    let part = r.core.prefetch(f.as_fd(), URL, "pkg/f", 0..MIB).await;
+    assert_eq!(part.expect("prefetch"), Prefetched::Fetched(MIB));
+    assert!(has_marker(&f), "a partly fetched file stays a stub");
+    let rest = r
+        .core
+        .prefetch(f.as_fd(), URL, "pkg/f", 0..data.len() as u64)
+        .await;
+    assert_eq!(
+        rest.expect("prefetch"),
+        Prefetched::Fetched(data.len() as u64 - MIB)
+    );
+    assert!(
+        !has_marker(&f),
+        "the marker is gone as the prefetch returns"
+    );
+    assert!(stored_map(&f).is_none(), "and so is the map");
+    assert_eq!(r.metric("hydrated"), 1);
+    assert_bytes(&read_at(&f, 0, data.len() + 10), &data);
+    let before = r.remote.inner().requests();
+    assert_eq!(r.read(&f, 0, 4096).await, Verdict::AllowAndIgnore);
+    assert_eq!(r.remote.inner().requests(), before);
+}
+
+/// The ranges of `key` the mock remote served.
+fn ranges_of(r: &Rig, key: &str) -> Vec<std::ops::Range<u64>> {
+    r.remote
+        .inner()
+        .served_ranges()
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, range)| range)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supplied_bytes_are_written_only_when_every_chunk_matches() {
+    let mut opts = fast_opts();
+    opts.persist_interval = std::time::Duration::from_secs(3600);
+    let r = rig(opts);
+    let data = pattern((3 << 20) + 100, 5);
+    let len = data.len() as u64;
+    let f = r.verified_stub("f", "pkg/f", data.clone(), None);
+    let bytes = |range: std::ops::Range<u64>| {
+        bytes::Bytes::copy_from_slice(&data[range.start as usize..range.end as usize])
+    };
+    let supply =
+        |start: u64, b: bytes::Bytes| r.core.prefetch_supplied(f.as_fd(), URL, "pkg/f", start, b);
+    // The first granule, whole and right: written without a request for the object.
+    assert_eq!(
+        supply(0, bytes(0..MIB)).await.expect("supply"),
+        Prefetched::Fetched(MIB)
+    );
+    assert!(ranges_of(&r, "pkg/f").is_empty(), "nothing fetched");
+    // One wrong byte in the second: nothing of it is written.
+    let mut bad = data[MIB as usize..2 * MIB as usize].to_vec();
+    bad[70_000] ^= 0x40;
+    let got = supply(MIB, bytes::Bytes::from(bad)).await.expect("supply");
+    assert_eq!(got, Prefetched::Unverified);
+    // Not on a chunk boundary, or past the object's end: not used either.
+    let got = supply(MIB + 5, bytes(MIB + 5..2 * MIB))
+        .await
+        .expect("supply");
+    assert_eq!(got, Prefetched::Unverified);
+    let mut long = data[2 * MIB as usize..].to_vec();
+    long.extend_from_slice(&[0; 4096]);
+    let got = supply(2 * MIB, bytes::Bytes::from(long))
+        .await
+        .expect("supply");
+    assert_eq!(got, Prefetched::Unverified);
+    // The second granule is still missing: a reader fetches it from the remote.
+    assert_eq!(r.read(&f, MIB + 10, 10).await, Verdict::Allow);
+    assert_eq!(ranges_of(&r, "pkg/f"), vec![MIB..2 * MIB]);
+    // Bytes covering a granule only in part leave it alone.
+    let got = supply(2 * MIB, bytes(2 * MIB..3 * MIB - 4096))
+        .await
+        .expect("supply");
+    assert_eq!(got, Prefetched::Fetched(0));
+    // The rest, to the object's (unaligned) end: the file is complete and ordinary at once.
+    let got = supply(2 * MIB, bytes(2 * MIB..len)).await.expect("supply");
+    assert_eq!(got, Prefetched::Fetched(len - 2 * MIB));
+    assert!(!has_marker(&f), "finalised as the supply returns");
+    assert_eq!(ranges_of(&r, "pkg/f"), vec![MIB..2 * MIB]);
+    assert_bytes(&read_at(&f, 0, data.len() + 10), &data);
+    // A stub without digests cannot check supplied bytes.
+    let g = r.stub("g", "pkg/g", pattern(MIB as usize, 6), 20);
+    let got = r
+        .core
+        .prefetch_supplied(
+            g.as_fd(),
+            URL,
+            "pkg/g",
+            0,
+            bytes::Bytes::from(pattern(MIB as usize, 6)),
+        )
+        .await
+        .expect("supply");
+    assert_eq!(got, Prefetched::Unverified);
+    assert!(has_marker(&g));
+}

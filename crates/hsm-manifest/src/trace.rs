@@ -159,9 +159,90 @@ pub fn interleave(traces: &[Vec<TraceEntry>]) -> Vec<TraceEntry> {
     out
 }
 
+/// Where published traces' packs live, relative to the tree's prefix: the pack of
+/// `.hsm-traces/NAME` is `.hsm-trace-packs/NAME`.
+pub const PACKS_PREFIX: &str = ".hsm-trace-packs/";
+/// The `format` of a pack's header line.
+pub const PACK_FORMAT: &str = "hsm-trace-pack";
+/// Longest pack header line accepted, newline included.
+pub const MAX_PACK_HEADER: usize = 1024;
+
+/// The header line of a trace pack: which trace it belongs to, and how many of its first
+/// entries the bytes after the line hold (each entry's `end - start` bytes, in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackHeader {
+    pub format: String,
+    pub version: u32,
+    /// BLAKE3 of the published trace object's bytes, lowercase hex: a pack is used only
+    /// with the very trace it was made for.
+    pub trace: String,
+    /// The trace's first `entries` entries are in the pack.
+    pub entries: usize,
+    /// Bytes after the header line.
+    pub bytes: u64,
+}
+
+impl PackHeader {
+    /// The header of a pack for the published trace `trace` (its object's bytes).
+    pub fn new(trace: &[u8], entries: usize, bytes: u64) -> Self {
+        PackHeader {
+            format: PACK_FORMAT.into(),
+            version: TRACE_VERSION,
+            trace: blake3::hash(trace).to_hex().to_string(),
+            entries,
+            bytes,
+        }
+    }
+
+    /// The header as its line, newline included.
+    pub fn line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+
+    /// Parse a header line (without its newline) and check that it belongs to the
+    /// published trace `trace` (its object's bytes) of `entries` entries.
+    pub fn parse_for(line: &[u8], trace: &[u8], entries: usize) -> Result<Self, String> {
+        let h: PackHeader =
+            serde_json::from_slice(line).map_err(|e| format!("not a trace pack header: {e}"))?;
+        if h.format != PACK_FORMAT {
+            return Err(format!("format {:?} is not {PACK_FORMAT:?}", h.format));
+        }
+        if h.version != TRACE_VERSION {
+            return Err(format!("pack version {} is not supported", h.version));
+        }
+        if h.trace != blake3::hash(trace).to_hex().as_str() {
+            return Err("made for another version of the trace".into());
+        }
+        if h.entries > entries {
+            return Err(format!(
+                "claims {} entries of a trace of {entries}",
+                h.entries
+            ));
+        }
+        Ok(h)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pack_header_names_its_trace() {
+        let trace = b"{\"format\":\"hsm-trace\",\"version\":1}\n";
+        let h = PackHeader::new(trace, 2, 10);
+        let line = h.line();
+        assert!(line.ends_with('\n') && line.len() < MAX_PACK_HEADER);
+        let body = line.trim_end().as_bytes();
+        assert_eq!(PackHeader::parse_for(body, trace, 2), Ok(h.clone()));
+        assert_eq!(PackHeader::parse_for(body, trace, 5), Ok(h));
+        assert!(PackHeader::parse_for(body, b"other", 2).is_err());
+        assert!(PackHeader::parse_for(body, trace, 1).is_err());
+        assert!(PackHeader::parse_for(b"{}", trace, 2).is_err());
+    }
 
     fn entry(url: Option<&str>, key: &str, start: u64, end: u64) -> TraceEntry {
         TraceEntry {

@@ -364,6 +364,12 @@ pub fn prefetch(
                         n("failed"),
                         n("elapsed_secs")
                     );
+                    if n("pack_refused") > 0.0 {
+                        eprintln!(
+                            "{tree}: {} entries fetched from their objects: the pack's bytes were not theirs (publish --trace again)",
+                            n("pack_refused")
+                        );
+                    }
                     failed |= n("failed") > 0.0;
                 }
                 None => eprintln!("{tree}: prefetch started"),

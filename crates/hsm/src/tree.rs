@@ -44,23 +44,126 @@ pub(crate) fn publish(
     let src = src
         .to_str()
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
-    let traces = trace_objects(url, traces)?;
+    let traces = read_traces(url, traces)?;
+    if src.starts_with("oci:") {
+        return publish_image(cfg, src, url, opts, staging, &traces, json);
+    }
+    let traces = if traces.is_empty() {
+        Vec::new()
+    } else {
+        trace_objects(Some(&hsm_populate::LocalSource::open(src)?), &traces)
+    };
     let objects: Vec<(&str, &[u8])> = traces
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .collect();
-    if src.starts_with("oci:") {
-        return publish_image(cfg, src, url, opts, staging, &objects, json);
-    }
     let summary = hsm_populate::publish_with_objects(src, url, &cfg.remote, opts, &objects)?;
     report("publish", &summary, &summary.errors, json)
 }
 
-/// The objects `hsm publish --trace FILE...` adds: each recorded trace's entries for `url`
-/// as `.hsm-traces/NAME` (NAME: the file's name without `.trace`), and the index naming
-/// them all. No `--trace`: none (the traces published before stay as they are).
-fn trace_objects(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    use hsm_manifest::trace::{self, TRACES_PREFIX};
+/// A recorded trace to publish: its name, the published trace's text (header and the
+/// entries for the URL, without it) and those entries.
+struct TraceToPublish {
+    name: String,
+    text: String,
+    entries: Vec<hsm_manifest::trace::TraceEntry>,
+}
+
+/// Most bytes one trace's pack holds (it is built in memory); the entries after it are
+/// fetched one by one.
+const MAX_PACK_BYTES: u64 = 256 << 20;
+
+/// The objects `hsm publish --trace FILE...` adds: each trace as `.hsm-traces/NAME`, its
+/// pack (the bytes of its entries, read from the tree being published at `root`) as
+/// `.hsm-trace-packs/NAME`, and the index naming them all (docs/MANIFEST.md, "Access
+/// traces"). A pack stops, with a warning, at the first entry whose bytes the tree does
+/// not have, or at [`MAX_PACK_BYTES`]; the agent checks every byte of it against the
+/// manifest's digests before it uses it.
+fn trace_objects(
+    root: Option<&hsm_populate::LocalSource>,
+    traces: &[TraceToPublish],
+) -> Vec<(String, Vec<u8>)> {
+    use hsm_manifest::trace::{PACKS_PREFIX, PackHeader, TRACES_PREFIX};
+    if traces.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for t in traces {
+        let mut bytes = Vec::new();
+        let mut held = 0;
+        if let Some(root) = root {
+            for e in &t.entries {
+                if (bytes.len() as u64) + (e.end - e.start) > MAX_PACK_BYTES {
+                    eprintln!(
+                        "hsm publish: trace {}: its pack stops at entry {} of {} ({} MiB); the rest are fetched one by one",
+                        t.name,
+                        held + 1,
+                        t.entries.len(),
+                        MAX_PACK_BYTES >> 20
+                    );
+                    break;
+                }
+                match read_range(root, &e.key, e.start..e.end) {
+                    Ok(b) => bytes.extend_from_slice(&b),
+                    Err(why) => {
+                        eprintln!(
+                            "hsm publish: trace {}: its pack stops at entry {} of {} ({}, bytes {}..{}: {why}); the rest are fetched one by one",
+                            t.name,
+                            held + 1,
+                            t.entries.len(),
+                            e.key,
+                            e.start,
+                            e.end
+                        );
+                        break;
+                    }
+                }
+                held += 1;
+            }
+        }
+        let mut pack = PackHeader::new(t.text.as_bytes(), held, bytes.len() as u64)
+            .line()
+            .into_bytes();
+        pack.extend_from_slice(&bytes);
+        out.push((
+            format!("{TRACES_PREFIX}{}", t.name),
+            t.text.clone().into_bytes(),
+        ));
+        out.push((format!("{PACKS_PREFIX}{}", t.name), pack));
+    }
+    let names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
+    out.push((
+        hsm_agent::prefetch::TRACE_INDEX.to_string(),
+        serde_json::to_vec(&names).unwrap_or_default(),
+    ));
+    out
+}
+
+/// Bytes `range` of the regular file `key` of the tree `root` (resolved beneath it, never
+/// through a symlink).
+fn read_range(
+    root: &hsm_populate::LocalSource,
+    key: &str,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    hsm_manifest::check_path(key).map_err(|e| e.to_string())?;
+    let (f, st) = root
+        .open_file(std::path::Path::new(key))
+        .map_err(|e| e.to_string())?;
+    if st.size < range.end {
+        return Err(format!("the file has only {} bytes", st.size));
+    }
+    let mut buf = vec![0; (range.end - range.start) as usize];
+    f.read_exact_at(&mut buf, range.start)
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// Read and check the `--trace` files: each one's entries for `url`. No `--trace`: none
+/// (the traces published before stay as they are).
+fn read_traces(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<TraceToPublish>> {
+    use hsm_manifest::trace;
     if files.is_empty() {
         return Ok(Vec::new());
     }
@@ -83,13 +186,13 @@ fn trace_objects(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<(String, Ve
         let bytes = std::fs::read(f).with_context(|| format!("{}: reading", f.display()))?;
         let entries = trace::parse(&bytes).with_context(|| format!("{}", f.display()))?;
         let mut text = trace::header_line();
-        let mut kept = 0usize;
+        let mut kept = Vec::new();
         let mut others = std::collections::BTreeSet::new();
         for mut e in entries {
             match e.url.take() {
                 Some(u) if u.trim_end_matches('/') == want => {
                     text.push_str(&e.line());
-                    kept += 1;
+                    kept.push(e);
                 }
                 Some(u) => {
                     others.insert(u);
@@ -101,7 +204,7 @@ fn trace_objects(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<(String, Ve
             }
         }
         anyhow::ensure!(
-            kept > 0,
+            !kept.is_empty(),
             "{}: no entry of this trace is for {url} (it has entries for: {})",
             f.display(),
             if others.is_empty() {
@@ -110,13 +213,13 @@ fn trace_objects(url: &str, files: &[PathBuf]) -> anyhow::Result<Vec<(String, Ve
                 others.into_iter().collect::<Vec<_>>().join(", ")
             }
         );
-        out.push((format!("{TRACES_PREFIX}{name}"), text.into_bytes()));
+        out.push(TraceToPublish {
+            name: name.to_string(),
+            text,
+            entries: kept,
+        });
         names.push(name.to_string());
     }
-    out.push((
-        hsm_agent::prefetch::TRACE_INDEX.to_string(),
-        serde_json::to_vec(&names)?,
-    ));
     Ok(out)
 }
 
@@ -150,13 +253,21 @@ fn publish_image(
     url: &str,
     opts: &hsm_populate::PublishOptions,
     staging: Option<PathBuf>,
-    traces: &[(&str, &[u8])],
+    traces: &[TraceToPublish],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let reference = hsm_oci::ImageRef::parse(src)?;
     let staging = staging.unwrap_or_else(hsm_oci::default_staging);
     let staged = hsm_oci::stage(&reference, &staging)?;
     let rootfs = staged.rootfs();
+    let traces = match rootfs.to_str().map(hsm_populate::LocalSource::open) {
+        Some(Ok(root)) if !traces.is_empty() => trace_objects(Some(&root), traces),
+        _ => trace_objects(None, traces),
+    };
+    let traces: Vec<(&str, &[u8])> = traces
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
     let result = match rootfs.to_str() {
         Some(root) => hsm_populate::publish_with_objects(
             root,
