@@ -3,8 +3,8 @@
 //!
 //! The tree's root names the remote it was populated from (`trusted.hsm.tree`, written by
 //! populate). Its traces are `.hsm-traces/NAME` under that prefix, listed in
-//! `.hsm-traces/index`; entries name object keys, which the manifest maps to paths in the
-//! tree (without a manifest a key is the path). Entries are fetched in trace order, at most
+//! `.hsm-traces/index`; entries name object keys, which are the paths in the tree (publish
+//! names objects by path; the manifest is read to map a key that is not). Entries are fetched in trace order, at most
 //! `[prefetch] jobs` at once and `bandwidth` bytes per second, each through
 //! [`AgentCore::prefetch`] on the agent's private mount: readers that arrive join a fetch in
 //! flight, and always have the other fetch slots of their own.
@@ -140,14 +140,6 @@ enum Work {
     Supplied(TraceEntry, bytes::Bytes),
 }
 
-impl Work {
-    fn entry(&self) -> &TraceEntry {
-        match self {
-            Work::Ranged(e) | Work::Supplied(e, _) => e,
-        }
-    }
-}
-
 /// The body of `t`'s pack after its header, and how many of `t`'s first entries it holds;
 /// `None` (the entries are fetched one by one) when there is no pack or it cannot be used.
 async fn open_pack(
@@ -226,9 +218,15 @@ async fn open_pack(
     Some((body, buf, header.entries))
 }
 
+/// Most bytes of a pack one piece of work holds: a longer entry (a file read whole is one
+/// entry) is handed on in pieces of this size, so at most `jobs` of them are in memory. A
+/// piece that covers a granule only in part (granules above 8 MiB: objects over 128 GiB)
+/// leaves that granule to a ranged fetch.
+const PACK_PIECE: u64 = 8 << 20;
+
 /// `t`'s entries as work, in order: those its pack holds with their bytes (read from the
-/// pack as the prefetch gets to them, each entry's bytes reserved against the rate first),
-/// the rest, and all after a pack that breaks, to be fetched.
+/// pack as the prefetch gets to them, in pieces of at most [`PACK_PIECE`], each reserved
+/// against the rate first), the rest, and all after a pack that breaks, to be fetched.
 fn trace_work(
     pack: Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)>,
     entries: Vec<TraceEntry>,
@@ -239,27 +237,40 @@ fn trace_work(
     struct St {
         pack: Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)>,
         entries: std::vec::IntoIter<TraceEntry>,
-        done: usize,
+        /// Entries taken from `entries` so far.
+        taken: usize,
+        /// What is left of the entry being read from the pack.
+        cur: Option<TraceEntry>,
     }
     let st = St {
         pack,
         entries: entries.into_iter(),
-        done: 0,
+        taken: 0,
+        cur: None,
     };
     futures::stream::unfold(st, move |mut st| {
         let (pace, url, name) = (pace.clone(), url.clone(), name.clone());
         async move {
-            let e = st.entries.next()?;
-            let i = st.done;
-            st.done += 1;
-            let Some((body, buf, held)) = st.pack.as_mut() else {
+            let e = match st.cur.take() {
+                Some(rest) => rest,
+                None => {
+                    let e = st.entries.next()?;
+                    st.taken += 1;
+                    if st
+                        .pack
+                        .as_ref()
+                        .is_some_and(|(_, _, held)| st.taken > *held)
+                    {
+                        st.pack = None;
+                    }
+                    e
+                }
+            };
+            let Some((body, buf, _)) = st.pack.as_mut() else {
                 return Some((Work::Ranged(e), st));
             };
-            if i >= *held {
-                st.pack = None;
-                return Some((Work::Ranged(e), st));
-            }
-            let len = (e.end - e.start) as usize;
+            let end = e.end.min(e.start + PACK_PIECE);
+            let len = (end - e.start) as usize;
             pace.reserve(len as u64).await;
             while buf.len() < len {
                 match body.next().await {
@@ -269,7 +280,7 @@ fn trace_work(
                             Some(Err(e)) => e.to_string(),
                             _ => "ended early".into(),
                         };
-                        warn!(%url, trace = %name, entry = i, why,
+                        warn!(%url, trace = %name, entry = st.taken, why,
                               "the trace's pack broke: the rest of its entries are fetched one by one");
                         st.pack = None;
                         return Some((Work::Ranged(e), st));
@@ -277,9 +288,43 @@ fn trace_work(
                 }
             }
             let data = buf.split_to(len).freeze();
-            Some((Work::Supplied(e, data), st))
+            if end < e.end {
+                st.cur = Some(TraceEntry {
+                    start: end,
+                    ..e.clone()
+                });
+            }
+            let piece = TraceEntry { end, ..e };
+            Some((Work::Supplied(piece, data), st))
         }
     })
+}
+
+/// Object keys to paths in the tree, from the manifest, read only when an entry's key is
+/// not the path of its stub: publish names each object by its path, so the manifest (one
+/// GET and a decode of the whole tree's entries) stays off the start of the prefetch.
+struct KeyPaths {
+    store: Arc<dyn Store>,
+    url: String,
+    map: tokio::sync::OnceCell<HashMap<String, String>>,
+}
+
+impl KeyPaths {
+    async fn get(&self, key: &str) -> Option<String> {
+        let map = self
+            .map
+            .get_or_init(|| async {
+                key_paths(&*self.store, &self.url)
+                    .await
+                    .unwrap_or_else(|e| {
+                        warn!(url = %self.url, error = %e,
+                              "cannot read the manifest to find renamed trace entries; they are skipped");
+                        HashMap::new()
+                    })
+            })
+            .await;
+        map.get(key).cloned()
+    }
 }
 
 /// Object key to path in the tree, from the manifest at `url` (none: keys are paths).
@@ -373,7 +418,11 @@ pub async fn prefetch_tree(
         debug!(tree = %tree.display(), %url, "no published traces");
         return Ok(None);
     }
-    let paths = key_paths(&*store, &url).await?;
+    let paths = Arc::new(KeyPaths {
+        store: store.clone(),
+        url: url.clone(),
+        map: tokio::sync::OnceCell::new(),
+    });
     let pace = Arc::new(Pace {
         bytes_per_sec: cfg.bandwidth.0,
         next: std::sync::Mutex::new(Instant::now()),
@@ -417,34 +466,35 @@ pub async fn prefetch_tree(
     };
     let results = futures::stream::select_all(streams)
         .map(|w| {
-            let rel = paths
-                .get(&w.entry().key)
-                .cloned()
-                .unwrap_or_else(|| w.entry().key.clone());
-            let (ops, core, pace, tree, url) = (
+            let (ops, core, pace, tree, url, paths) = (
                 ops.clone(),
                 core.clone(),
                 pace.clone(),
                 tree.clone(),
                 url.clone(),
+                paths.clone(),
             );
             async move {
-                let r = match w {
-                    Work::Ranged(e) => {
-                        let want = e.end - e.start;
-                        pace.reserve(want).await;
-                        let r = one(&ops, &core, &tree, &rel, &url, &e, None).await;
-                        let got = match &r {
-                            Ok((Prefetched::Fetched(n), _)) => *n,
-                            _ => 0,
-                        };
-                        pace.refund(want.saturating_sub(got));
-                        r
-                    }
-                    Work::Supplied(e, data) => {
-                        one(&ops, &core, &tree, &rel, &url, &e, Some(data)).await
-                    }
+                let (e, data) = match w {
+                    Work::Ranged(e) => (e, None),
+                    Work::Supplied(e, data) => (e, Some(data)),
                 };
+                // A pack's bytes were paced as they were read.
+                let want = if data.is_none() { e.end - e.start } else { 0 };
+                pace.reserve(want).await;
+                let mut rel = e.key.clone();
+                let mut r = one(&ops, &core, &tree, &rel, &url, &e, data.clone()).await;
+                if matches!(r, Err(One::Skip(_)) | Ok((Prefetched::Elsewhere, _))) {
+                    if let Some(p) = paths.get(&e.key).await.filter(|p| *p != rel) {
+                        rel = p;
+                        r = one(&ops, &core, &tree, &rel, &url, &e, data).await;
+                    }
+                }
+                let got = match &r {
+                    Ok((Prefetched::Fetched(n), _)) => *n,
+                    _ => 0,
+                };
+                pace.refund(want.saturating_sub(got));
                 (rel, r)
             }
         })
@@ -578,5 +628,102 @@ impl Prefetcher {
                 self.spawn(tree.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, start: u64, end: u64) -> TraceEntry {
+        TraceEntry {
+            url: None,
+            key: key.into(),
+            start,
+            end,
+        }
+    }
+
+    fn body(chunks: Vec<Result<bytes::Bytes, RemoteError>>) -> hsm_remote::ByteStream {
+        Box::pin(futures::stream::iter(chunks))
+    }
+
+    async fn work(
+        pack: Option<(hsm_remote::ByteStream, bytes::BytesMut, usize)>,
+        entries: Vec<TraceEntry>,
+    ) -> Vec<(String, u64, u64, Option<Vec<u8>>)> {
+        let pace = Arc::new(Pace {
+            bytes_per_sec: 0,
+            next: std::sync::Mutex::new(Instant::now()),
+        });
+        trace_work(pack, entries, pace, "s3://b/p".into(), "t".into())
+            .map(|w| match w {
+                Work::Ranged(e) => (e.key, e.start, e.end, None),
+                Work::Supplied(e, d) => (e.key, e.start, e.end, Some(d.to_vec())),
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_pack_is_handed_on_in_pieces_and_entries_past_it_are_fetched() {
+        const MIB: u64 = 1 << 20;
+        let data: Vec<u8> = (0..(20 * MIB + 3)).map(|i| (i % 251) as u8).collect();
+        // The pack holds the first two entries; its bytes arrive in odd-sized chunks, the
+        // first few already read past the header.
+        let chunks: Vec<_> = data[5..]
+            .chunks(3 * MIB as usize + 7)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let pack = (body(chunks), bytes::BytesMut::from(&data[..5]), 2);
+        let got = work(
+            Some(pack),
+            vec![
+                entry("big", 4 * MIB, 24 * MIB),
+                entry("small", 0, 3),
+                entry("after", 0, MIB),
+            ],
+        )
+        .await;
+        let d = |a: u64, b: u64| Some(data[a as usize..b as usize].to_vec());
+        assert_eq!(
+            got,
+            vec![
+                ("big".into(), 4 * MIB, 12 * MIB, d(0, 8 * MIB)),
+                ("big".into(), 12 * MIB, 20 * MIB, d(8 * MIB, 16 * MIB)),
+                ("big".into(), 20 * MIB, 24 * MIB, d(16 * MIB, 20 * MIB)),
+                ("small".into(), 0, 3, d(20 * MIB, 20 * MIB + 3)),
+                ("after".into(), 0, MIB, None),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pack_that_breaks_leaves_the_rest_to_ranged_fetches() {
+        let err = RemoteError::NotFound {
+            url: "s3://b/p".into(),
+            key: ".hsm-trace-packs/t".into(),
+        };
+        let pack = (
+            body(vec![Ok(bytes::Bytes::from_static(b"abcd")), Err(err)]),
+            bytes::BytesMut::new(),
+            3,
+        );
+        let got = work(
+            Some(pack),
+            vec![entry("a", 0, 2), entry("b", 0, 10), entry("c", 0, 1)],
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 0, 2, Some(b"ab".to_vec())),
+                ("b".into(), 0, 10, None),
+                ("c".into(), 0, 1, None),
+            ]
+        );
+        // Without a pack, every entry is fetched.
+        let got = work(None, vec![entry("a", 0, 2)]).await;
+        assert_eq!(got, vec![("a".into(), 0, 2, None)]);
     }
 }
