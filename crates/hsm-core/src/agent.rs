@@ -507,7 +507,17 @@ impl AgentCore {
             !s.finalized && s.resident.is_complete()
         };
         if complete {
-            stub.persist(self, false).await?;
+            // In a task of its own: the sync is the slow part (a btrfs log commit), and the
+            // next entry's fetch need not wait for it. A reader's open that arrives meanwhile
+            // waits on the stub's persist lock and finds it done.
+            let (core, stub) = (self.clone(), stub.clone());
+            self.rt.spawn(async move {
+                if let Err(e) = stub.persist(&core, false).await {
+                    warn!(path = %stub.path(), error = %e, "could not finalise a prefetched file; the persister retries");
+                    let mut s = lock(&stub.state);
+                    core.queue_persist(&stub, &mut s);
+                }
+            });
         }
         Ok(())
     }
