@@ -4,10 +4,13 @@
 //! The tree's root names the remote it was populated from (`trusted.hsm.tree`, written by
 //! populate). Its traces are `.hsm-traces/NAME` under that prefix, listed in
 //! `.hsm-traces/index`; entries name object keys, which are the paths in the tree (publish
-//! names objects by path; the manifest is read to map a key that is not). Entries are fetched in trace order, at most
-//! `[prefetch] jobs` at once and `bandwidth` bytes per second, each through
-//! [`AgentCore::prefetch`] on the agent's private mount: readers that arrive join a fetch in
-//! flight, and always have the other fetch slots of their own.
+//! names objects by path; the manifest is read to map a key that is not). Entries are
+//! fetched in trace order, at most `[prefetch] jobs` at once and `bandwidth` bytes per
+//! second, on the agent's private mount: from the trace's pack (`.hsm-trace-packs/NAME`,
+//! one streamed request) through [`AgentCore::prefetch_supplied`], which writes the bytes
+//! only if they match the manifest's digests, and otherwise through
+//! [`AgentCore::prefetch`]. Readers that arrive join a fetch in flight, and always have the
+//! other fetch slots of their own.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -368,7 +371,8 @@ impl Pace {
 
     /// Reserve `bytes` and wait for their turn.
     async fn reserve(&self, bytes: u64) {
-        if self.bytes_per_sec == 0 {
+        // Nothing to reserve (a pack's piece, paced as it was read) waits for nobody's turn.
+        if self.bytes_per_sec == 0 || bytes == 0 {
             return;
         }
         let start = {
@@ -695,6 +699,31 @@ mod tests {
                 ("small".into(), 0, 3, d(20 * MIB, 20 * MIB + 3)),
                 ("after".into(), 0, MIB, None),
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_reserved_waits_for_no_turn() {
+        let pace = Pace {
+            bytes_per_sec: 1 << 20,
+            next: std::sync::Mutex::new(Instant::now()),
+        };
+        pace.reserve(1 << 20).await;
+        // The next second is taken; a reservation of nothing does not wait for it.
+        let t = Instant::now();
+        pace.reserve(0).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // Bytes do.
+        let t = Instant::now();
+        pace.reserve(64 << 10).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
         );
     }
 
