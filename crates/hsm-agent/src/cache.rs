@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use hsm_core::{AgentCore, Reopener, Verdict};
 use hsm_kernel::fanotify::{AGENT_EVENTS, Group};
+use hsm_kernel::markers::{MARKER_LEN, MarkerPages};
 use hsm_kernel::stat::{self, FileStat};
 use hsm_kernel::xattr::{self, SetMode};
 use hsm_stub::{
@@ -75,6 +76,8 @@ pub struct CacheOps {
     core: Arc<AgentCore>,
     group: Arc<Group>,
     private: Arc<PrivateMounts>,
+    /// The data markers evicted files get back (shared blocks where the filesystem can).
+    markers: MarkerPages,
 }
 
 impl std::fmt::Debug for CacheOps {
@@ -84,6 +87,11 @@ impl std::fmt::Debug for CacheOps {
             .finish()
     }
 }
+
+/// Templates the agent keeps for the data markers of evicted files: the full-page one and
+/// a few tail lengths (each holds a descriptor, and a block until a stub shares it, for the
+/// agent's whole life).
+const EVICT_TEMPLATES: usize = 16;
 
 /// How often, and how long apart, an eviction retries a file the agent itself still holds
 /// (a state the persister has not let go of yet) before calling it in use.
@@ -104,6 +112,7 @@ impl CacheOps {
             core,
             group,
             private,
+            markers: MarkerPages::for_visible_files(EVICT_TEMPLATES),
         })
     }
 
@@ -368,7 +377,7 @@ impl CacheOps {
             return FileOutcome::skipped(SkipReason::Modified);
         }
         // Blocks would count an external xattr block: ask for data instead.
-        if map.resident_count() == 0 && !has_data(w.as_fd(), st.size) {
+        if map.resident_count() == 0 && !data_past_markers(w.as_fd(), &map) {
             return FileOutcome::AlreadyStub;
         }
         let fresh = match ResidentMap::new(meta.stub_id, meta.remote_size, map.granule_shift()) {
@@ -381,7 +390,7 @@ impl CacheOps {
             xattr::fset(w.as_fd(), MAP_XATTR, &fresh.encode(), SetMode::Replace)
                 .map_err(|e| CacheError::kernel(path, "writing the map", e))?;
             nix::unistd::fsync(&w).map_err(|e| CacheError::io(path, "fsync", e.into()))?;
-            give_back(path, w.as_fd(), &st)
+            self.give_back(path, w.as_fd(), &st, &fresh)
         })();
         finish(path, w, &st, r)
     }
@@ -433,6 +442,7 @@ impl CacheOps {
             .map_err(|e| CacheError::format(path, "resident map", e))?;
             set(META_XATTR, &meta, "writing the metadata")?;
             set(MAP_XATTR, &map.encode(), "writing the map")?;
+            let fresh = map;
             // The marker last: from here on it is a stub (with every byte still present).
             set(
                 MARKER_XATTR,
@@ -447,7 +457,7 @@ impl CacheOps {
             self.group
                 .remove_ignore_mark(fd, AGENT_EVENTS)
                 .map_err(|e| CacheError::kernel(path, "removing the ignore mark", e))?;
-            give_back(path, fd, &st)?;
+            self.give_back(path, fd, &st, &fresh)?;
             // While the marker is there the origin record means nothing; at the next
             // finalisation it is written afresh.
             xattr::fremove(fd, ORIGIN_XATTR)
@@ -456,15 +466,39 @@ impl CacheOps {
         })();
         finish(path, w, &st, r)
     }
-}
 
-/// Punch out every byte and put the times back (the punch is not a modification).
-fn give_back(path: &Path, fd: BorrowedFd<'_>, st: &FileStat) -> Result<(), CacheError> {
-    if st.size > 0 {
-        hsm_kernel::sys::punch_hole(fd, 0, st.size)
-            .map_err(|e| CacheError::kernel(path, "punching out the data", e))?;
+    /// Give the blocks back: a data marker at the start of every granule of `fresh` (an
+    /// empty map), every other byte punched out, then the times put back (none of it is a
+    /// modification). The markers first: they replace the bytes they cover with zeros, so a
+    /// crash before the punch leaves a stub that only holds bytes it does not claim, never
+    /// one that a hole-skipping copier would copy as zeros.
+    fn give_back(
+        &self,
+        path: &Path,
+        fd: BorrowedFd<'_>,
+        st: &FileStat,
+        fresh: &ResidentMap,
+    ) -> Result<(), CacheError> {
+        if st.size > 0 {
+            let markers: Vec<u64> = fresh.marker_offsets().collect();
+            let dir = self.private.dir_for(st.dev).ok_or_else(|| {
+                let e = std::io::Error::from_raw_os_error(libc::ENODEV);
+                CacheError::io(path, "finding the agent's mount of its filesystem", e)
+            })?;
+            self.markers
+                .write(dir, fd, st.size, markers.iter().copied())
+                .map_err(|e| CacheError::io(path, "writing the data markers", e.into()))?;
+            for (i, &at) in markers.iter().enumerate() {
+                let end = markers.get(i + 1).copied().unwrap_or(st.size);
+                let from = at + MARKER_LEN;
+                if from < end {
+                    hsm_kernel::sys::punch_hole(fd, from, end - from)
+                        .map_err(|e| CacheError::kernel(path, "punching out the data", e))?;
+                }
+            }
+        }
+        hsm_core::stubio::restore_mtime(fd, st.mtime).map_err(|e| CacheError::new(path, e))
     }
-    hsm_core::stubio::restore_mtime(fd, st.mtime).map_err(|e| CacheError::new(path, e))
 }
 
 /// Check the lease held to the end, give it back, report.
@@ -491,13 +525,36 @@ fn finish(path: &Path, w: OwnedFd, st: &FileStat, r: Result<(), CacheError>) -> 
     }
 }
 
-/// Does the file hold any data (`SEEK_DATA` finds some before `size`)?
-fn has_data(fd: BorrowedFd<'_>, size: u64) -> bool {
-    match nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekData) {
-        Ok(off) => (off as u64) < size,
-        Err(nix::errno::Errno::ENXIO) => false,
-        Err(_) => true,
+/// Does the file hold data other than the data markers of `map`'s granules to fetch
+/// (`SEEK_DATA` finds some that is not one)? Blocks would count an external xattr block
+/// and shared markers, so ask for the data itself.
+fn data_past_markers(fd: BorrowedFd<'_>, map: &ResidentMap) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let size = map.remote_size();
+    let mut pos = 0u64;
+    while pos < size {
+        let off = match lseek(fd, pos as i64, Whence::SeekData) {
+            Ok(off) => off as u64,
+            Err(nix::errno::Errno::ENXIO) => return false,
+            Err(_) => return true,
+        };
+        if off >= size {
+            return false;
+        }
+        let g = off >> map.granule_shift();
+        if off != g << map.granule_shift() || map.missing(g..g + 1).next().is_none() {
+            return true;
+        }
+        let end = match lseek(fd, off as i64, Whence::SeekHole) {
+            Ok(end) => end as u64,
+            Err(_) => return true,
+        };
+        if end.min(size) > off + MARKER_LEN {
+            return true;
+        }
+        pos = end;
     }
+    false
 }
 
 struct Found {

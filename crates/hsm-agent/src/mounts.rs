@@ -72,6 +72,17 @@ impl PrivateMounts {
         Ok(())
     }
 
+    /// The root directory of the private mount of filesystem `dev` (the first one for a
+    /// `dev` without its own, such as a btrfs subvolume): where the agent may create
+    /// unnamed files that share blocks with files reopened through it.
+    pub fn dir_for(&self, dev: u64) -> Option<BorrowedFd<'_>> {
+        self.mounts
+            .iter()
+            .find(|(d, _)| *d == dev)
+            .or_else(|| self.mounts.first())
+            .map(|(_, m)| m.dir())
+    }
+
     /// Reopen a file by handle on the first private mount that has it.
     pub fn open_handle(&self, handle: &FileHandle, flags: i32) -> Option<OwnedFd> {
         self.mounts

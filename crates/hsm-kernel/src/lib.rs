@@ -6,6 +6,7 @@
 //! - [`xattr`]: extended attributes on descriptors (the stub marker and metadata).
 //! - [`stat`]: `statx` on descriptors and directory entries.
 //! - [`intent`]: what the blocked thread is doing, read from `/proc/TID/syscall`.
+//! - [`markers`]: data-marker pages, shared between stubs (`FICLONERANGE`) where possible.
 //! - [`mounts`]: the agent's private writable mount of a tree; mount visibility.
 //! - [`sys`]: the remaining odds and ends (`syncfs`, `sync_file_range`, limits).
 //!
@@ -19,6 +20,7 @@ pub mod beneath;
 pub mod fanotify;
 pub mod fdio;
 pub mod intent;
+pub mod markers;
 pub mod mounts;
 pub mod stat;
 pub mod sys;

@@ -16,6 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use hsm_kernel::markers::MarkerPages;
 use hsm_kernel::stat::{self, FileStat, Timestamp};
 use hsm_kernel::xattr::{self, SetMode};
 use hsm_stub::{
@@ -282,10 +283,7 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
             map: worst_map,
         });
     }
-    let markers = map
-        .missing(0..map.granule_count())
-        .map(|g| map.granule_range(g).start)
-        .collect();
+    let markers = map.marker_offsets().collect();
     Ok(EncodedStub {
         meta: meta_bytes,
         map: map.encode(),
@@ -293,8 +291,17 @@ pub fn encode_stub(spec: &StubSpec, stub_id: u64) -> OpResult<EncodedStub> {
     })
 }
 
-/// One page of zeros: the data marker written at the start of every granule to fetch.
-const MARKER_PAGE: [u8; 4096] = [0u8; 4096];
+/// The data markers of this process's stubs: one shared block per marker length and
+/// mount where the filesystem can share blocks (docs/KERNEL.md, "Shared data markers").
+fn marker_pages() -> &'static MarkerPages {
+    static PAGES: std::sync::OnceLock<MarkerPages> = std::sync::OnceLock::new();
+    PAGES.get_or_init(|| {
+        // Each template is a descriptor: as many as root may hold (failing that, fewer
+        // templates and more markers written).
+        let _ = hsm_kernel::sys::raise_nofile_limit();
+        MarkerPages::for_unnamed_files()
+    })
+}
 
 /// Create a complete stub as an unnamed file in `dir`, then give it `name`. The stub only
 /// appears under its name with marker, metadata, map, owner, mode and times all in place.
@@ -324,11 +331,9 @@ pub fn create_stub(
         // zeros at the start of each granule to fetch makes SEEK_DATA stop there; the read
         // that follows fills the whole granule before the tool looks for the next hole. The
         // zeros are never served as content: the granule is not resident.
-        for &at in &stub.markers {
-            let len = (spec.size - at).min(MARKER_PAGE.len() as u64) as usize;
-            nix::sys::uio::pwrite(&fd, &MARKER_PAGE[..len], at as libc::off_t)
-                .map_err(|e| op_error("write data marker of", name, e))?;
-        }
+        marker_pages()
+            .write(dir, fd.as_fd(), spec.size, stub.markers.iter().copied())
+            .map_err(|e| op_error("write data marker of", name, e))?;
         xattr::fset(fd.as_fd(), META_XATTR, &stub.meta, SetMode::Create)
             .map_err(|e| op_error("write metadata of", name, e))?;
         xattr::fset(fd.as_fd(), MAP_XATTR, &stub.map, SetMode::Create)

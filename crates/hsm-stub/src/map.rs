@@ -246,6 +246,13 @@ impl ResidentMap {
         }
     }
 
+    /// Where a stub's data markers go: the start of every granule still to fetch
+    /// (docs/SEMANTICS.md, "Copying stubs").
+    pub fn marker_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.missing(0..self.granule_count())
+            .map(|g| self.granule_range(g).start)
+    }
+
     /// True when no granule needs fetching any more.
     pub fn is_complete(&self) -> bool {
         self.missing(0..u64::MAX).next().is_none()
