@@ -141,7 +141,27 @@ impl Stub {
                 }
             }
         }
-        // Room in the bounded cache, without waiting (readahead never waits for room).
+        // Readahead never waits for room.
+        let Some(pieces) = self.charge_and_claim(core, todo) else {
+            return true;
+        };
+        // Pieces that could not be queued fail (freeing their granules) once the lock is
+        // released: completing one takes it.
+        let unqueued = self.queue_pieces(core, &mut lock(&self.state), pieces, permit);
+        drop(unqueued);
+        true
+    }
+
+    /// Claim the granules of `todo` (sorted) that are missing and not in flight as pieces
+    /// (readers that arrive join them), charged to the bounded cache without waiting:
+    /// `None`, having claimed nothing, when there is no room or nothing to claim. What
+    /// was charged is squared with what was claimed (a claim may take more or fewer bytes
+    /// than the charge, if a fill ended or started in between).
+    pub(crate) fn charge_and_claim(
+        self: &Arc<Self>,
+        core: &Arc<AgentCore>,
+        todo: &[u64],
+    ) -> Option<Vec<Piece>> {
         let budget = core.budget().cloned();
         let mut charged = 0;
         if let Some(b) = &budget {
@@ -153,24 +173,20 @@ impl Stub {
                     .sum()
             };
             if bytes == 0 || !b.try_charge(self.fd.as_fd(), self.key, bytes) {
-                return true;
+                return None;
             }
             charged = bytes;
         }
         let pieces = self.claim_pieces(core, &mut lock(&self.state), todo);
-        let started: u64 = pieces.iter().map(|p| p.bytes.end - p.bytes.start).sum();
+        let claimed: u64 = pieces.iter().map(|p| p.bytes.end - p.bytes.start).sum();
         if let Some(b) = &budget {
-            if charged > started {
-                b.refund(self.key, charged - started);
-            } else if started > charged {
-                b.add(self.fd.as_fd(), self.key, started - charged);
+            if charged > claimed {
+                b.refund(self.key, charged - claimed);
+            } else if claimed > charged {
+                b.add(self.fd.as_fd(), self.key, claimed - charged);
             }
         }
-        // Pieces that could not be queued fail (freeing their granules) once the lock is
-        // released: completing one takes it.
-        let unqueued = self.queue_pieces(core, &mut lock(&self.state), pieces, permit);
-        drop(unqueued);
-        true
+        Some(pieces)
     }
 
     /// Queue `pieces` on the stub's stream, opening a new one (with `permit`, or a slot
@@ -250,7 +266,7 @@ impl Stub {
 
     /// Claim the missing granules of `todo` as pieces of at most `max_request_size`,
     /// each in flight with a fill readers can join.
-    pub(crate) fn claim_pieces(
+    fn claim_pieces(
         self: &Arc<Self>,
         core: &Arc<AgentCore>,
         s: &mut StubState,

@@ -5,7 +5,7 @@
 //! written, whatever it claims.
 
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -75,27 +75,9 @@ impl AgentCore {
             return Ok(Prefetched::Fetched(0));
         }
         // Room in the bounded cache, without waiting (like readahead).
-        let budget = self.budget().cloned();
-        let mut charged = 0;
-        if let Some(b) = &budget {
-            let bytes: u64 = {
-                let s = lock(&stub.state);
-                todo.iter().map(|&g| s.run_bytes(&(g..g + 1))).sum()
-            };
-            if !b.try_charge(stub.fd.as_fd(), stub.key, bytes) {
-                return Ok(Prefetched::Fetched(0));
-            }
-            charged = bytes;
-        }
-        let pieces = stub.claim_pieces(self, &mut lock(&stub.state), &todo);
-        let claimed: u64 = pieces.iter().map(|p| p.bytes().end - p.bytes().start).sum();
-        if let Some(b) = &budget {
-            if charged > claimed {
-                b.refund(stub.key, charged - claimed);
-            } else if claimed > charged {
-                b.add(stub.fd.as_fd(), stub.key, claimed - charged);
-            }
-        }
+        let Some(pieces) = stub.charge_and_claim(self, &todo) else {
+            return Ok(Prefetched::Fetched(0));
+        };
         let mut written = 0;
         let mut failed = None;
         for piece in pieces {
