@@ -87,6 +87,37 @@ pub fn tree_url(tree: &Path) -> Result<Option<String>, PrefetchError> {
     }
 }
 
+/// The names `url`'s trace index lists, each checked like a trace's name (none when there
+/// is no index).
+pub async fn published_trace_names(
+    store: &dyn Store,
+    url: &str,
+) -> Result<Vec<String>, PrefetchError> {
+    let index = match store.get(TRACE_INDEX).await {
+        Ok(b) => b,
+        Err(RemoteError::NotFound { .. }) => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PrefetchError::Remote {
+                url: url.to_string(),
+                source,
+            });
+        }
+    };
+    let names: Vec<String> = serde_json::from_slice(&index).map_err(|e| PrefetchError::Trace {
+        url: url.to_string(),
+        key: TRACE_INDEX.into(),
+        why: format!("not a JSON list of names: {e}"),
+    })?;
+    for name in &names {
+        trace::check_name(name).map_err(|why| PrefetchError::Trace {
+            url: url.to_string(),
+            key: format!("{TRACES_PREFIX}{name}"),
+            why,
+        })?;
+    }
+    Ok(names)
+}
+
 /// The traces published at `url`, in index order (none when there is no index).
 pub async fn published_traces(
     store: &dyn Store,
@@ -96,26 +127,27 @@ pub async fn published_traces(
         url: url.to_string(),
         source,
     };
-    let index = match store.get(TRACE_INDEX).await {
-        Ok(b) => b,
-        Err(RemoteError::NotFound { .. }) => return Ok(Vec::new()),
-        Err(e) => return Err(remote(e)),
-    };
-    let names: Vec<String> = serde_json::from_slice(&index).map_err(|e| PrefetchError::Trace {
-        url: url.to_string(),
-        key: TRACE_INDEX.into(),
-        why: format!("not a JSON list of names: {e}"),
-    })?;
     let mut out = Vec::new();
-    for name in names {
+    for name in published_trace_names(store, url).await? {
         let key = format!("{TRACES_PREFIX}{name}");
         let bad = |why: String| PrefetchError::Trace {
             url: url.to_string(),
             key: key.clone(),
             why,
         };
-        trace::check_name(&name).map_err(bad)?;
-        let bytes = store.get(&key).await.map_err(remote)?;
+        let bytes = match store.get(&key).await {
+            Ok(b) => b,
+            // Removed by a publish of a newer set since the index was read.
+            Err(RemoteError::NotFound { .. }) => {
+                warn!(
+                    url,
+                    key,
+                    "a trace the index names is gone (a newer set replaced it?); going on without it"
+                );
+                continue;
+            }
+            Err(e) => return Err(remote(e)),
+        };
         let entries = trace::parse(&bytes).map_err(|e| bad(e.to_string()))?;
         out.push(Published {
             name,
@@ -309,11 +341,12 @@ fn trace_work(
 struct KeyPaths {
     store: Arc<dyn Store>,
     url: String,
-    map: tokio::sync::OnceCell<HashMap<String, String>>,
+    map: tokio::sync::OnceCell<HashMap<String, Vec<String>>>,
 }
 
 impl KeyPaths {
-    async fn get(&self, key: &str) -> Option<String> {
+    /// Every name the manifest gives the object `key`: its file's path, then its hard links.
+    async fn get(&self, key: &str) -> Vec<String> {
         let map = self
             .map
             .get_or_init(|| async {
@@ -326,12 +359,16 @@ impl KeyPaths {
                     })
             })
             .await;
-        map.get(key).cloned()
+        map.get(key).cloned().unwrap_or_default()
     }
 }
 
-/// Object key to path in the tree, from the manifest at `url` (none: keys are paths).
-async fn key_paths(store: &dyn Store, url: &str) -> Result<HashMap<String, String>, PrefetchError> {
+/// Object key to its names in the tree (the file's path, then the other names of its
+/// hard links), from the manifest at `url` (none: keys are paths).
+async fn key_paths(
+    store: &dyn Store,
+    url: &str,
+) -> Result<HashMap<String, Vec<String>>, PrefetchError> {
     let bytes = match store.get(hsm_manifest::MANIFEST_KEY).await {
         Ok(b) => b,
         Err(RemoteError::NotFound { .. }) => return Ok(HashMap::new()),
@@ -347,13 +384,30 @@ async fn key_paths(store: &dyn Store, url: &str) -> Result<HashMap<String, Strin
         key: hsm_manifest::MANIFEST_KEY.into(),
         why: e.to_string(),
     })?;
-    Ok(m.entries
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            hsm_manifest::Kind::File(f) => Some((f.key, e.path)),
-            _ => None,
-        })
-        .collect())
+    Ok(names_by_key(m.entries))
+}
+
+/// Object key → its names: a file entry's path, then its hard links' paths.
+fn names_by_key(entries: Vec<hsm_manifest::Entry>) -> HashMap<String, Vec<String>> {
+    let mut names: HashMap<String, Vec<String>> = HashMap::new();
+    let mut key_of: HashMap<String, String> = HashMap::new();
+    let mut links = Vec::new();
+    for e in entries {
+        match e.kind {
+            hsm_manifest::Kind::File(f) => {
+                key_of.insert(e.path.clone(), f.key.clone());
+                names.entry(f.key).or_default().push(e.path);
+            }
+            hsm_manifest::Kind::HardLink { to } => links.push((e.path, to)),
+            _ => {}
+        }
+    }
+    for (path, to) in links {
+        if let Some(key) = key_of.get(&to) {
+            names.entry(key.clone()).or_default().push(path);
+        }
+    }
+    names
 }
 
 /// Keeps prefetch to a byte rate: each entry reserves its bytes before it is fetched (so
@@ -489,9 +543,19 @@ pub async fn prefetch_tree(
                 let mut rel = e.key.clone();
                 let mut r = one(&ops, &core, &tree, &rel, &url, &e, data.clone()).await;
                 if matches!(r, Err(One::Skip(_)) | Ok((Prefetched::Elsewhere, _))) {
-                    if let Some(p) = paths.get(&e.key).await.filter(|p| *p != rel) {
-                        rel = p;
-                        r = one(&ops, &core, &tree, &rel, &url, &e, data).await;
+                    // Renamed, or a hard link whose first name is gone: the manifest's
+                    // other names for the object.
+                    for p in paths.get(&e.key).await {
+                        if p == e.key {
+                            continue;
+                        }
+                        let again = one(&ops, &core, &tree, &p, &url, &e, data.clone()).await;
+                        let found =
+                            !matches!(again, Err(One::Skip(_)) | Ok((Prefetched::Elsewhere, _)));
+                        (rel, r) = (p, again);
+                        if found {
+                            break;
+                        }
                     }
                 }
                 let got = match &r {
@@ -638,6 +702,43 @@ impl Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_is_found_by_its_file_path_then_its_hard_links() {
+        let attrs = hsm_manifest::Attrs {
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            atime: (0, 0),
+        };
+        let file = |path: &str, key: &str| hsm_manifest::Entry {
+            path: path.into(),
+            kind: hsm_manifest::Kind::File(hsm_manifest::FileObject {
+                size: 1,
+                key: key.into(),
+                etag: None,
+                version: None,
+                digests: Vec::new(),
+            }),
+            attrs,
+        };
+        let link = |path: &str, to: &str| hsm_manifest::Entry {
+            path: path.into(),
+            kind: hsm_manifest::Kind::HardLink { to: to.into() },
+            attrs,
+        };
+        let names = names_by_key(vec![
+            link("a/early-link", "a/file"),
+            file("a/file", "a/file"),
+            file("b/renamed", "objects/0001"),
+            link("c/late-link", "a/file"),
+            link("dangling", "nowhere"),
+        ]);
+        assert_eq!(names["a/file"], ["a/file", "a/early-link", "c/late-link"]);
+        assert_eq!(names["objects/0001"], ["b/renamed"]);
+        assert_eq!(names.len(), 2);
+    }
 
     fn entry(key: &str, start: u64, end: u64) -> TraceEntry {
         TraceEntry {

@@ -45,8 +45,15 @@ pub(crate) fn publish(
         .to_str()
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
     let traces = read_traces(url, traces)?;
+    // The set the new one replaces, read before the index is rewritten.
+    let earlier = if traces.is_empty() {
+        None
+    } else {
+        Some(TraceSet::published(cfg, url))
+    };
+    let names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
     if src.starts_with("oci:") {
-        return publish_image(cfg, src, url, opts, staging, &traces, json);
+        return publish_image(cfg, src, url, opts, staging, &traces, earlier, json);
     }
     let traces = if traces.is_empty() {
         Vec::new()
@@ -58,7 +65,95 @@ pub(crate) fn publish(
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .collect();
     let summary = hsm_populate::publish_with_objects(src, url, &cfg.remote, opts, &objects)?;
+    if let Some(earlier) = earlier.filter(|_| summary.manifest_written) {
+        earlier.remove_replaced(&names);
+    }
     report("publish", &summary, &summary.errors, json)
+}
+
+/// The access traces published at a URL before a `publish --trace` replaced them, so that
+/// the objects of the traces the new set no longer names can be removed once it is in
+/// place (the new index, then the manifest, are written first: an agent that read the old
+/// index meanwhile finds a trace gone and fetches without it).
+struct TraceSet {
+    url: String,
+    store: Option<std::sync::Arc<dyn hsm_remote::Store>>,
+    names: Vec<String>,
+}
+
+impl TraceSet {
+    /// The names the index at `url` lists (none if it has no index or cannot be read:
+    /// then nothing is removed, and the reason is logged).
+    fn published(cfg: &Config, url: &str) -> Self {
+        let mut set = TraceSet {
+            url: url.to_string(),
+            store: None,
+            names: Vec::new(),
+        };
+        let store = match hsm_remote::RemoteUrl::parse(url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| hsm_remote::open_store(&u, &cfg.remote).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("{url}: cannot open the store to read the earlier traces: {e}");
+                return set;
+            }
+        };
+        match block_on(hsm_agent::prefetch::published_trace_names(&*store, url)) {
+            Ok(Ok(names)) => set.names = names,
+            Ok(Err(e)) => tracing::warn!("{e}; the earlier traces' objects are left in the store"),
+            Err(e) => {
+                tracing::warn!("{url}: {e}; the earlier traces' objects are left in the store")
+            }
+        }
+        set.store = Some(store);
+        set
+    }
+
+    /// Remove `.hsm-traces/NAME` and `.hsm-trace-packs/NAME` of every earlier name not in
+    /// `kept`. A failure is logged: the objects are unused, only taking room.
+    fn remove_replaced(self, kept: &[&str]) {
+        use hsm_manifest::trace::{PACKS_PREFIX, TRACES_PREFIX};
+        let Some(store) = self.store else { return };
+        let gone: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|n| !kept.contains(&n.as_str()))
+            .collect();
+        let mut removed = 0;
+        for name in gone {
+            for key in [
+                format!("{TRACES_PREFIX}{name}"),
+                format!("{PACKS_PREFIX}{name}"),
+            ] {
+                match block_on(store.delete(&key)) {
+                    Ok(Ok(())) => removed += 1,
+                    Ok(Err(hsm_remote::RemoteError::NotFound { .. })) => {}
+                    Ok(Err(e)) => tracing::warn!(
+                        "{}/{key}: cannot remove the replaced trace's object: {e}",
+                        self.url
+                    ),
+                    Err(e) => tracing::warn!("{}/{key}: {e}", self.url),
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                "{}: removed {removed} objects of the replaced traces",
+                self.url
+            );
+        }
+    }
+}
+
+/// Run one store call to its end from this synchronous command.
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime for a store call")?;
+    Ok(rt.block_on(f))
 }
 
 /// A recorded trace to publish: its name, the published trace's text (header and the
@@ -247,6 +342,7 @@ impl std::fmt::Display for ImagePublishSummary {
 
 /// Stage the image's root filesystem, publish it like a directory, with the image config
 /// beside the manifest; the staging directory goes whatever happens.
+#[allow(clippy::too_many_arguments)]
 fn publish_image(
     cfg: &Config,
     src: &str,
@@ -254,8 +350,10 @@ fn publish_image(
     opts: &hsm_populate::PublishOptions,
     staging: Option<PathBuf>,
     traces: &[TraceToPublish],
+    earlier: Option<TraceSet>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
     let reference = hsm_oci::ImageRef::parse(src)?;
     let staging = staging.unwrap_or_else(hsm_oci::default_staging);
     let staged = hsm_oci::stage(&reference, &staging)?;
@@ -290,6 +388,9 @@ fn publish_image(
     let skipped_devices = staged.skipped_special;
     staged.remove()?;
     let mut publish = result?;
+    if let Some(earlier) = earlier.filter(|_| publish.manifest_written) {
+        earlier.remove_replaced(&names);
+    }
     publish.source = reference.to_string();
     let summary = ImagePublishSummary {
         publish,
