@@ -258,6 +258,19 @@ mod tests {
         std::fs::File::open(d).expect("open the temp dir")
     }
 
+    /// An unnamed file of `size` bytes, all holes, in `dir`.
+    fn sized(dir: &std::fs::File, size: u64) -> OwnedFd {
+        let f = nix::fcntl::openat(
+            dir.as_fd(),
+            c".",
+            OFlag::O_TMPFILE | OFlag::O_RDWR,
+            Mode::from_bits_truncate(0o600),
+        )
+        .expect("O_TMPFILE");
+        nix::unistd::ftruncate(&f, size as i64).expect("ftruncate");
+        f
+    }
+
     fn data_at(fd: BorrowedFd<'_>, at: u64) -> Option<u64> {
         nix::unistd::lseek(fd, at as i64, nix::unistd::Whence::SeekData)
             .ok()
@@ -269,14 +282,7 @@ mod tests {
         let dir = tmpdir();
         let pages = MarkerPages::for_unnamed_files();
         for size in [1u64, 100, 4095, 4096, 4097, 3 << 20] {
-            let f = nix::fcntl::openat(
-                dir.as_fd(),
-                c".",
-                OFlag::O_TMPFILE | OFlag::O_RDWR,
-                Mode::from_bits_truncate(0o600),
-            )
-            .expect("O_TMPFILE");
-            nix::unistd::ftruncate(&f, size as i64).expect("ftruncate");
+            let f = sized(&dir, size);
             let at: Vec<u64> = (0..size).step_by(1 << 20).collect();
             let placed = pages
                 .write(dir.as_fd(), f.as_fd(), size, at.clone())
@@ -301,14 +307,7 @@ mod tests {
     #[test]
     fn offsets_at_or_past_the_end_are_skipped() {
         let dir = tmpdir();
-        let f = nix::fcntl::openat(
-            dir.as_fd(),
-            c".",
-            OFlag::O_TMPFILE | OFlag::O_RDWR,
-            Mode::from_bits_truncate(0o600),
-        )
-        .expect("O_TMPFILE");
-        nix::unistd::ftruncate(&f, 10).expect("ftruncate");
+        let f = sized(&dir, 10);
         let placed = MarkerPages::for_visible_files(4)
             .write(dir.as_fd(), f.as_fd(), 10, [10, 4096])
             .expect("ok");
