@@ -215,11 +215,16 @@ fn is_btrfs(dir: BorrowedFd<'_>) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC)
 }
 
-/// The unique id of the mount `dir` is on (clones must stay on one mount), if it can be read.
+/// The mount `dir` is on (clones must stay on one filesystem, and a mount that refuses them
+/// is remembered as such), if it can be read: one statx per call on a kernel with unique
+/// mount ids (6.8 and later), the legacy id otherwise.
 fn mount_key(dir: BorrowedFd<'_>) -> Option<u64> {
-    match crate::mounts::mount_ids(dir) {
-        Ok((unique, _)) if unique != 0 => Some(unique),
-        Ok((_, legacy)) => Some(u64::from(legacy as u32) | (1 << 63)),
+    use crate::mounts::{STATX_MNT_ID, STATX_MNT_ID_UNIQUE, statx_mnt};
+    match statx_mnt(dir, STATX_MNT_ID_UNIQUE) {
+        Ok((unique, true)) => Some(unique),
+        Ok(_) => statx_mnt(dir, STATX_MNT_ID)
+            .ok()
+            .map(|(legacy, _)| legacy | (1 << 63)),
         Err(_) => None,
     }
 }

@@ -22,9 +22,9 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 /// `MOUNT_ATTR_RDONLY` (include/uapi/linux/mount.h).
 const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 /// `STATX_MNT_ID` (include/uapi/linux/stat.h, Linux 5.8): the mount id of /proc/PID/mountinfo.
-const STATX_MNT_ID: u32 = 0x0000_1000;
+pub(crate) const STATX_MNT_ID: u32 = 0x0000_1000;
 /// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a mount id that is never reused.
-const STATX_MNT_ID_UNIQUE: u32 = 0x0000_4000;
+pub(crate) const STATX_MNT_ID_UNIQUE: u32 = 0x0000_4000;
 
 /// `struct mount_attr` of mount_setattr(2).
 #[repr(C)]
@@ -142,7 +142,7 @@ impl PrivateMount {
     }
 }
 
-fn statx_mnt(fd: BorrowedFd<'_>, mask: u32) -> Result<(u64, bool)> {
+pub(crate) fn statx_mnt(fd: BorrowedFd<'_>, mask: u32) -> Result<(u64, bool)> {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut sx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: fd is valid; the empty path with AT_EMPTY_PATH names it; sx is a live
