@@ -46,12 +46,7 @@ pub(crate) fn publish(
         .with_context(|| format!("{}: SRC must be a valid UTF-8 path", src.display()))?;
     let traces = read_traces(url, traces)?;
     // The set the new one replaces, read before the index is rewritten.
-    let earlier = if traces.is_empty() {
-        None
-    } else {
-        Some(TraceSet::published(cfg, url))
-    };
-    let names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
+    let earlier = (!traces.is_empty()).then(|| TraceSet::published(cfg, url, &traces));
     if src.starts_with("oci:") {
         return publish_image(cfg, src, url, opts, staging, &traces, earlier, json);
     }
@@ -66,7 +61,7 @@ pub(crate) fn publish(
         .collect();
     let summary = hsm_populate::publish_with_objects(src, url, &cfg.remote, opts, &objects)?;
     if let Some(earlier) = earlier.filter(|_| summary.manifest_written) {
-        earlier.remove_replaced(&names);
+        earlier.remove_replaced();
     }
     report("publish", &summary, &summary.errors, json)
 }
@@ -79,16 +74,19 @@ struct TraceSet {
     url: String,
     store: Option<std::sync::Arc<dyn hsm_remote::Store>>,
     names: Vec<String>,
+    /// The names of the set that replaces it.
+    kept: Vec<String>,
 }
 
 impl TraceSet {
     /// The names the index at `url` lists (none if it has no index or cannot be read:
-    /// then nothing is removed, and the reason is logged).
-    fn published(cfg: &Config, url: &str) -> Self {
+    /// then nothing is removed, and the reason is logged), to be replaced by `new`.
+    fn published(cfg: &Config, url: &str, new: &[TraceToPublish]) -> Self {
         let mut set = TraceSet {
             url: url.to_string(),
             store: None,
             names: Vec::new(),
+            kept: new.iter().map(|t| t.name.clone()).collect(),
         };
         let store = match hsm_remote::RemoteUrl::parse(url)
             .map_err(|e| e.to_string())
@@ -111,43 +109,43 @@ impl TraceSet {
         set
     }
 
-    /// Remove `.hsm-traces/NAME` and `.hsm-trace-packs/NAME` of every earlier name not in
-    /// `kept`. A failure is logged: the objects are unused, only taking room.
-    fn remove_replaced(self, kept: &[&str]) {
+    /// Remove `.hsm-traces/NAME` and `.hsm-trace-packs/NAME` of every earlier name the new
+    /// set does not keep. A failure is logged: the objects are unused, only taking room.
+    fn remove_replaced(self) {
         use hsm_manifest::trace::{PACKS_PREFIX, TRACES_PREFIX};
         let Some(store) = self.store else { return };
-        let gone: Vec<&String> = self
+        let url = &self.url;
+        let keys: Vec<String> = self
             .names
             .iter()
-            .filter(|n| !kept.contains(&n.as_str()))
+            .filter(|n| !self.kept.contains(n))
+            .flat_map(|n| [format!("{TRACES_PREFIX}{n}"), format!("{PACKS_PREFIX}{n}")])
             .collect();
-        let mut removed = 0;
-        for name in gone {
-            for key in [
-                format!("{TRACES_PREFIX}{name}"),
-                format!("{PACKS_PREFIX}{name}"),
-            ] {
-                match block_on(store.delete(&key)) {
-                    Ok(Ok(())) => removed += 1,
-                    Ok(Err(hsm_remote::RemoteError::NotFound { .. })) => {}
-                    Ok(Err(e)) => tracing::warn!(
-                        "{}/{key}: cannot remove the replaced trace's object: {e}",
-                        self.url
+        if keys.is_empty() {
+            return;
+        }
+        let removed = block_on(async {
+            let mut removed = 0;
+            for key in &keys {
+                match store.delete(key).await {
+                    Ok(()) => removed += 1,
+                    Err(hsm_remote::RemoteError::NotFound { .. }) => {}
+                    Err(e) => tracing::warn!(
+                        "{url}/{key}: cannot remove the replaced trace's object: {e}"
                     ),
-                    Err(e) => tracing::warn!("{}/{key}: {e}", self.url),
                 }
             }
-        }
-        if removed > 0 {
-            tracing::info!(
-                "{}: removed {removed} objects of the replaced traces",
-                self.url
-            );
+            removed
+        });
+        match removed {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{url}: removed {n} objects of the replaced traces"),
+            Err(e) => tracing::warn!("{url}: {e}; the replaced traces' objects are left"),
         }
     }
 }
 
-/// Run one store call to its end from this synchronous command.
+/// Run a store call to its end from a synchronous command.
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -353,7 +351,6 @@ fn publish_image(
     earlier: Option<TraceSet>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
     let reference = hsm_oci::ImageRef::parse(src)?;
     let staging = staging.unwrap_or_else(hsm_oci::default_staging);
     let staged = hsm_oci::stage(&reference, &staging)?;
@@ -389,7 +386,7 @@ fn publish_image(
     staged.remove()?;
     let mut publish = result?;
     if let Some(earlier) = earlier.filter(|_| publish.manifest_written) {
-        earlier.remove_replaced(&names);
+        earlier.remove_replaced();
     }
     publish.source = reference.to_string();
     let summary = ImagePublishSummary {
@@ -420,27 +417,22 @@ pub(crate) fn runtime_spec(
     }
     let key = hsm_oci::IMAGE_CONFIG_KEY;
     let remote = hsm_remote::open_remote(url, &cfg.remote)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("runtime")?;
-    let config = rt
-        .block_on(async {
-            let info = remote.head(key).await?;
-            if info.size > MAX_IMAGE_CONFIG {
-                anyhow::bail!(
-                    "{url}/{key}: {} bytes is too large for an image config",
-                    info.size
-                );
-            }
-            let expect = hsm_remote::Expect {
-                etag: info.etag,
-                version: info.version,
-                size: info.size,
-            };
-            Ok(remote.get_range(key, 0..info.size, &expect).await?)
-        })
-        .with_context(|| format!("{url}: reading {key}, which `hsm publish oci:...` writes"))?;
+    let config = block_on(async {
+        let info = remote.head(key).await?;
+        if info.size > MAX_IMAGE_CONFIG {
+            anyhow::bail!(
+                "{url}/{key}: {} bytes is too large for an image config",
+                info.size
+            );
+        }
+        let expect = hsm_remote::Expect {
+            etag: info.etag,
+            version: info.version,
+            size: info.size,
+        };
+        Ok(remote.get_range(key, 0..info.size, &expect).await?)
+    })?
+    .with_context(|| format!("{url}: reading {key}, which `hsm publish oci:...` writes"))?;
     let args = (!args.is_empty()).then_some(args);
     let spec = hsm_oci::runtime_spec(&config, rootfs, args)?;
     let mut text = serde_json::to_string_pretty(&spec)?;
