@@ -255,3 +255,23 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<()> {
     )
     .map_err(|e| KernelError::from_errno("fallocate(PUNCH_HOLE)", e))
 }
+
+/// Bytes `range` of `file` read with `pread`, fewer where the file ends first (the caller
+/// checks the length); interrupted reads are retried.
+pub fn read_at_most(file: &std::fs::File, range: std::ops::Range<u64>) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(range.end.saturating_sub(range.start))
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match file.read_at(&mut buf[done..], range.start + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}

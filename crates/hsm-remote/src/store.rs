@@ -610,21 +610,7 @@ pub fn local_etag(ino: u64, size: u64, mtime_sec: i64, mtime_nsec: u32) -> Strin
 
 /// Bytes `range` of `file`, fewer where the file ends first (the caller checks the length).
 fn read_at_most(file: &std::fs::File, range: Range<u64>) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
-    let len = usize::try_from(range.end.saturating_sub(range.start))
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match file.read_at(&mut buf[done..], range.start + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(done);
-    Ok(Bytes::from(buf))
+    hsm_kernel::sys::read_at_most(file, range).map(Bytes::from)
 }
 
 /// A duration as object_store's configuration strings take it.
