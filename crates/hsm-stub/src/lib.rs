@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod index;
 mod map;
 mod marker;
 mod meta;
@@ -20,6 +21,7 @@ mod origin;
 mod varint;
 
 pub use error::FormatError;
+pub use index::INDEX_XATTR;
 pub use map::{MissingGranules, ResidentMap, choose_granule_shift};
 pub use marker::{MARKER_LEN, Marker, MarkerState};
 pub use meta::{DigestAlgorithm, ExtraField, Integrity, Meta, tags};

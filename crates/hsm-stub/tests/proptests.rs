@@ -286,6 +286,29 @@ proptest! {
         let _ = Marker::decode(&bytes);
         let _ = Meta::decode(&bytes);
         let _ = ResidentMap::decode(&bytes);
+        let _ = index::decode_header(&bytes);
+        let _ = index::decode_record(&bytes, 7);
+        if let Ok((records, done)) = index::scan_records(&bytes) {
+            // Every record found lies inside the complete prefix, in order.
+            prop_assert!(done <= bytes.len());
+            prop_assert!(records.windows(2).all(|w| w[0].1 < w[1].1));
+            prop_assert!(records.iter().all(|&(_, at)| at < done));
+        }
+    }
+
+    #[test]
+    fn index_records_round_trip(metas in proptest::collection::vec(meta(), 1..6)) {
+        let mut file = Vec::new();
+        for m in &metas {
+            file.extend(index::encode_record(m.stub_id, &m.encode().expect("encode")).expect("record"));
+        }
+        let (records, done) = index::scan_records(&file).expect("scan");
+        prop_assert_eq!(done, file.len());
+        prop_assert_eq!(records.len(), metas.len());
+        for (m, (id, at)) in metas.iter().zip(records) {
+            prop_assert_eq!(id, m.stub_id);
+            prop_assert_eq!(&index::decode_record(&file[at..], id).expect("decode"), m);
+        }
     }
 
     #[test]
