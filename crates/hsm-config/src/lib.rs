@@ -22,6 +22,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub cache: CacheConfig,
     pub prefetch: PrefetchConfig,
+    pub index: IndexConfig,
 }
 
 /// Where the agent places its fanotify mark.
@@ -206,6 +207,9 @@ pub struct PopulateConfig {
     pub min_granule: ByteSize,
     /// Worker threads creating stubs (0 = one per CPU).
     pub jobs: usize,
+    /// Keep new stubs' metadata in the tree's index under `[index] dir` instead of an
+    /// xattr on each stub (saves ext4 an xattr block a stub).
+    pub index: bool,
 }
 
 impl Default for PopulateConfig {
@@ -213,6 +217,24 @@ impl Default for PopulateConfig {
         PopulateConfig {
             min_granule: ByteSize(1 << 20),
             jobs: 0,
+            index: false,
+        }
+    }
+}
+
+/// `[index]`: where tree indexes live (docs/STUB_FORMAT.md, "Tree index").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// The directory of the tree indexes: populate appends to them, the agent and every
+    /// command read them. It must be a directory only root can change.
+    pub dir: PathBuf,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            dir: PathBuf::from("/var/lib/hsm/index"),
         }
     }
 }

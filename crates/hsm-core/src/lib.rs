@@ -8,6 +8,7 @@ mod api;
 pub mod budget;
 pub mod error;
 mod fill;
+pub mod index;
 mod integrity;
 pub mod metrics;
 mod persist;

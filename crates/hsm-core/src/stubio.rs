@@ -36,14 +36,13 @@ pub fn load(fd: BorrowedFd<'_>) -> Result<Loaded, ServeError> {
     if marker.state == MarkerState::Building {
         return Ok(Loaded::Building);
     }
-    if !xattr::fget(fd, META_XATTR, &mut buf)
+    let meta = if xattr::fget(fd, META_XATTR, &mut buf)
         .map_err(|e| LocalError::from_kernel("read meta xattr", &e))?
     {
-        return Err(ServeError::Inconsistent(format!(
-            "{MARKER_XATTR} is set but {META_XATTR} is missing"
-        )));
-    }
-    let meta = Meta::decode(&buf)?;
+        Some(Meta::decode(&buf)?)
+    } else {
+        None
+    };
     if !xattr::fget(fd, MAP_XATTR, &mut buf)
         .map_err(|e| LocalError::from_kernel("read map xattr", &e))?
     {
@@ -52,6 +51,16 @@ pub fn load(fd: BorrowedFd<'_>) -> Result<Loaded, ServeError> {
         )));
     }
     let map = ResidentMap::decode(&buf)?;
+    // No metadata on the stub: it is in its tree's index (`hsm populate --index`).
+    let meta = match meta {
+        Some(m) => m,
+        None => crate::index::reader().lookup(map.stub_id()).map_err(|e| {
+            ServeError::Inconsistent(format!(
+                "{MARKER_XATTR} is set, {META_XATTR} is not, and the tree index does not \
+                 give the metadata: {e}"
+            ))
+        })?,
+    };
     map.check_meta(&meta)?;
     Ok(Loaded::Stub {
         meta: Box::new(meta),

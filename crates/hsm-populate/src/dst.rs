@@ -74,6 +74,9 @@ pub enum DstError {
         #[source]
         source: hsm_stub::FormatError,
     },
+    /// The tree index could not take the stub's metadata.
+    #[error("tree index: {0}")]
+    Index(String),
     /// The stub's metadata would not fit the xattr budget.
     #[error(
         "stub metadata for {key} would not fit one xattr block ({meta} + {map} bytes; URL and key too long)"
@@ -199,17 +202,30 @@ pub fn classify_fd(fd: BorrowedFd<'_>, name: &OsStr) -> OpResult<ExistingFile> {
     if !present {
         return Ok(ExistingFile::Plain);
     }
-    if !xattr::fget(fd, META_XATTR, &mut buf).map_err(|e| op_error("read meta", name, e))? {
-        return Ok(ExistingFile::BrokenStub("marker without metadata".into()));
-    }
-    let meta = match Meta::decode(&buf) {
-        Ok(m) => m,
-        Err(e) => return Ok(ExistingFile::BrokenStub(e.to_string())),
+    let own_meta =
+        xattr::fget(fd, META_XATTR, &mut buf).map_err(|e| op_error("read meta", name, e))?;
+    let own_meta = own_meta.then(|| Meta::decode(&buf));
+    let map = if xattr::fget(fd, MAP_XATTR, &mut buf).map_err(|e| op_error("read map", name, e))? {
+        hsm_stub::ResidentMap::decode(&buf).ok()
+    } else {
+        None
+    };
+    let meta = match (own_meta, &map) {
+        (Some(Ok(m)), _) => m,
+        (Some(Err(e)), _) => return Ok(ExistingFile::BrokenStub(e.to_string())),
+        // Indexed (`--index`): the metadata is in the tree's index, found by the map.
+        (None, Some(map)) => match hsm_core::index::reader().lookup(map.stub_id()) {
+            Ok(m) => m,
+            Err(e) => return Ok(ExistingFile::BrokenStub(e.to_string())),
+        },
+        (None, None) => {
+            return Ok(ExistingFile::BrokenStub(
+                "marker without metadata or map".into(),
+            ));
+        }
     };
     // A map that does not decode says nothing about local writes: assume there were some.
-    let modified = !xattr::fget(fd, MAP_XATTR, &mut buf)
-        .map_err(|e| op_error("read map", name, e))?
-        || hsm_stub::ResidentMap::decode(&buf).map_or(true, |m| m.locally_modified());
+    let modified = map.as_ref().is_none_or(|m| m.locally_modified());
     Ok(ExistingFile::Stub {
         meta: Box::new(meta),
         modified,
@@ -307,11 +323,15 @@ fn marker_pages() -> &'static MarkerPages {
 /// appears under its name with marker, metadata, map, owner, mode and times all in place.
 /// With `replace`, an existing `name` is atomically replaced (rename over it). Returns the
 /// stub's inode.
+///
+/// With `index`, the metadata is appended to the tree's index (before the stub is linked)
+/// instead of written to `trusted.hsm.meta`, and the stub id is the index's.
 pub fn create_stub(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     spec: &StubSpec,
     replace: bool,
+    index: Option<&hsm_core::index::IndexWriter>,
 ) -> OpResult<FileId> {
     let fd = openat(
         dir,
@@ -325,7 +345,11 @@ pub fn create_stub(
         // size before the marker exists is safe even while it runs.
         nix::unistd::ftruncate(&fd, spec.size as libc::off_t)
             .map_err(|e| op_error("set size of", name, e))?;
-        let stub = encode_stub(spec, rand::random::<u64>() | 1)?;
+        let id = match index {
+            Some(ix) => ix.new_id().map_err(|e| DstError::Index(e.to_string()))?,
+            None => rand::random::<u64>() | 1,
+        };
+        let stub = encode_stub(spec, id)?;
         // Tools that skip holes (cp, tar --sparse, qemu-img: lseek SEEK_DATA/SEEK_HOLE,
         // which raises no event) would copy a stub's unfetched ranges as zeros. A page of
         // zeros at the start of each granule to fetch makes SEEK_DATA stop there; the read
@@ -334,8 +358,13 @@ pub fn create_stub(
         marker_pages()
             .write(dir, fd.as_fd(), spec.size, stub.markers.iter().copied())
             .map_err(|e| op_error("write data marker of", name, e))?;
-        xattr::fset(fd.as_fd(), META_XATTR, &stub.meta, SetMode::Create)
-            .map_err(|e| op_error("write metadata of", name, e))?;
+        match index {
+            Some(ix) => ix
+                .append(id, &stub.meta)
+                .map_err(|e| DstError::Index(e.to_string()))?,
+            None => xattr::fset(fd.as_fd(), META_XATTR, &stub.meta, SetMode::Create)
+                .map_err(|e| op_error("write metadata of", name, e))?,
+        }
         xattr::fset(fd.as_fd(), MAP_XATTR, &stub.map, SetMode::Create)
             .map_err(|e| op_error("write map of", name, e))?;
         let marker = Marker {

@@ -97,6 +97,10 @@ pub struct Options {
     pub progress: bool,
     /// Refuse filesystems the agent cannot serve (ext4, xfs and btrfs only).
     pub require_served_fs: bool,
+    /// Keep new stubs' metadata in the tree's index (in `hsm_core::index::dir()`) instead
+    /// of an xattr on each stub: on ext4 with 256-byte inodes the stub then needs no xattr
+    /// block (docs/STUB_FORMAT.md, "Tree index").
+    pub index: bool,
 }
 
 impl Default for Options {
@@ -107,6 +111,7 @@ impl Default for Options {
             force: false,
             progress: true,
             require_served_fs: true,
+            index: false,
         }
     }
 }
@@ -252,6 +257,8 @@ struct Ctx<'a> {
     deferred_links: Mutex<Vec<DeferredLink>>,
     errors: Mutex<Vec<EntryError>>,
     progress: ProgressBar,
+    /// The tree's index, with `--index`.
+    index: Option<hsm_core::index::IndexWriter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -307,6 +314,18 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     let root_st = hsm_kernel::stat::fstatx(root.as_fd())
         .map_err(|e| PopulateError::Setup(format!("{}: {e}", dst_real.display())))?;
     let root_dev = root_st.dev;
+    let index = if opts.index {
+        let dir = hsm_core::index::dir();
+        let w = open_root_dir(root.as_fd())
+            .map_err(|e| setup_err(&dst_real, e))
+            .and_then(|d| {
+                hsm_core::index::IndexWriter::open(dir, d.as_fd())
+                    .map_err(|e| PopulateError::Setup(format!("tree index: {e}")))
+            })?;
+        Some(w)
+    } else {
+        None
+    };
     let ctx = Ctx {
         source,
         root,
@@ -318,6 +337,7 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
         deferred_links: Mutex::new(Vec::new()),
         errors: Mutex::new(Vec::new()),
         progress,
+        index,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs)
@@ -327,6 +347,10 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
     pool.install(|| finish_links(&ctx));
     finish_dirs(&ctx, &root_attrs);
     ctx.progress.finish_and_clear();
+    // The stubs' records durable before populate says it is done.
+    if let Some(Err(e)) = ctx.index.as_ref().map(|ix| ix.sync()) {
+        ctx.error(Path::new(""), format!("syncing the tree index: {e}"));
+    }
     // Where the agent finds this tree's published access traces (prefetch).
     if let Err(e) = record_tree_url(ctx.root.as_fd(), source.url()) {
         ctx.error(
@@ -352,14 +376,7 @@ pub fn populate(source: &dyn Source, dst: &Path, opts: &Options) -> Result<Summa
 /// Write `trusted.hsm.tree` (the remote URL) on the tree's root, `root` an `O_PATH`
 /// descriptor of it.
 fn record_tree_url(root: BorrowedFd<'_>, url: &str) -> Result<(), String> {
-    use nix::fcntl::{OFlag, openat};
-    let dir = openat(
-        root,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| e.to_string())?;
+    let dir = open_root_dir(root).map_err(|e| e.to_string())?;
     let mut have = Vec::new();
     if hsm_kernel::xattr::fget(dir.as_fd(), hsm_stub::TREE_XATTR, &mut have).unwrap_or(false)
         && have == url.as_bytes()
@@ -373,6 +390,17 @@ fn record_tree_url(root: BorrowedFd<'_>, url: &str) -> Result<(), String> {
         hsm_kernel::xattr::SetMode::Any,
     )
     .map_err(|e| e.to_string())
+}
+
+/// The tree's root directory opened for reading (xattrs need more than `O_PATH`).
+fn open_root_dir(root: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, openat};
+    openat(
+        root,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
 }
 
 fn setup_err(path: &Path, why: impl std::fmt::Display) -> PopulateError {

@@ -119,7 +119,7 @@ pub(crate) fn place_file(
             }
         }
     };
-    match dst::create_stub(dir, &e.name, &spec, replace) {
+    match dst::create_stub(dir, &e.name, &spec, replace, ctx.index.as_ref()) {
         Ok(id) => {
             if spec.size == 0 {
                 inc(&ctx.stats.empty_files)

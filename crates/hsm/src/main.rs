@@ -22,6 +22,9 @@ struct Cli {
     /// TOML configuration (every key is optional; see config/hsm.toml).
     #[arg(long, global = true, env = "HSM_CONFIG")]
     config: Option<PathBuf>,
+    /// Directory of the tree indexes (default: [index] dir).
+    #[arg(long, global = true, env = "HSM_INDEX_DIR", value_name = "DIR")]
+    index_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +53,10 @@ enum Command {
         /// Never draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Keep new stubs' metadata in the tree's index instead of an xattr on each stub
+        /// (default: [populate] index).
+        #[arg(long, env = "HSM_POPULATE_INDEX", value_parser = clap::builder::BoolishValueParser::new())]
+        index: bool,
         /// A running agent serving DST is asked to hydrate what this run added below
         /// pinned directories (docs/SEMANTICS.md, "Eviction and pins").
         #[command(flatten)]
@@ -286,6 +293,10 @@ fn main() -> ExitCode {
         None => Config::default(),
     };
     init_logging(&cfg);
+    if let Some(d) = cli.index_dir {
+        cfg.index.dir = d;
+    }
+    hsm_core::index::set_dir(cfg.index.dir.clone());
     let result = match cli.command {
         Command::Populate {
             src,
@@ -295,8 +306,10 @@ fn main() -> ExitCode {
             jobs,
             min_granule,
             no_progress,
+            index,
             agent,
         } => {
+            cfg.populate.index |= index;
             if let Some(j) = jobs {
                 cfg.populate.jobs = j;
             }

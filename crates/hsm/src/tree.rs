@@ -24,6 +24,7 @@ pub(crate) fn populate(
         force,
         progress,
         require_served_fs: true,
+        index: cfg.populate.index,
     };
     let summary = hsm_populate::populate(source.as_ref(), dst, &opts)?;
     report("populate", &summary, &summary.errors, json)
