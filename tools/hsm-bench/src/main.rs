@@ -77,6 +77,10 @@ struct Args {
     /// The script that runs the kernel-build test (Debian's linux-source, make).
     #[arg(long, default_value = "tools/bench-kbuild")]
     kbuild_script: PathBuf,
+    /// Populate indexed stubs (`hsm populate --index`), their index in WORK/index: every
+    /// hsm the bench and its scripts run gets HSM_POPULATE_INDEX and HSM_INDEX_DIR.
+    #[arg(long)]
+    index: bool,
 }
 
 /// Cold sequential read of a stub vs cp of the source + read of the copy, both + sync.
@@ -860,13 +864,29 @@ fn main() -> Result<()> {
         ..a
     };
     std::fs::create_dir_all(&a.work)?;
+    if a.index && std::env::var_os("HSM_POPULATE_INDEX").is_none() {
+        // Every hsm the bench and its scripts start must see these: run the bench again
+        // with them in its environment (this crate has no unsafe for set_var).
+        let dir = std::fs::canonicalize(&a.work)?.join("index");
+        let status = Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env("HSM_POPULATE_INDEX", "1")
+            .env("HSM_INDEX_DIR", &dir)
+            .status()?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
     let want = |t: &str| a.only.is_empty() || a.only.iter().any(|o| o == t);
     let src_size = format!("{}M", a.seq_mib * 2 + 4096);
     let src = LoopFs::new(&a.work, "remote", &src_size, &a.fs)?;
     let dst = LoopFs::new(&a.work, "local", &src_size, &a.fs)?;
     println!(
-        "hsm-bench: {} on loop devices, {} CPUs, kernel {}; ratio = hsm / baseline from this run",
+        "hsm-bench: {}{} on loop devices, {} CPUs, kernel {}; ratio = hsm / baseline from this run",
         a.fs,
+        if a.index {
+            ", indexed stubs (populate --index)"
+        } else {
+            ""
+        },
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
