@@ -28,3 +28,4 @@ pub use agent::{
 pub use budget::{Budget, BudgetStatus, CacheLimits, EvictOutcome, Evictor, FileKey};
 pub use error::{LocalError, ServeError, deny_errno};
 pub use metrics::Metrics;
+pub use serve::take_filled_inline;

@@ -18,6 +18,19 @@ use crate::fill::InlineClaim;
 use crate::metrics::Metrics;
 use crate::stub::Stub;
 
+thread_local! {
+    static FILLED_INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread filled a stub inline ([`AgentCore::try_handle_now`]) since the last
+/// call, and clear that. An event thread polls for more events after a burst; after a fill
+/// it should sleep instead: the fill left work for the other threads (persisting the map,
+/// finalising the file) that needs the CPU its polling would hold, and on a 2-CPU machine a
+/// thread that yields while polling is woken later than one that sleeps in `epoll_wait`.
+pub fn take_filled_inline() -> bool {
+    FILLED_INLINE.with(|f| f.replace(false))
+}
+
 impl Stub {
     /// The synchronous half of [`Stub::serve`]: reads whose granules are resident, or
     /// missing, not in flight, small, and fetchable inline. Everything else goes `Later`.
@@ -140,6 +153,7 @@ impl Stub {
             }
         };
         Metrics::inc(&core.metrics.fills);
+        FILLED_INLINE.with(|f| f.set(true));
         let started = std::time::Instant::now();
         let result = self.fill_inline(core, run.clone());
         core.metrics.fill_duration.observe(started.elapsed());

@@ -293,3 +293,50 @@ async fn a_stalled_request_that_finds_no_slow_slot_waits_without_spinning() {
     assert_bytes(&read_at(&a, 0, 4096), &pattern(1 << 20, 1)[..4096]);
     assert_bytes(&read_at(&b, 0, 4096), &pattern(1 << 20, 2)[..4096]);
 }
+
+/// An event thread sleeps instead of polling after it filled a stub inline
+/// (`take_filled_inline`): the flag is set by the fill on that thread, read once, and not set
+/// by an answer from resident granules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_fill_is_reported_once_to_its_thread() {
+    let r = rig_with(fast_opts(), true);
+    let f = r.stub("f", "k", pattern(64 << 10, 7), 20);
+    let core = r.core.clone();
+    let fd = f.as_fd().try_clone_to_owned().expect("dup");
+    let seen = std::thread::spawn(move || {
+        let ev = |offset| AccessEvent {
+            fd: fd.as_fd(),
+            range: Some(FileRange {
+                offset,
+                count: 4096,
+            }),
+            intent: IntentSource::Known(Access::Read),
+        };
+        let before = hsm_core::take_filled_inline();
+        let filled = core.try_handle_now(&ev(0)).ok();
+        let after_fill = (
+            hsm_core::take_filled_inline(),
+            hsm_core::take_filled_inline(),
+        );
+        let resident = core.try_handle_now(&ev(4096)).ok();
+        let after_resident = hsm_core::take_filled_inline();
+        (before, filled, after_fill, resident, after_resident)
+    })
+    .join()
+    .expect("thread");
+    assert_eq!(
+        seen,
+        (
+            false,
+            Some(Verdict::Allow),
+            (true, false),
+            Some(Verdict::Allow),
+            false
+        )
+    );
+    assert_eq!(r.remote.inner().requests(), 1);
+    assert!(
+        !hsm_core::take_filled_inline(),
+        "another thread's fill is not this thread's"
+    );
+}
