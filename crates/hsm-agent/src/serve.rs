@@ -80,6 +80,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     let trees = resolve_trees(opts)?;
     let nofile = hsm_kernel::sys::raise_nofile_limit()?;
     debug!(nofile, "open file limit");
+    presize_fd_table(&cfg, nofile);
 
     // The group: kept by the keeper or systemd across restarts, or new.
     let obtained = restart::obtain_group(&cfg)?;
@@ -390,6 +391,22 @@ fn served_devices(trees: &[PathBuf]) -> Vec<u64> {
     devs.sort_unstable();
     devs.dedup();
     devs
+}
+
+/// Descriptors the table is sized for beyond the stub cache: events in flight, writers of
+/// running fills, fetch connections, sockets.
+const FD_TABLE_HEADROOM: u64 = 4096;
+
+/// Size the descriptor table for a full stub cache now. Grown later, one doubling at a
+/// time, each growth would hold an event thread for an RCU grace period (5-18 ms
+/// measured) while a reader waits: at 256, 512, 1024, ... cached stubs.
+fn presize_fd_table(cfg: &AgentConfig, nofile: u64) {
+    let slots = (cfg.cache_entries as u64 + FD_TABLE_HEADROOM).min(nofile);
+    match hsm_kernel::sys::presize_fd_table(slots as u32) {
+        Ok(size) => debug!(slots, size, "descriptor table sized"),
+        // Only a latency cost: the table still grows on demand.
+        Err(e) => warn!(error = %e, slots, "could not size the descriptor table up front"),
+    }
 }
 
 fn core_options(opts: &AgentOptions) -> CoreOptions {

@@ -53,6 +53,45 @@ pub fn raise_nofile_limit() -> Result<u64> {
     Ok(hard)
 }
 
+/// Grow this process's descriptor table now so it holds at least `slots` descriptors.
+///
+/// The kernel grows the table by doubling (256, 512, 1024, ...) when a new descriptor does
+/// not fit, and in a process with several threads every growth waits for an RCU grace
+/// period before it returns: 8-32 ms here (docs/KERNEL.md, "Descriptor table growth").
+/// An agent that opens one descriptor per cached stub would pay that on its event
+/// threads, with a reader waiting, each time the cache doubles. Duplicating a descriptor
+/// to number `slots - 1` and closing it pays the growth once, up front; the table never
+/// shrinks. Returns the table size the kernel reports afterwards (`FDSize`).
+pub fn presize_fd_table(slots: u32) -> Result<u64> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let anchor = std::fs::File::open("/dev/null").map_err(|source| KernelError::Sys {
+        op: "open /dev/null".into(),
+        source,
+    })?;
+    let top = slots.saturating_sub(1).min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: F_DUPFD_CLOEXEC takes a valid descriptor and an integer; it returns a new
+    // descriptor (owned below) or -1.
+    let dup = unsafe { libc::fcntl(anchor.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top) };
+    if dup < 0 {
+        return Err(KernelError::last("fcntl(F_DUPFD_CLOEXEC)"));
+    }
+    // SAFETY: `dup` was just returned by fcntl and nothing else owns it.
+    drop(unsafe { OwnedFd::from_raw_fd(dup) });
+    fd_table_size().ok_or_else(|| KernelError::Sys {
+        op: "read FDSize in /proc/self/status".into(),
+        source: std::io::Error::other("no FDSize line"),
+    })
+}
+
+/// The size of this process's descriptor table (`FDSize` in /proc/self/status).
+pub fn fd_table_size() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The calling thread's id.
 pub fn gettid() -> i32 {
     nix::unistd::gettid().as_raw()
@@ -82,6 +121,25 @@ mod tests {
         assert_eq!(parse_release("7.3.0-1-cloud-amd64"), Some((7, 3)));
         assert_eq!(parse_release("garbage"), None);
         assert!(kernel_version().is_some());
+    }
+
+    #[test]
+    fn presizing_grows_the_descriptor_table_once() {
+        let before = fd_table_size().expect("FDSize in /proc/self/status");
+        let want = (before * 4).max(4096) as u32;
+        let after = presize_fd_table(want).expect("presize");
+        assert!(
+            after >= want as u64,
+            "FDSize {after} after asking for {want}"
+        );
+        assert_eq!(fd_table_size(), Some(after));
+        // The descriptor used to grow it is gone: the next open gets a low number again.
+        let f = std::fs::File::open("/dev/null").expect("open");
+        assert!(
+            (f.as_raw_fd() as u64) < before,
+            "fd {} after presizing",
+            f.as_raw_fd()
+        );
     }
 }
 
