@@ -386,6 +386,28 @@ fn bench_latency(a: &Args, src: &LoopFs, dst: &LoopFs) -> Result<Vec<Line>> {
     Ok(out)
 }
 
+/// How idle CPUs wait, which the first-byte lines depend on: on a VM whose idle vCPUs halt
+/// at once, each wake-up across CPUs costs a VM exit (docs/BENCHMARKS.md, "2026-12-05
+/// (sixth)"; tools/probes/wakeups.sh).
+fn idle_cpus() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns");
+    match (driver, poll) {
+        (Some(d), Some(p)) if p == "0" => format!(
+            "cpuidle {d}, guest_halt_poll_ns 0: idle vCPUs halt at once, so first-byte p50 \
+             depends on whether reader and agent share a CPU (docs/BENCHMARKS.md)"
+        ),
+        (Some(d), Some(p)) => format!("cpuidle {d}, guest_halt_poll_ns {p}"),
+        (Some(d), None) => format!("cpuidle {d}"),
+        (None, _) => "cpuidle: none reported".to_string(),
+    }
+}
+
 /// Populate of many files vs cp -a --attributes-only, as a rate ratio.
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("path is not UTF-8")
@@ -908,6 +930,7 @@ fn main() -> Result<()> {
             .unwrap_or(1),
         sh("uname", &["-r"])?
     );
+    println!("hsm-bench: {}", idle_cpus());
     let mut lines = Vec::new();
     if want("seq") || want("reread") {
         report(&mut lines, bench_seq(&a, &src, &dst)?);
