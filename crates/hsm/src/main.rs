@@ -53,10 +53,20 @@ enum Command {
         /// Never draw a progress bar.
         #[arg(long)]
         no_progress: bool,
-        /// Keep new stubs' metadata in the tree's index instead of an xattr on each stub
-        /// (default: [populate] index).
-        #[arg(long, env = "HSM_POPULATE_INDEX", value_parser = clap::builder::BoolishValueParser::new())]
-        index: bool,
+        /// Keep new stubs' metadata in the tree's index instead of an xattr on each stub:
+        /// `--index`, or `--index=false` to keep it on the stubs whatever the
+        /// environment and [populate] index say (default: HSM_POPULATE_INDEX, then
+        /// [populate] index).
+        #[arg(
+            long,
+            env = "HSM_POPULATE_INDEX",
+            value_name = "BOOL",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "true",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        index: Option<bool>,
         /// A running agent serving DST is asked to hydrate what this run added below
         /// pinned directories (docs/SEMANTICS.md, "Eviction and pins").
         #[command(flatten)]
@@ -309,7 +319,9 @@ fn main() -> ExitCode {
             index,
             agent,
         } => {
-            cfg.populate.index |= index;
+            if let Some(index) = index {
+                cfg.populate.index = index;
+            }
             if let Some(j) = jobs {
                 cfg.populate.jobs = j;
             }
