@@ -191,6 +191,7 @@ async fn start(opts: &AgentOptions, own: Arc<OwnThreads>) -> Result<Running, Age
     write_ready_file(&cfg)?;
     notify_systemd("READY=1");
     prefetcher.spawn_at_start(&trees);
+    preload_indexes(&trees);
     info!(
         trees = trees.len(),
         pid = std::process::id(),
@@ -391,6 +392,26 @@ fn served_devices(trees: &[PathBuf]) -> Vec<u64> {
     devs.sort_unstable();
     devs.dedup();
     devs
+}
+
+/// Read the served trees' indexes in the background, so that no event thread scans one
+/// whole on its tree's first cold read (with the others' lookups waiting).
+fn preload_indexes(trees: &[PathBuf]) {
+    let trees = trees.to_vec();
+    tokio::task::spawn_blocking(move || {
+        for tree in trees {
+            match hsm_core::index::reader().preload(&tree) {
+                Ok(Some((tag, records))) => {
+                    info!(tree = %tree.display(), tag = format!("{tag:08x}"), records, "tree index read ahead")
+                }
+                Ok(None) => {}
+                // Each read of one of its stubs fails the same way, and says so.
+                Err(e) => {
+                    warn!(tree = %tree.display(), error = %e, "could not read the tree's index ahead")
+                }
+            }
+        }
+    });
 }
 
 /// Descriptors the table is sized for beyond the stub cache: events in flight, writers of

@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hsm_kernel::sys::read_at_most;
 use hsm_kernel::xattr::{self, SetMode};
@@ -116,7 +116,8 @@ fn open_index(path: &Path, write: bool) -> io::Result<File> {
 /// What is known of one tree's index file.
 #[derive(Debug)]
 struct Tree {
-    file: File,
+    /// Shared so a record is read after the readers' lock is released.
+    file: Arc<File>,
     ident: (u64, u64),
     /// The file's length up to the end of its last complete record.
     parsed: u64,
@@ -142,7 +143,7 @@ impl Tree {
             ));
         }
         Ok(Tree {
-            file,
+            file: Arc::new(file),
             ident: (md.dev(), md.ino()),
             parsed: INDEX_HEADER_LEN as u64,
             at: HashMap::new(),
@@ -169,15 +170,13 @@ impl Tree {
         self.parsed += done as u64;
         Ok(())
     }
+}
 
-    fn read(&self, path: &Path, id: u64, off: u64) -> Result<Meta, IndexError> {
-        let bytes = read_at_most(
-            &self.file,
-            off..off + (RECORD_HEADER_LEN + MAX_META_LEN) as u64,
-        )
+/// Read and check stub `id`'s record at `off` of an index file.
+fn read_record(file: &File, path: &Path, id: u64, off: u64) -> Result<Meta, IndexError> {
+    let bytes = read_at_most(file, off..off + (RECORD_HEADER_LEN + MAX_META_LEN) as u64)
         .map_err(|e| unusable(path, e))?;
-        decode_record(&bytes, id).map_err(|e| unusable(path, format!("stub {id:016x}: {e}")))
-    }
+    decode_record(&bytes, id).map_err(|e| unusable(path, format!("stub {id:016x}: {e}")))
 }
 
 /// Reads stubs' metadata from the indexes of one directory.
@@ -207,7 +206,10 @@ impl IndexReader {
         let mut trees = self.trees.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tree) = trees.get(&tag) {
             if let Some(&off) = tree.at.get(&id) {
-                return tree.read(&path, id, off);
+                // The read goes to the file, not the map: other lookups need not wait.
+                let file = tree.file.clone();
+                drop(trees);
+                return read_record(&file, &path, id, off);
             }
         }
         // Not seen yet: the file may have grown, or been replaced (another tree's
@@ -231,9 +233,44 @@ impl IndexReader {
             .ok_or_else(|| unusable(&path, "vanished"))?;
         tree.catch_up(&path)?;
         match tree.at.get(&id) {
-            Some(&off) => tree.read(&path, id, off),
+            Some(&off) => {
+                let file = tree.file.clone();
+                drop(trees);
+                read_record(&file, &path, id, off)
+            }
             None => Err(IndexError::NoRecord { id, path }),
         }
+    }
+
+    /// Read the index of the tree rooted at `root` ahead of its first lookup, without
+    /// holding up lookups meanwhile: the first lookup of a tree otherwise scans the whole
+    /// file (8 MB for a tree of 80,000 stubs) while every other lookup waits. Returns the
+    /// tree's tag and its records, or `None` for a tree without an index.
+    pub fn preload(&self, root: &Path) -> Result<Option<(u32, usize)>, IndexError> {
+        let dir = std::fs::File::open(root).map_err(|e| unusable(root, e))?;
+        let mut buf = Vec::new();
+        let tag = match xattr::fget(dir.as_fd(), INDEX_XATTR, &mut buf) {
+            Ok(true) if buf.len() == 4 => u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]),
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(unusable(root, format!("reading {INDEX_XATTR}: {e}"))),
+        };
+        if tag == 0 {
+            return Ok(None);
+        }
+        check_dir(&self.dir)?;
+        let path = self.dir.join(index_file_name(tag));
+        let mut tree = Tree::open(&path, tag)?;
+        tree.catch_up(&path)?;
+        let records = tree.at.len();
+        let mut trees = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        // A lookup may have read the same file meanwhile, perhaps further.
+        let newer = trees
+            .get(&tag)
+            .is_some_and(|t| t.ident == tree.ident && t.parsed >= tree.parsed);
+        if !newer {
+            trees.insert(tag, tree);
+        }
+        Ok(Some((tag, records)))
     }
 }
 
@@ -388,7 +425,6 @@ fn create_new(dir: &Path) -> Result<(u32, PathBuf, File), IndexError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     fn meta(id: u64, key: &str) -> Vec<u8> {
         Meta {
@@ -485,6 +521,38 @@ mod tests {
         w.append(c, &meta(c, "c")).expect("append");
         let r = IndexReader::new(dir.clone());
         assert_eq!(r.lookup(c).expect("c").key, "c");
+        std::fs::remove_dir_all(&base).expect("cleanup");
+    }
+
+    #[test]
+    fn preload_reads_a_trees_index_before_its_first_lookup() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: the tree's tag is a trusted xattr"
+        );
+        let base = tmp();
+        let dir = base.join("index");
+        let tree = base.join("tree");
+        let plain = base.join("plain");
+        std::fs::create_dir(&tree).expect("mkdir");
+        std::fs::create_dir(&plain).expect("mkdir");
+        let root = File::open(&tree).expect("open tree");
+        let w = IndexWriter::open(&dir, root.as_fd()).expect("writer");
+        let ids: Vec<u64> = (0..3).map(|_| w.new_id().expect("id")).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            w.append(id, &meta(id, &format!("k{i}"))).expect("append");
+        }
+        w.sync().expect("sync");
+        let r = IndexReader::new(dir.clone());
+        assert_eq!(r.preload(&tree).expect("preload"), Some((w.tag(), 3)));
+        // Found from what the preload read, even with the file gone from the directory
+        // (a lookup that missed would look for it there).
+        std::fs::rename(dir.join(index_file_name(w.tag())), base.join("moved")).expect("mv");
+        assert_eq!(r.lookup(ids[2]).expect("lookup").key, "k2");
+        // A tree without an index, and a missing tree.
+        assert_eq!(r.preload(&plain).expect("plain"), None);
+        assert!(r.preload(&base.join("nothing")).is_err());
+        drop(w);
         std::fs::remove_dir_all(&base).expect("cleanup");
     }
 }
