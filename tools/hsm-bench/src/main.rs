@@ -81,6 +81,11 @@ struct Args {
     /// hsm the bench and its scripts run gets HSM_POPULATE_INDEX and HSM_INDEX_DIR.
     #[arg(long)]
     index: bool,
+    /// The local filesystem's loop device reads and writes its image with direct I/O
+    /// (`losetup --direct-io=on`): a cold read then reaches the machine's disk instead of
+    /// the page cache that holds the image file. The remote's stays cached.
+    #[arg(long)]
+    direct_io: bool,
 }
 
 /// Cold sequential read of a stub vs cp of the source + read of the copy, both + sync.
@@ -915,13 +920,18 @@ fn main() -> Result<()> {
     }
     let want = |t: &str| a.only.is_empty() || a.only.iter().any(|o| o == t);
     let src_size = format!("{}M", a.seq_mib * 2 + 4096);
-    let src = LoopFs::new(&a.work, "remote", &src_size, &a.fs)?;
-    let dst = LoopFs::new(&a.work, "local", &src_size, &a.fs)?;
+    let src = LoopFs::new(&a.work, "remote", &src_size, &a.fs, false)?;
+    let dst = LoopFs::new(&a.work, "local", &src_size, &a.fs, a.direct_io)?;
     println!(
-        "hsm-bench: {}{} on loop devices, {} CPUs, kernel {}; ratio = hsm / baseline from this run",
+        "hsm-bench: {}{}{} on loop devices, {} CPUs, kernel {}; ratio = hsm / baseline from this run",
         a.fs,
         if a.index {
             ", indexed stubs (populate --index)"
+        } else {
+            ""
+        },
+        if a.direct_io {
+            ", the local one with direct I/O"
         } else {
             ""
         },

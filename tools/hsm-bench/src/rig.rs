@@ -39,7 +39,15 @@ pub(crate) struct LoopFs {
 }
 
 impl LoopFs {
-    pub(crate) fn new(work: &Path, name: &str, size: &str, fs: &str) -> Result<Self> {
+    /// With `direct_io`, the loop device reads and writes its image file with O_DIRECT, so
+    /// the image's pages in this machine's cache do not make a cold read a memory copy.
+    pub(crate) fn new(
+        work: &Path,
+        name: &str,
+        size: &str,
+        fs: &str,
+        direct_io: bool,
+    ) -> Result<Self> {
         let img = work.join(format!("{name}.img"));
         let mnt = work.join(name);
         let _ = Command::new("umount")
@@ -58,7 +66,15 @@ impl LoopFs {
             "btrfs" => sh("mkfs.btrfs", &["-q", "-f", img_s])?,
             other => bail!("unknown filesystem {other:?} (ext4, ext4-i512, xfs or btrfs)"),
         };
-        let dev = sh("losetup", &["-f", "--show", img.to_str().context("utf8")?])?;
+        let dio = if direct_io {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
+        let dev = sh(
+            "losetup",
+            &["-f", "--show", dio, img.to_str().context("utf8")?],
+        )?;
         sh("mount", &[&dev, mnt.to_str().context("utf8")?])?;
         Ok(LoopFs { dev, mnt })
     }
