@@ -482,17 +482,23 @@ mod tests {
         std::fs::remove_dir_all(&base).expect("cleanup");
     }
 
-    #[test]
-    fn writer_keeps_tag_and_ids_across_runs() {
+    /// A scratch directory holding `index/` (not created) and a tree root `tree/`, opened.
+    /// Needs root: the tree's tag is a trusted xattr.
+    fn tree_and_index() -> (PathBuf, PathBuf, PathBuf, File) {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root: the tree's tag is a trusted xattr"
         );
         let base = tmp();
-        let dir = base.join("index");
         let tree = base.join("tree");
         std::fs::create_dir(&tree).expect("mkdir");
         let root = File::open(&tree).expect("open tree");
+        (base.clone(), base.join("index"), tree, root)
+    }
+
+    #[test]
+    fn writer_keeps_tag_and_ids_across_runs() {
+        let (base, dir, _, root) = tree_and_index();
         let w = IndexWriter::open(&dir, root.as_fd()).expect("writer");
         let a = w.new_id().expect("id");
         w.append(a, &meta(a, "a")).expect("append");
@@ -526,17 +532,9 @@ mod tests {
 
     #[test]
     fn preload_reads_a_trees_index_before_its_first_lookup() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root: the tree's tag is a trusted xattr"
-        );
-        let base = tmp();
-        let dir = base.join("index");
-        let tree = base.join("tree");
+        let (base, dir, tree, root) = tree_and_index();
         let plain = base.join("plain");
-        std::fs::create_dir(&tree).expect("mkdir");
         std::fs::create_dir(&plain).expect("mkdir");
-        let root = File::open(&tree).expect("open tree");
         let w = IndexWriter::open(&dir, root.as_fd()).expect("writer");
         let ids: Vec<u64> = (0..3).map(|_| w.new_id().expect("id")).collect();
         for (i, &id) in ids.iter().enumerate() {
