@@ -172,6 +172,19 @@ impl Tree {
     }
 }
 
+/// The tag a tree's root names (`trusted.hsm.index`), if it names one; errors blame `blame`.
+fn tree_tag(root: BorrowedFd<'_>, blame: &Path) -> Result<Option<u32>, IndexError> {
+    let mut buf = Vec::new();
+    match xattr::fget(root, INDEX_XATTR, &mut buf) {
+        Ok(true) if buf.len() == 4 => {
+            let tag = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            Ok((tag != 0).then_some(tag))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(unusable(blame, format!("reading {INDEX_XATTR}: {e}"))),
+    }
+}
+
 /// Read and check stub `id`'s record at `off` of an index file.
 fn read_record(file: &File, path: &Path, id: u64, off: u64) -> Result<Meta, IndexError> {
     let bytes = read_at_most(file, off..off + (RECORD_HEADER_LEN + MAX_META_LEN) as u64)
@@ -248,15 +261,9 @@ impl IndexReader {
     /// tree's tag and its records, or `None` for a tree without an index.
     pub fn preload(&self, root: &Path) -> Result<Option<(u32, usize)>, IndexError> {
         let dir = std::fs::File::open(root).map_err(|e| unusable(root, e))?;
-        let mut buf = Vec::new();
-        let tag = match xattr::fget(dir.as_fd(), INDEX_XATTR, &mut buf) {
-            Ok(true) if buf.len() == 4 => u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]),
-            Ok(_) => return Ok(None),
-            Err(e) => return Err(unusable(root, format!("reading {INDEX_XATTR}: {e}"))),
-        };
-        if tag == 0 {
+        let Some(tag) = tree_tag(dir.as_fd(), root)? else {
             return Ok(None);
-        }
+        };
         check_dir(&self.dir)?;
         let path = self.dir.join(index_file_name(tag));
         let mut tree = Tree::open(&path, tag)?;
@@ -295,15 +302,7 @@ impl IndexWriter {
             .create(dir)
             .map_err(|e| unusable(dir, e))?;
         check_dir(dir)?;
-        let mut buf = Vec::new();
-        let tag = match xattr::fget(root, INDEX_XATTR, &mut buf) {
-            Ok(true) if buf.len() == 4 => {
-                Some(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))
-            }
-            Ok(_) => None,
-            Err(e) => return Err(unusable(dir, format!("reading {INDEX_XATTR}: {e}"))),
-        }
-        .filter(|&t| t != 0);
+        let tag = tree_tag(root, dir)?;
         let (tag, path, file) = match tag {
             Some(tag) => {
                 let path = dir.join(index_file_name(tag));
